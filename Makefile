@@ -1,0 +1,53 @@
+# adaptgate: every set-up step lives here, so a fresh clone needs only `make serve` / `make test`.
+VENV       ?= .venv
+PY         := $(VENV)/bin/python
+PIP        := $(PY) -m pip
+# The CPU build of torch lies on this machine's disk; an unpinned torch would pull a CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+STAMP      := $(VENV)/.installed
+PROTOS     := $(wildcard protos/adaptgate/v1/*.proto)
+GEN_DIR    := services/adaptgate/v1
+GEN_STAMP  := $(GEN_DIR)/.generated
+
+.PHONY: setup proto serve test test-unit test-integration demo bench clean
+
+setup: $(STAMP) $(GEN_STAMP)
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -e ".[dev]"
+	touch $@
+
+proto: $(GEN_STAMP)
+
+$(GEN_STAMP): $(PROTOS) $(STAMP)
+	mkdir -p $(GEN_DIR)
+	rm -f $(GEN_DIR)/*_pb2*.py $(GEN_DIR)/*_pb2*.pyi
+	$(PY) -m grpc_tools.protoc -Iprotos \
+	  --plugin=protoc-gen-mypy=$(VENV)/bin/protoc-gen-mypy \
+	  --plugin=protoc-gen-mypy_grpc=$(VENV)/bin/protoc-gen-mypy_grpc \
+	  --python_out=services --grpc_python_out=services \
+	  --mypy_out=services --mypy_grpc_out=services $(PROTOS)
+	touch $@
+
+serve: setup
+	$(VENV)/bin/adaptgate serve
+
+test: setup
+	$(PY) -m pytest -q
+
+test-unit: setup
+	$(PY) -m pytest -q tests/unit
+
+test-integration: setup
+	$(PY) -m pytest -q tests/integration
+
+demo: setup
+	$(VENV)/bin/adaptgate demo --data examples/data/sms_spam
+
+bench: setup
+	$(PY) bench/run.py
+
+clean:
+	rm -rf $(VENV) $(GEN_DIR)/*_pb2*.py $(GEN_DIR)/*_pb2*.pyi $(GEN_STAMP)

@@ -1,0 +1,1 @@
+"""The versioned adapter store, its validation, and the serving cache."""

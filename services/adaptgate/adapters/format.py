@@ -1,0 +1,82 @@
+"""The adapter directory format: PEFT's files plus the task head's labels and input.
+
+Files (all optional ones may be absent in uploads made with plain PEFT):
+- adapter_config.json        PEFT LoraConfig (peft_type LORA, r, lora_alpha, target_modules, ...)
+- adapter_model.safetensors  LoRA A/B under PEFT's key names, and the head as
+                             `base_model.model.classifier.{weight,bias}` (or `score.*` for decoders)
+- labels.json                label names in id order (default: LABEL_0 ...)
+- adaptgate.json             {"head_input": "pooler"|"mean"|"cls"|"last_token", "normalize": bool,
+                              "base_fingerprint": str, "source": str}; absent means a PEFT-made
+                             adapter whose head reads the task model's own input (BERT's pooler,
+                             a decoder's last token)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import torch
+from safetensors.torch import save
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+LABELS_FILE = "labels.json"
+META_FILE = "adaptgate.json"
+ALLOWED_FILES = frozenset({CONFIG_FILE, WEIGHTS_FILE, LABELS_FILE, META_FILE})
+HEAD_MODULES = ("classifier", "score")
+HEAD_INPUTS = frozenset({"pooler", "mean", "cls", "last_token"})
+
+
+@dataclass
+class AdapterWeights:
+    """A validated adapter, ready to be copied into an engine slot. Shapes follow PEFT."""
+
+    labels: list[str]
+    head_weight: torch.Tensor | None  # [num_labels, hidden]
+    head_bias: torch.Tensor | None  # [num_labels]
+    head_input: str
+    normalize_head_input: bool
+    rank: int = 0
+    scaling: float = 1.0
+    # base-model module name -> (A [r, in], B [out, r])
+    lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    target_modules: list[str] = field(default_factory=list)
+
+    @property
+    def size_bytes(self) -> int:
+        tensors = [t for pair in self.lora.values() for t in pair]
+        tensors += [t for t in (self.head_weight, self.head_bias) if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def head_only_files(
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    labels: list[str],
+    base_fingerprint: str,
+    source: str,
+    head_input: str = "mean",
+    normalize: bool = True,
+) -> dict[str, bytes]:
+    """Files of an adapter that is just a linear head over pooled base embeddings (the `head` job)."""
+    config = {
+        "peft_type": "LORA",
+        "task_type": "SEQ_CLS",
+        "r": 0,
+        "lora_alpha": 0,
+        "target_modules": [],
+        "modules_to_save": ["classifier"],
+        "base_model_name_or_path": None,
+    }
+    tensors = {
+        "base_model.model.classifier.weight": weight.detach().float().contiguous(),
+        "base_model.model.classifier.bias": bias.detach().float().contiguous(),
+    }
+    meta = {"head_input": head_input, "normalize": normalize, "base_fingerprint": base_fingerprint, "source": source}
+    return {
+        CONFIG_FILE: json.dumps(config, indent=2).encode(),
+        WEIGHTS_FILE: save(tensors),
+        LABELS_FILE: json.dumps(labels).encode(),
+        META_FILE: json.dumps(meta, indent=2).encode(),
+    }

