@@ -1,0 +1,138 @@
+"""Dynamic batching: rows from concurrent requests share forward passes.
+
+Bounded by padded tokens per batch and by how long the first row waits; rows are grouped by
+length to cut padding. A full queue answers at once (QueueFull) instead of queueing forever;
+rows whose caller went away or whose deadline passed are dropped before compute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+from adaptgate.engine.rows import Row, RowResult
+from adaptgate.errors import DeadlineExceeded, QueueFull
+
+RunBatch = Callable[[list[Row]], list[RowResult]]
+
+
+@dataclass
+class BatcherLimits:
+    max_batch_tokens: int
+    max_wait_s: float
+    max_queue_rows: int
+
+
+@dataclass
+class _Pending:
+    row: Row
+    future: asyncio.Future[RowResult]
+
+
+def plan_batches(items: list[_Pending], max_batch_tokens: int) -> list[list[_Pending]]:
+    """Sort by length, then cut so that rows × longest row stays within the token budget."""
+    batches: list[list[_Pending]] = []
+    current: list[_Pending] = []
+    for item in sorted(items, key=lambda p: len(p.row.input_ids)):
+        width = len(item.row.input_ids)
+        if current and width * (len(current) + 1) > max_batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(item)
+    if current:
+        batches.append(current)
+    return batches
+
+
+class Batcher:
+    def __init__(
+        self,
+        run_batch: RunBatch,
+        executor: Executor,
+        limits: BatcherLimits,
+        on_batch: Callable[[int, int, int], None] = lambda rows, tokens, padded: None,
+    ) -> None:
+        self._run_batch = run_batch
+        self._executor = executor
+        self._limits = limits
+        self._on_batch = on_batch
+        self._queue: deque[_Pending] = deque()
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def queued_rows(self) -> int:
+        return len(self._queue)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="batcher")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def submit(self, rows: list[Row]) -> list[RowResult]:
+        if len(self._queue) + len(rows) > self._limits.max_queue_rows:
+            raise QueueFull(
+                f"the server queue is full ({len(self._queue)} texts waiting, limit "
+                f"{self._limits.max_queue_rows}); retry with backoff"
+            )
+        loop = asyncio.get_running_loop()
+        pending = [_Pending(row, loop.create_future()) for row in rows]
+        self._queue.extend(pending)
+        self._wakeup.set()
+        try:
+            return list(await asyncio.gather(*(p.future for p in pending)))
+        except BaseException:
+            for p in pending:
+                p.future.cancel()
+            raise
+
+    def _take(self) -> list[_Pending]:
+        """Up to a few batches' worth of live rows; the rest wait for the next round."""
+        budget = self._limits.max_batch_tokens * 4
+        taken: list[_Pending] = []
+        while self._queue and budget > 0:
+            item = self._queue.popleft()
+            if item.future.done():
+                continue
+            if item.row.deadline is not None and time.monotonic() > item.row.deadline:
+                item.future.set_exception(DeadlineExceeded("the request's deadline passed while it was queued"))
+                continue
+            taken.append(item)
+            budget -= len(item.row.input_ids)
+        return taken
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            if self._limits.max_wait_s > 0:
+                await asyncio.sleep(self._limits.max_wait_s)
+            while self._queue:
+                for batch in plan_batches(self._take(), self._limits.max_batch_tokens):
+                    await self._run(loop, batch)
+
+    async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending]) -> None:
+        batch = [p for p in batch if not p.future.done()]
+        if not batch:
+            return
+        rows = [p.row for p in batch]
+        try:
+            results = await loop.run_in_executor(self._executor, self._run_batch, rows)
+        except Exception as exc:  # a failed batch fails its requests, never the batcher
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(exc)
+            return
+        tokens = sum(len(r.input_ids) for r in rows)
+        self._on_batch(len(rows), tokens, len(rows) * max(len(r.input_ids) for r in rows))
+        for p, result in zip(batch, results):
+            if not p.future.done():
+                p.future.set_result(result)

@@ -1,0 +1,75 @@
+"""One padded forward pass over a batch of rows with mixed adapters, heads and poolings."""
+
+from __future__ import annotations
+
+import torch
+
+from adaptgate.engine.heads import HEAD_INPUT_POOLING, HeadPool
+from adaptgate.engine.lora import LoraLayers
+from adaptgate.engine.model import BaseModel
+from adaptgate.engine.pooling import normalize, pool
+from adaptgate.engine.rows import Row, RowResult
+
+
+class BatchForward:
+    """Holds the base model with its LoRA layers and head pool; runs on the engine's one thread."""
+
+    def __init__(self, base: BaseModel, n_slots: int, max_rank: int, max_labels: int) -> None:
+        self.base = base
+        self.lora = LoraLayers(base.model, n_slots, max_rank)
+        self.heads = HeadPool(n_slots, base.spec.hidden_size, max_labels, base.device)
+        self.pad_id = int(base.tokenizer.pad_token_id or 0)
+
+    def _pad(self, rows: list[Row]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(r.input_ids) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, : len(row.input_ids)] = torch.tensor(row.input_ids)
+            mask[i, : len(row.input_ids)] = 1
+        return ids.to(self.base.device), mask.to(self.base.device)
+
+    @torch.inference_mode()
+    def __call__(self, rows: list[Row]) -> list[RowResult]:
+        ids, mask = self._pad(rows)
+        self.lora.bind([r.lora_slot for r in rows], self.base.device)
+        out = self.base.model(input_ids=ids, attention_mask=mask)
+        results = [RowResult() for _ in rows]
+        self._embeddings(rows, out.last_hidden_state, mask, results)
+        self._classify(rows, out, mask, results)
+        return results
+
+    def _embeddings(self, rows: list[Row], hidden: torch.Tensor, mask: torch.Tensor, results: list[RowResult]) -> None:
+        for mode in {r.pooling for r in rows if r.pooling is not None}:
+            idx = [i for i, r in enumerate(rows) if r.pooling == mode]
+            vectors = pool(hidden[idx], mask[idx], mode)
+            unit = normalize(vectors)
+            for j, i in enumerate(idx):
+                results[i].embedding = (unit[j] if rows[i].normalize else vectors[j]).cpu().numpy()
+
+    def _head_features(self, rows: list[Row], out: object, mask: torch.Tensor, idx: list[int]) -> torch.Tensor:
+        """Each row's head input (BERT pooler, or a pooling of the token states), normalized if the head asks."""
+        hidden = out.last_hidden_state  # type: ignore[attr-defined]
+        features = torch.empty(len(idx), hidden.shape[-1], device=hidden.device)
+        codes = [self.heads.input_code[rows[i].head_slot] for i in idx]
+        for code in set(codes):
+            part = [j for j, c in enumerate(codes) if c == code]
+            sel = [idx[j] for j in part]
+            if code == 0:
+                feats = out.pooler_output[sel].float()  # type: ignore[attr-defined]
+            else:
+                feats = pool(hidden[sel], mask[sel], HEAD_INPUT_POOLING[code])
+            features[part] = feats
+        norm = torch.tensor([self.heads.normalize_input[rows[i].head_slot] for i in idx], device=hidden.device)
+        return torch.where(norm.unsqueeze(1), normalize(features), features)
+
+    def _classify(self, rows: list[Row], out: object, mask: torch.Tensor, results: list[RowResult]) -> None:
+        idx = [i for i, r in enumerate(rows) if r.head_slot >= 0]
+        if not idx:
+            return
+        features = self._head_features(rows, out, mask, idx)
+        slots = torch.tensor([rows[i].head_slot for i in idx], device=features.device)
+        probs = self.heads.probabilities(features, slots).cpu()
+        counts = self.heads.num_labels[slots].tolist()
+        for j, i in enumerate(idx):
+            results[i].probabilities = probs[j, : counts[j]].numpy()

@@ -1,0 +1,96 @@
+"""Many LoRA adapters in one forward pass (the S-LoRA / Punica idea, vLLM's batch-wide mapping).
+
+Every wrapped linear keeps stacked, rank-padded adapter weights for all engine slots:
+A as [slots, in, r_max] and B as [slots, r_max, out] with the adapter's scaling folded into B.
+A batch carries one slot per row (`LoraBatch`); the frozen `x·W` runs once for the whole batch
+and only rows that have an adapter pay for the two gathered `bmm`s. No per-adapter loop, no merge.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class LoraBatch:
+    """Rows of the current batch that carry an adapter, and the slot of each. Set by the engine per forward."""
+
+    rows: torch.Tensor | None = None  # [n] row indices into the batch
+    slots: torch.Tensor | None = None  # [n] engine slot per such row
+
+
+class BatchedLoraLinear(nn.Module):
+    """`y = x·Wᵀ + b` for all rows, plus `(x·A_s)·B_s` for each row's slot s."""
+
+    def __init__(self, base: nn.Linear, batch: LoraBatch, n_slots: int, max_rank: int) -> None:
+        super().__init__()
+        self.base = base
+        self.batch = batch
+        shape_a = (n_slots, base.in_features, max_rank)
+        shape_b = (n_slots, max_rank, base.out_features)
+        kw = {"dtype": base.weight.dtype, "device": base.weight.device}
+        self.register_buffer("lora_a", torch.zeros(shape_a, **kw), persistent=False)
+        self.register_buffer("lora_b", torch.zeros(shape_b, **kw), persistent=False)
+
+    def set_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
+        """a: [r, in] and b: [out, r] as PEFT stores them; zero-padded up to r_max."""
+        rank = a.shape[0]
+        self.lora_a[slot].zero_()
+        self.lora_b[slot].zero_()
+        self.lora_a[slot, :, :rank] = a.t().to(self.lora_a.dtype)
+        self.lora_b[slot, :rank, :] = (b.t().float() * scaling).to(self.lora_b.dtype)
+
+    def clear_slot(self, slot: int) -> None:
+        self.lora_a[slot].zero_()
+        self.lora_b[slot].zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        rows, slots = self.batch.rows, self.batch.slots
+        if rows is None or slots is None:
+            return y
+        xs = x.index_select(0, rows)  # [n, T, in]
+        delta = torch.bmm(torch.bmm(xs, self.lora_a[slots]), self.lora_b[slots])  # [n, T, out]
+        return y.index_add_(0, rows, delta.to(y.dtype))
+
+
+class LoraLayers:
+    """Owns the wrapped linears of one base model; wraps a module the first time an adapter targets it."""
+
+    def __init__(self, model: nn.Module, n_slots: int, max_rank: int) -> None:
+        self.model = model
+        self.n_slots = n_slots
+        self.max_rank = max_rank
+        self.batch = LoraBatch()
+        self.layers: dict[str, BatchedLoraLinear] = {}
+
+    def _wrap(self, name: str) -> BatchedLoraLinear:
+        parent_name, _, child = name.rpartition(".")
+        parent = self.model.get_submodule(parent_name) if parent_name else self.model
+        base = getattr(parent, child)
+        wrapped = BatchedLoraLinear(base, self.batch, self.n_slots, self.max_rank)
+        setattr(parent, child, wrapped)
+        self.layers[name] = wrapped
+        return wrapped
+
+    def install(self, slot: int, lora: dict[str, tuple[torch.Tensor, torch.Tensor]], scaling: float) -> None:
+        self.clear(slot)
+        for name, (a, b) in lora.items():
+            layer = self.layers.get(name) or self._wrap(name)
+            layer.set_slot(slot, a, b, scaling)
+
+    def clear(self, slot: int) -> None:
+        for layer in self.layers.values():
+            layer.clear_slot(slot)
+
+    def bind(self, row_slots: list[int], device: torch.device) -> None:
+        """Point every wrapped layer at this batch's rows; rows with slot -1 get no LoRA."""
+        pairs = [(row, slot) for row, slot in enumerate(row_slots) if slot >= 0]
+        if not pairs or not self.layers:
+            self.batch.rows = self.batch.slots = None
+            return
+        self.batch.rows = torch.tensor([p[0] for p in pairs], device=device)
+        self.batch.slots = torch.tensor([p[1] for p in pairs], device=device)

@@ -1,0 +1,66 @@
+"""Prometheus metrics, all on one registry owned by the composition root (no process globals)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class _JobsCollector(Collector):
+    """Jobs by state, read from the job database at scrape time so it survives restarts."""
+
+    def __init__(self, counts: Callable[[], dict[str, int]]) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily("adaptgate_jobs", "Finetuning jobs by state.", labels=["state"])
+        for state, count in sorted(self._counts().items()):
+            family.add_metric([state], count)
+        yield family
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("adaptgate_requests", "RPCs handled, by method and status code.", ["method", "code"], registry=r)
+        self.request_seconds = Histogram(
+            "adaptgate_request_duration_seconds", "RPC latency, by method and status code.", ["method", "code"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.texts = Counter("adaptgate_texts", "Texts embedded or classified.", ["method"], registry=r)
+        self.rejected = Counter("adaptgate_rejected", "Requests refused before compute, by reason.", ["reason"], registry=r)
+        self.batch_rows = Histogram("adaptgate_batch_size", "Rows per forward pass.", buckets=SIZE_BUCKETS, registry=r)
+        self.batch_tokens = Histogram(
+            "adaptgate_batch_tokens", "Real (unpadded) tokens per forward pass.",
+            buckets=tuple(b * 64 for b in SIZE_BUCKETS), registry=r,
+        )
+        self.padding_ratio = Histogram(
+            "adaptgate_batch_padding_ratio", "Share of a batch's token slots that are padding.",
+            buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0), registry=r,
+        )
+        self.queue_depth = Gauge("adaptgate_queue_depth", "Texts waiting for a forward pass.", registry=r)
+        self.adapters_loaded = Gauge("adaptgate_adapters_loaded", "Adapters resident in engine slots.", registry=r)
+        self.adapter_cache = Counter(
+            "adaptgate_adapter_cache_events", "Adapter cache hits, misses and evictions.", ["event"], registry=r
+        )
+        self.adapter_load_seconds = Histogram(
+            "adaptgate_adapter_load_seconds", "Time from a cache miss to a live adapter.", buckets=LATENCY_BUCKETS, registry=r
+        )
+
+    def observe_batch(self, rows: int, tokens: int, padded_tokens: int) -> None:
+        self.batch_rows.observe(rows)
+        self.batch_tokens.observe(tokens)
+        self.padding_ratio.observe(1.0 - tokens / padded_tokens if padded_tokens else 0.0)
+
+    def track_jobs(self, counts: Callable[[], dict[str, int]]) -> None:
+        self.registry.register(_JobsCollector(counts))
+
+    def track_queue(self, depth: Callable[[], int]) -> None:
+        self.queue_depth.set_function(depth)
