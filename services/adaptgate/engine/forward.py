@@ -33,7 +33,10 @@ class BatchForward:
     def __call__(self, rows: list[Row]) -> list[RowResult]:
         ids, mask = self._pad(rows)
         self.lora.bind([r.lora_slot for r in rows], self.base.device)
-        out = self.base.model(input_ids=ids, attention_mask=mask)
+        try:
+            out = self.base.model(input_ids=ids, attention_mask=mask)
+        finally:
+            self.lora.bind([], self.base.device)
         results = [RowResult() for _ in rows]
         self._embeddings(rows, out.last_hidden_state, mask, results)
         self._classify(rows, out, mask, results)

@@ -52,9 +52,9 @@ class BatchedLoraLinear(nn.Module):
         rows, slots = self.batch.rows, self.batch.slots
         if rows is None or slots is None:
             return y
-        xs = x.index_select(0, rows)  # [n, T, in]
+        xs = x.index_select(0, rows).reshape(len(rows), -1, x.shape[-1])  # [n, T, in]; T=1 for BERT's pooler
         delta = torch.bmm(torch.bmm(xs, self.lora_a[slots]), self.lora_b[slots])  # [n, T, out]
-        return y.index_add_(0, rows, delta.to(y.dtype))
+        return y.index_add_(0, rows, delta.reshape(len(rows), *y.shape[1:]).to(y.dtype))
 
 
 class LoraLayers:
@@ -71,6 +71,8 @@ class LoraLayers:
         parent_name, _, child = name.rpartition(".")
         parent = self.model.get_submodule(parent_name) if parent_name else self.model
         base = getattr(parent, child)
+        if isinstance(base, BatchedLoraLinear):  # wrapped by an earlier engine on the same model
+            base = base.base
         wrapped = BatchedLoraLinear(base, self.batch, self.n_slots, self.max_rank)
         setattr(parent, child, wrapped)
         self.layers[name] = wrapped

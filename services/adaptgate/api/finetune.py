@@ -1,0 +1,68 @@
+"""adaptgate.v1.Finetune."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from adaptgate.api.auth import Principal
+from adaptgate.api.rpc import RpcRuntime, server_stream, unary
+from adaptgate.training.jobs import JobEvent, JobManager, JobRecord, JobSpec, JobState
+from adaptgate.v1 import finetune_pb2 as pb
+from adaptgate.v1 import finetune_pb2_grpc
+
+STATES = {s: pb.JobState.Value(s.name) for s in JobState}
+
+
+def metrics_proto(metrics: dict[str, float]) -> pb.JobMetrics:
+    return pb.JobMetrics(accuracy=metrics.get("accuracy", 0.0), macro_f1=metrics.get("macro_f1", 0.0), loss=metrics.get("loss", 0.0))
+
+
+def job_proto(job: JobRecord) -> pb.Job:
+    return pb.Job(
+        id=job.id, state=STATES[job.state], adapter=job.adapter_ref or "", tenant=job.tenant,
+        dataset_id=job.dataset_id, adapter_name=job.adapter_name, method=job.method, error=job.error or "",
+        progress=job.progress, metrics=metrics_proto(job.metrics), created_at=job.created_at, updated_at=job.updated_at,
+    )
+
+
+def event_proto(event: JobEvent) -> pb.JobEvent:
+    return pb.JobEvent(
+        job_id=event.job_id, seq=event.seq, time=event.time, state=STATES[event.state], kind=event.kind,
+        message=event.message, progress=event.progress, metrics=metrics_proto(event.metrics), eta_seconds=event.eta_seconds,
+    )
+
+
+class FinetuneServicer(finetune_pb2_grpc.FinetuneServicer):
+    def __init__(self, runtime: RpcRuntime, jobs: JobManager) -> None:
+        self.runtime = runtime
+        self.jobs = jobs
+
+    @unary
+    async def SubmitJob(self, request: pb.SubmitJobRequest, context: grpc.aio.ServicerContext, principal: Principal) -> pb.Job:
+        spec = JobSpec(
+            dataset_id=request.dataset_id, adapter_name=request.adapter_name, method=request.method or "auto",
+            alias=request.alias, validation_fraction=request.validation_fraction or 0.1, epochs=request.epochs,
+            learning_rate=request.learning_rate, seed=request.seed,
+        )
+        return job_proto(await self.jobs.submit(principal.tenant, spec))
+
+    @unary
+    async def GetJob(self, request: pb.JobRef, context: grpc.aio.ServicerContext, principal: Principal) -> pb.Job:
+        return job_proto(await self.jobs.get(principal.scope(), request.id))
+
+    @unary
+    async def ListJobs(self, request: pb.ListJobsRequest, context: grpc.aio.ServicerContext, principal: Principal) -> pb.ListJobsResponse:
+        return pb.ListJobsResponse(jobs=[job_proto(j) for j in await self.jobs.list(principal.scope())])
+
+    @unary
+    async def CancelJob(self, request: pb.JobRef, context: grpc.aio.ServicerContext, principal: Principal) -> pb.Job:
+        return job_proto(await self.jobs.cancel(principal.scope(), request.id))
+
+    @server_stream
+    async def WatchJob(
+        self, request: pb.JobRef, context: grpc.aio.ServicerContext, principal: Principal
+    ) -> AsyncIterator[pb.JobEvent]:
+        async for event in self.jobs.watch(principal.scope(), request.id):
+            yield event_proto(event)

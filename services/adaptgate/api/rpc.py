@@ -1,0 +1,111 @@
+"""What every RPC shares: authentication, error → status mapping, and per-method metrics.
+
+Servicer methods are written as `async def Method(self, request, context, principal)` and
+decorated with `unary` or `server_stream`; the decorator gives gRPC the usual signature.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+
+from adaptgate.api.auth import Principal, TokenAuthenticator
+from adaptgate.api.errors import status_of
+from adaptgate.errors import AdaptgateError, ResourceExhausted
+from adaptgate.metrics import Metrics
+
+log = logging.getLogger("adaptgate.rpc")
+T = TypeVar("T")
+
+
+@dataclass
+class RpcRuntime:
+    auth: TokenAuthenticator
+    metrics: Metrics
+
+
+class _Call:
+    """One RPC's bookkeeping: who called, how it ended, how long it took."""
+
+    def __init__(self, servicer: Any, method: str, context: grpc.aio.ServicerContext) -> None:
+        self.runtime: RpcRuntime = servicer.runtime
+        self.method = method
+        self.context = context
+        self.code = grpc.StatusCode.OK
+        self.started = time.perf_counter()
+
+    def principal(self) -> Principal:
+        return self.runtime.auth.authenticate(self.context.invocation_metadata())
+
+    async def fail(self, exc: BaseException) -> None:
+        """Abort with the mapped status; unknown errors become INTERNAL with an id that points at the log."""
+        if isinstance(exc, asyncio.CancelledError):
+            self.code = grpc.StatusCode.CANCELLED
+            raise exc
+        if isinstance(exc, AdaptgateError):
+            self.code = status_of(exc)
+            if isinstance(exc, ResourceExhausted):
+                reason = re.sub(r"(?<!^)(?=[A-Z])", "_", type(exc).__name__).lower()
+                self.runtime.metrics.rejected.labels(reason).inc()
+            await self.context.abort(self.code, exc.message)
+        request_id = uuid.uuid4().hex[:12]
+        log.exception("unhandled error in %s (request id %s)", self.method, request_id, exc_info=exc)
+        self.code = grpc.StatusCode.INTERNAL
+        await self.context.abort(self.code, f"internal error (request id {request_id}); the server log has the details")
+
+    def finish(self) -> None:
+        code = self.code.name
+        self.runtime.metrics.requests.labels(self.method, code).inc()
+        self.runtime.metrics.request_seconds.labels(self.method, code).observe(time.perf_counter() - self.started)
+
+
+def unary(fn: Callable[[Any, Any, grpc.aio.ServicerContext, Principal], Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> T:
+        call = _Call(self, fn.__name__, context)
+        try:
+            return await fn(self, request, context, call.principal())
+        except grpc.aio.AbortError:
+            raise
+        except BaseException as exc:
+            await call.fail(exc)
+            raise
+        finally:
+            call.finish()
+
+    return wrapper
+
+
+def server_stream(
+    fn: Callable[[Any, Any, grpc.aio.ServicerContext, Principal], AsyncIterator[T]],
+) -> Callable[..., AsyncIterator[T]]:
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[T]:
+        call = _Call(self, fn.__name__, context)
+        try:
+            async for item in fn(self, request, context, call.principal()):
+                yield item
+        except (grpc.aio.AbortError, GeneratorExit):
+            raise
+        except BaseException as exc:
+            await call.fail(exc)
+            raise
+        finally:
+            call.finish()
+
+    return wrapper
+
+
+def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
+    """The client's deadline on our monotonic clock, so queued work can be dropped once it passes."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining

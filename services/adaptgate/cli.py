@@ -1,0 +1,173 @@
+"""`adaptgate serve | embed | classify | datasets … | jobs … | adapters … | demo`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from adaptgate.settings import Settings
+
+DEFAULT_SERVER = "localhost:50051"
+
+
+def _settings_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per Settings field, so flags and ADAPTGATE_* env vars never drift apart."""
+    for name, field in Settings.model_fields.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=f"setting_{name}", default=None, help=field.description)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides = {k.removeprefix("setting_"): v for k, v in vars(args).items() if k.startswith("setting_") and v is not None}
+    return Settings(**overrides)
+
+
+def _default_token() -> str:
+    """ADAPTGATE_TOKEN, else the dev tenant's token from a local server's data directory."""
+    if token := os.environ.get("ADAPTGATE_TOKEN"):
+        return token
+    path = Path(os.environ.get("ADAPTGATE_DATA_DIR", "data")) / "tokens.json"
+    if path.exists():
+        tokens = json.loads(path.read_text())["tokens"]
+        return next((t for t, p in tokens.items() if not p.get("admin")), "")
+    return ""
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from adaptgate.client import Client
+
+    if not args.token:
+        sys.exit("no token: pass --token, set ADAPTGATE_TOKEN, or run next to the server's data/tokens.json")
+    return Client(args.server, args.token)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import asyncio
+
+    from adaptgate.server import configure_logging, serve
+
+    settings = _settings(args)
+    configure_logging(settings.log_level)
+    asyncio.run(serve(settings))
+
+
+def cmd_embed(args: argparse.Namespace) -> None:
+    response = _client(args).embed(args.texts, adapter=args.adapter, truncate=args.truncate)
+    for text, emb in zip(args.texts, response.embeddings):
+        print(json.dumps({"text": text, "tokens": emb.tokens, "dim": len(emb.values), "values": [round(v, 6) for v in emb.values]}))
+
+
+def cmd_classify(args: argparse.Namespace) -> None:
+    response = _client(args).classify(args.texts, args.adapter, top_k=args.top_k, truncate=args.truncate)
+    for text, result in zip(args.texts, response.results):
+        scores = {s.label: round(s.score, 4) for s in result.scores}
+        print(json.dumps({"text": text, "label": result.label, "score": round(result.score, 4), "scores": scores}))
+
+
+def cmd_datasets(args: argparse.Namespace) -> None:
+    from google.protobuf.json_format import MessageToDict
+
+    from adaptgate.v1 import datasets_pb2
+
+    client = _client(args)
+    if args.action == "upload":
+        result = client.upload_dataset(Path(args.path), name=args.name, fmt=args.format)
+        print(json.dumps(MessageToDict(result), indent=2))
+    else:
+        response = client.datasets.ListDatasets(datasets_pb2.ListDatasetsRequest(), metadata=client.metadata)
+        for ds in response.datasets:
+            print(f"{ds.id}  {ds.name:24} rows={ds.rows} labels={len(ds.labels)}")
+
+
+def cmd_jobs(args: argparse.Namespace) -> None:
+    from adaptgate.commands.jobs import run_jobs_command
+
+    run_jobs_command(_client(args), args)
+
+
+def cmd_adapters(args: argparse.Namespace) -> None:
+    from adaptgate.commands.adapters import run_adapters_command
+
+    run_adapters_command(_client(args), args)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from adaptgate.commands.demo import run_demo
+
+    run_demo(_client(args), Path(args.data), args.adapter_name)
+
+
+def _client_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--server", default=os.environ.get("ADAPTGATE_SERVER", DEFAULT_SERVER), help="host:port of the gateway")
+    parser.add_argument("--token", default=_default_token(), help="bearer token (default: $ADAPTGATE_TOKEN)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="adaptgate", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the gateway (gRPC + /metrics, local Ray)")
+    _settings_flags(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    embed = sub.add_parser("embed", help="embed texts")
+    embed.add_argument("texts", nargs="+")
+    embed.add_argument("--adapter", default="")
+    embed.add_argument("--truncate", action="store_true")
+    embed.set_defaults(func=cmd_embed)
+
+    classify = sub.add_parser("classify", help="classify texts with an adapter")
+    classify.add_argument("texts", nargs="+")
+    classify.add_argument("--adapter", required=True)
+    classify.add_argument("--top-k", type=int, default=0)
+    classify.add_argument("--truncate", action="store_true")
+    classify.set_defaults(func=cmd_classify)
+
+    datasets = sub.add_parser("datasets", help="upload or list datasets")
+    datasets.add_argument("action", choices=["upload", "list"])
+    datasets.add_argument("path", nargs="?")
+    datasets.add_argument("--name", default="")
+    datasets.add_argument("--format", default="", choices=["", "jsonl", "csv"])
+    datasets.set_defaults(func=cmd_datasets)
+
+    jobs = sub.add_parser("jobs", help="submit, watch, list, get or cancel finetuning jobs")
+    jobs.add_argument("action", choices=["submit", "watch", "list", "get", "cancel"])
+    jobs.add_argument("job_id", nargs="?")
+    jobs.add_argument("--dataset", default="")
+    jobs.add_argument("--adapter-name", default="")
+    jobs.add_argument("--method", default="head", choices=["head", "lora", "embed", "auto"])
+    jobs.add_argument("--alias", default="")
+    jobs.add_argument("--watch", action="store_true", help="after submit, follow the job with a progress bar")
+    jobs.set_defaults(func=cmd_jobs)
+
+    adapters = sub.add_parser("adapters", help="list, get, load, unload, alias or upload adapters")
+    adapters.add_argument("action", choices=["list", "get", "load", "unload", "alias", "upload"])
+    adapters.add_argument("ref", nargs="?", help="adapter reference, or a directory for upload")
+    adapters.add_argument("--alias", default="")
+    adapters.add_argument("--name", default="", help="adapter name for upload")
+    adapters.set_defaults(func=cmd_adapters)
+
+    demo = sub.add_parser("demo", help="train a spam classifier on a running server and score it")
+    demo.add_argument("--data", default="examples/data/sms_spam")
+    demo.add_argument("--adapter-name", default="sms-spam")
+    demo.set_defaults(func=cmd_demo)
+
+    for p in (embed, classify, datasets, jobs, adapters, demo):
+        _client_flags(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    import grpc
+
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except grpc.RpcError as exc:
+        sys.exit(f"error: {exc.code().name}: {exc.details()}")  # type: ignore[attr-defined]
+
+
+if __name__ == "__main__":
+    main()

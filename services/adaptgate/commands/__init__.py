@@ -1,0 +1,1 @@
+"""Client-side subcommands of `adaptgate` that need more than a few lines."""

@@ -1,0 +1,182 @@
+"""The composition root: builds every part from Settings, serves gRPC + metrics, drains on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+import time
+from dataclasses import dataclass
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from adaptgate.adapters.cache import AdapterCache
+from adaptgate.adapters.store import AdapterStore
+from adaptgate.adapters.validation import AdapterValidator
+from adaptgate.api.adapters import AdaptersServicer
+from adaptgate.api.auth import TokenAuthenticator, ensure_dev_tokens, load_tokens
+from adaptgate.api.classifier import ClassifierServicer
+from adaptgate.api.datasets import DatasetsServicer
+from adaptgate.api.embeddings import EmbeddingsServicer
+from adaptgate.api.finetune import FinetuneServicer
+from adaptgate.api.rpc import RpcRuntime
+from adaptgate.engine.engine import Engine, EngineConfig
+from adaptgate.engine.model import BaseModel, load_base_model
+from adaptgate.inference import Inference
+from adaptgate.metrics import Metrics
+from adaptgate.settings import Settings
+from adaptgate.training.database import Database
+from adaptgate.training.datasets import DatasetStore
+from adaptgate.training.jobs import JobManager, PublishRequest
+from adaptgate.training.ray_runner import RayRunner
+from adaptgate.v1 import (
+    adapters_pb2,
+    adapters_pb2_grpc,
+    classifier_pb2,
+    classifier_pb2_grpc,
+    datasets_pb2,
+    datasets_pb2_grpc,
+    embeddings_pb2,
+    embeddings_pb2_grpc,
+    finetune_pb2,
+    finetune_pb2_grpc,
+)
+
+log = logging.getLogger("adaptgate.server")
+
+SERVICE_NAMES = tuple(
+    module.DESCRIPTOR.services_by_name[name].full_name
+    for module, name in (
+        (embeddings_pb2, "Embeddings"), (classifier_pb2, "Classifier"), (adapters_pb2, "Adapters"),
+        (datasets_pb2, "Datasets"), (finetune_pb2, "Finetune"),
+    )
+)
+
+
+@dataclass
+class Gateway:
+    server: grpc.aio.Server
+    health: health.aio.HealthServicer
+    engine: Engine
+    jobs: JobManager
+    runner: RayRunner
+    port: int
+    metrics_port: int
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Health goes NOT_SERVING first, then in-flight RPCs get `grace` seconds to finish."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        await self.jobs.close()
+        await self.engine.stop()
+        await asyncio.to_thread(self.runner.stop)
+
+
+def _tokens(settings: Settings) -> TokenAuthenticator:
+    path = settings.tokens_file
+    if path is None:
+        path = settings.data_dir / "tokens.json"
+        tenant_token, admin_token = ensure_dev_tokens(path)
+        print(f"no token file given; development tokens in {path}:", flush=True)
+        print(f"  tenant 'dev': {tenant_token}\n  admin:        {admin_token}", flush=True)
+    return TokenAuthenticator(load_tokens(path))
+
+
+def _engine(settings: Settings, base: BaseModel, metrics: Metrics) -> Engine:
+    config = EngineConfig(
+        n_slots=settings.max_loaded_adapters, max_rank=settings.max_lora_rank, max_labels=settings.max_labels,
+        max_batch_tokens=settings.max_batch_tokens, max_wait_s=settings.max_batch_wait_ms / 1000,
+        max_queue_rows=settings.max_queue_texts, max_input_tokens=settings.max_input_tokens,
+    )
+    engine = Engine(base, config, metrics.observe_batch)
+    metrics.track_queue(lambda: engine.queued_rows)
+    return engine
+
+
+def _grpc_server(settings: Settings) -> grpc.aio.Server:
+    return grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+        ]
+    )
+
+
+async def build(settings: Settings) -> Gateway:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    metrics = Metrics()
+    runtime = RpcRuntime(_tokens(settings), metrics)
+    runner = RayRunner(settings.ray_address, settings.ray_num_cpus, settings.training_cpus)
+    base, _ = await asyncio.gather(
+        asyncio.to_thread(load_base_model, settings.base_model, settings.dtype, settings.device),
+        asyncio.to_thread(runner.start),
+    )
+    engine = _engine(settings, base, metrics)
+    engine.start()
+    validator = AdapterValidator(base.spec, settings.max_lora_rank, settings.max_labels)
+    store = AdapterStore(settings.adapters_dir, validator)
+    cache = AdapterCache(store, engine, settings.max_loaded_adapters, metrics)
+    database = Database(settings.database_path)
+    datasets = DatasetStore(settings.datasets_dir, database)
+
+    def publish(request: PublishRequest) -> str:
+        record = store.publish(request.tenant, request.adapter_name, request.files, request.alias, request.source)
+        return str(record.ref)
+
+    jobs = JobManager(database, datasets, runner, publish, base.path)
+    await jobs.start()
+    metrics.track_jobs(jobs.counts_by_state)
+    inference = Inference(engine, cache, settings.max_texts_per_request)
+
+    server = _grpc_server(settings)
+    embeddings_pb2_grpc.add_EmbeddingsServicer_to_server(EmbeddingsServicer(runtime, inference, base.path.name), server)
+    classifier_pb2_grpc.add_ClassifierServicer_to_server(ClassifierServicer(runtime, inference), server)
+    adapters_pb2_grpc.add_AdaptersServicer_to_server(
+        AdaptersServicer(runtime, store, cache, settings.max_upload_bytes), server
+    )
+    datasets_pb2_grpc.add_DatasetsServicer_to_server(DatasetsServicer(runtime, datasets, settings.max_upload_bytes), server)
+    finetune_pb2_grpc.add_FinetuneServicer_to_server(FinetuneServicer(runtime, jobs), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    await server.start()
+    for name in ("", *SERVICE_NAMES):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    metrics_port = 0
+    if settings.metrics_port >= 0:
+        http_server, _ = start_http_server(settings.metrics_port, addr=settings.host, registry=metrics.registry)
+        metrics_port = http_server.server_port
+    return Gateway(server, health_servicer, engine, jobs, runner, port, metrics_port)
+
+
+async def serve(settings: Settings) -> None:
+    started = time.perf_counter()
+    gateway = await build(settings)
+    host = "localhost" if settings.host in ("0.0.0.0", "[::]") else settings.host
+    print(
+        f"adaptgate listening on {host}:{gateway.port} (gRPC) and :{gateway.metrics_port}/metrics "
+        f"after {time.perf_counter() - started:.1f}s; model {gateway.engine.base.path.name} "
+        f"in {str(gateway.engine.base.dtype).removeprefix('torch.')} on {gateway.engine.base.device}",
+        flush=True,
+    )
+    print(f"  try: adaptgate embed --server {host}:{gateway.port} --token <token> 'hello world'", flush=True)
+    print(f"       grpcurl -plaintext {host}:{gateway.port} list", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    print("adaptgate: draining (health NOT_SERVING, in-flight RPCs finish)", file=sys.stderr, flush=True)
+    await gateway.stop()
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
