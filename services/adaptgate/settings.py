@@ -37,7 +37,7 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(16 * 1024 * 1024, description="Largest gRPC message accepted.")
     max_upload_bytes: int = Field(512 * 1024 * 1024, description="Largest dataset or adapter upload.")
     max_loaded_adapters: int = Field(64, description="Adapter slots resident in the engine (LRU beyond).")
-    max_lora_rank: int = Field(64, description="Largest LoRA rank an adapter may have.")
+    max_lora_rank: int = Field(16, description="Largest LoRA rank an adapter may have (slots are padded to it).")
     max_labels: int = Field(128, description="Largest label count of a task head.")
     ray_address: str | None = Field(
         None,

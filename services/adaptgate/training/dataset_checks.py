@@ -1,0 +1,173 @@
+"""Validate an uploaded dataset up front, so a job never fails for a reason visible at upload.
+
+Rejections (InvalidDataset) name lines; accepted-but-suspicious data gets warnings that the
+upload returns (RELIABILITY row 22).
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+
+from adaptgate.errors import InvalidDataset
+from adaptgate.training.dataset_rows import FORMATS, RawRow, RawRows, decode_utf8, interior_blank_lines, read_csv, read_jsonl
+from adaptgate.training.problems import Problems, describe_lines
+
+MIN_ROWS = 4
+MIN_PER_CLASS = 2
+IMBALANCE_RATIO = 0.05
+
+
+@dataclass
+class ParsedDataset:
+    texts: list[str]
+    labels: list[str]
+    warnings: list[str] = field(default_factory=list)
+    # The file line of each row, for messages that point back into the upload.
+    lines: list[int] = field(default_factory=list)
+
+    @property
+    def label_counts(self) -> dict[str, int]:
+        return dict(Counter(self.labels))
+
+
+def _label_value(value: object) -> str | None:
+    """Labels may be strings or integers in JSON; both are kept as strings."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return value.strip() if isinstance(value, str) else None
+
+
+def _field_names(row: RawRow) -> str:
+    return ", ".join(repr(k) for k in sorted(row.fields)) or "none"
+
+
+def _text_of(row: RawRow, name: str, problems: Problems) -> str | None:
+    if name not in row.fields:
+        problems.add(f"missing text field {name!r}", row.line, f"the rows have fields: {_field_names(row)}")
+        return None
+    value = row.fields[name]
+    if value is not None and not isinstance(value, str):
+        problems.add("text is not a string", row.line)
+        return None
+    if not value or not value.strip():
+        problems.add("empty or whitespace-only text", row.line)
+        return None
+    return value
+
+
+def _label_of(row: RawRow, name: str, problems: Problems) -> str | None:
+    if name not in row.fields:
+        problems.add(f"missing label field {name!r}", row.line, f"the rows have fields: {_field_names(row)}")
+        return None
+    value = row.fields[name]
+    if value is None or value == "" or (isinstance(value, str) and not value.strip()):
+        problems.add("empty label", row.line)
+        return None
+    label = _label_value(value)
+    if label is None:
+        problems.add("label is not a string or an integer", row.line)
+    return label
+
+
+def _read(data: bytes, fmt: str, text_field: str, label_field: str, problems: Problems) -> RawRows:
+    if fmt not in FORMATS:
+        raise InvalidDataset(f"unknown dataset format {fmt!r}; use 'jsonl' or 'csv'")
+    text = decode_utf8(data)
+    if not text.strip():
+        raise InvalidDataset("dataset is empty: the file has no rows")
+    if fmt == "csv":
+        return read_csv(text, (text_field, label_field))
+    return read_jsonl(text, problems)
+
+
+def _extract(raw: RawRows, text_field: str, label_field: str, problems: Problems) -> ParsedDataset:
+    parsed = ParsedDataset([], [])
+    for row in raw.rows:
+        text = _text_of(row, text_field, problems)
+        label = _label_of(row, label_field, problems)
+        if text is not None and label is not None:
+            parsed.texts.append(text)
+            parsed.labels.append(label)
+            parsed.lines.append(row.line)
+    return parsed
+
+
+def _check_conflicts(parsed: ParsedDataset, problems: Problems) -> None:
+    """One text with two labels cannot be learned and would leak across the validation split."""
+    seen: dict[str, list[tuple[int, str]]] = defaultdict(list)
+    for text, label, line in zip(parsed.texts, parsed.labels, parsed.lines):
+        seen[text].append((line, label))
+    for rows in seen.values():
+        if len({label for _, label in rows}) > 1:
+            (a_line, a), (b_line, b) = rows[0], next(r for r in rows if r[1] != rows[0][1])
+            detail = f"line {a_line} says {a!r}, line {b_line} says {b!r}"
+            for line, _ in rows:
+                problems.add("the same text has different labels", line, detail)
+
+
+def _check_classes(parsed: ParsedDataset, problems: Problems, max_labels: int | None) -> None:
+    counts = parsed.label_counts
+    if len(parsed.texts) < MIN_ROWS:
+        problems.add(f"the dataset has {len(parsed.texts)} rows; at least {MIN_ROWS} are needed (2 per class)")
+    if len(counts) == 1:
+        problems.add(f"every row has the label {next(iter(counts))!r}; a classifier needs at least 2 classes")
+    if max_labels is not None and len(counts) > max_labels:
+        problems.add(f"the dataset has {len(counts)} classes; at most {max_labels} are supported")
+    rare = [label for label, n in counts.items() if n < MIN_PER_CLASS]
+    names = ", ".join(repr(r) for r in rare[:5]) + (f" and {len(rare) - 5} more" if len(rare) > 5 else "")
+    for label, line in zip(parsed.labels, parsed.lines):
+        if label in rare:
+            problems.add("classes with a single example", line, f"{names}; each class needs at least 2 so one can be held out for validation")
+
+
+def _duplicate_warning(parsed: ParsedDataset) -> list[str]:
+    seen: set[tuple[str, str]] = set()
+    repeats = []
+    for text, label, line in zip(parsed.texts, parsed.labels, parsed.lines):
+        if (text, label) in seen:
+            repeats.append(line)
+        seen.add((text, label))
+    if not repeats:
+        return []
+    return [
+        f"{len(repeats)} rows repeat an earlier row exactly ({describe_lines(repeats)}); they are kept, "
+        "and all copies of a text stay on the same side of the train/validation split"
+    ]
+
+
+def _imbalance_warning(parsed: ParsedDataset) -> list[str]:
+    counts = parsed.label_counts
+    small, large = min(counts, key=counts.__getitem__), max(counts, key=counts.__getitem__)
+    if counts[small] >= IMBALANCE_RATIO * counts[large]:
+        return []
+    return [
+        f"classes are strongly imbalanced: {small!r} has {counts[small]} rows, under "
+        f"{IMBALANCE_RATIO:.0%} of {large!r} ({counts[large]} rows); accuracy may hide poor recall on {small!r}"
+    ]
+
+
+def _blank_line_warning(raw: RawRows) -> list[str]:
+    blanks = interior_blank_lines(raw)
+    return [f"skipped {len(blanks)} blank {'line' if len(blanks) == 1 else 'lines'} ({describe_lines(blanks)})"] if blanks else []
+
+
+def parse_dataset(
+    data: bytes, fmt: str, text_field: str = "text", label_field: str = "label", max_labels: int | None = None
+) -> ParsedDataset:
+    """Parse and validate an upload; raises InvalidDataset naming every problem and its lines."""
+    problems = Problems()
+    raw = _read(data, fmt.strip().lower(), text_field, label_field, problems)
+    if not raw.rows and not problems.items:
+        raise InvalidDataset("dataset is empty: the file has no data rows")
+    parsed = _extract(raw, text_field, label_field, problems)
+    problems.raise_if_any()
+    _check_conflicts(parsed, problems)
+    _check_classes(parsed, problems, max_labels)
+    problems.raise_if_any()
+    parsed.warnings = _blank_line_warning(raw) + _duplicate_warning(parsed) + _imbalance_warning(parsed)
+    return parsed

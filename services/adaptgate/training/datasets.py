@@ -1,0 +1,145 @@
+"""Tenant datasets: validated at upload, stored as normalized JSONL, recorded in SQLite.
+
+The stored file always has `{"text", "label"}` rows whatever the upload's format and field
+names were, so training reads one format. Another tenant's dataset answers exactly like a
+missing one (NOT_FOUND), so ids leak nothing.
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import os
+import re
+import secrets
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from adaptgate.errors import InvalidArgument, NotFound
+from adaptgate.training.database import Database
+from adaptgate.training.dataset_checks import ParsedDataset, parse_dataset
+
+__all__ = ["DatasetRecord", "DatasetStore", "ParsedDataset", "parse_dataset"]
+
+MAX_NAME_CHARS = 128
+TENANT_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+@dataclass
+class DatasetRecord:
+    id: str
+    tenant: str
+    name: str
+    rows: int
+    label_counts: dict[str, int]
+    warnings: list[str] = field(default_factory=list)
+    created_at: float = 0.0
+    size_bytes: int = 0
+
+
+def new_dataset_id() -> str:
+    return "ds-" + secrets.token_hex(6)
+
+
+def check_name(name: str) -> None:
+    if not name.strip():
+        raise InvalidArgument("dataset name must not be empty")
+    if len(name) > MAX_NAME_CHARS:
+        raise InvalidArgument(f"dataset name is {len(name)} characters; the limit is {MAX_NAME_CHARS}")
+
+
+def check_tenant(tenant: str) -> None:
+    """Tenants name directories, so only path-safe names are accepted."""
+    if not TENANT_PATTERN.match(tenant) or tenant in (".", ".."):
+        raise InvalidArgument(f"tenant {tenant!r} cannot own datasets: use letters, digits, '_', '.', '-'")
+
+
+def write_atomically(path: Path, payload: bytes) -> None:
+    """Readers see the old file or the whole new one, never a torn write."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(payload)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def normalized_jsonl(parsed: ParsedDataset) -> bytes:
+    lines = (json.dumps({"text": t, "label": l}, ensure_ascii=False) for t, l in zip(parsed.texts, parsed.labels))
+    return ("\n".join(lines) + "\n").encode()
+
+
+def _record(row: sqlite3.Row) -> DatasetRecord:
+    return DatasetRecord(
+        id=row["id"], tenant=row["tenant"], name=row["name"], rows=row["rows"],
+        label_counts=json.loads(row["label_counts"]), warnings=json.loads(row["warnings"]),
+        created_at=row["created_at"], size_bytes=row["size_bytes"],
+    )
+
+
+class DatasetStore:
+    """Datasets under `root/<tenant>/<id>.jsonl`, their records in the shared database.
+
+    Methods are synchronous (parsing a large upload is CPU work): call them via
+    asyncio.to_thread from the event loop.
+    """
+
+    def __init__(self, root: Path, db: Database, max_labels: int | None = None) -> None:
+        self.root = Path(root)
+        self.db = db
+        self.max_labels = max_labels
+
+    def create(
+        self, tenant: str, name: str, fmt: str, data: bytes, text_field: str = "text", label_field: str = "label"
+    ) -> DatasetRecord:
+        check_tenant(tenant)
+        check_name(name)
+        parsed = parse_dataset(data, fmt, text_field, label_field, self.max_labels)
+        record = DatasetRecord(
+            id=new_dataset_id(), tenant=tenant, name=name, rows=len(parsed.texts),
+            label_counts=parsed.label_counts, warnings=parsed.warnings, created_at=time.time(), size_bytes=len(data),
+        )
+        path = self._path(record)
+        write_atomically(path, normalized_jsonl(parsed))
+        try:
+            self._insert(record, path)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        return record
+
+    def _insert(self, record: DatasetRecord, path: Path) -> None:
+        self.db.execute(
+            "INSERT INTO datasets (id, tenant, name, rows, label_counts, warnings, created_at, size_bytes, path)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (record.id, record.tenant, record.name, record.rows, json.dumps(record.label_counts),
+             json.dumps(record.warnings), record.created_at, record.size_bytes, str(path.relative_to(self.root))),
+        )
+
+    def _path(self, record: DatasetRecord) -> Path:
+        return self.root / record.tenant / f"{record.id}.jsonl"
+
+    def get(self, tenant: str | None, dataset_id: str) -> DatasetRecord:
+        """tenant None is the admin view; another tenant's dataset is 'not found', like a missing one."""
+        row = self.db.query_one("SELECT * FROM datasets WHERE id = ?", (dataset_id,))
+        if row is None or (tenant is not None and row["tenant"] != tenant):
+            raise NotFound(f"dataset {dataset_id!r} not found")
+        return _record(row)
+
+    def load(self, record: DatasetRecord) -> tuple[list[str], list[str]]:
+        """Texts and labels of a stored dataset, in upload order."""
+        path = self._path(record)
+        if not path.exists():
+            raise NotFound(f"the file of dataset {record.id!r} is missing from the store")
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line]
+        return [r["text"] for r in rows], [r["label"] for r in rows]
+
+    def list(self, tenant: str | None) -> builtins.list[DatasetRecord]:
+        if tenant is None:
+            rows = self.db.query("SELECT * FROM datasets ORDER BY created_at, id")
+        else:
+            rows = self.db.query("SELECT * FROM datasets WHERE tenant = ? ORDER BY created_at, id", (tenant,))
+        return [_record(row) for row in rows]

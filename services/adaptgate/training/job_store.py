@@ -1,0 +1,97 @@
+"""Jobs and their events in SQLite: a job row and the event that changed it land together."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Sequence
+
+from adaptgate.training.database import Database
+from adaptgate.training.job_records import ACTIVE_STATES, JobEvent, JobRecord, JobState
+
+JOB_COLUMNS = (
+    "id", "tenant", "dataset_id", "adapter_name", "method", "alias", "validation_fraction", "epochs",
+    "learning_rate", "seed", "state", "error", "adapter_ref", "progress", "metrics", "created_at", "updated_at",
+)
+MUTABLE_COLUMNS = ("state", "error", "adapter_ref", "progress", "metrics", "updated_at")
+
+
+def _job_values(record: JobRecord, columns: Sequence[str]) -> list[object]:
+    values = {**record.__dict__, "state": record.state.value, "metrics": json.dumps(record.metrics)}
+    return [values[c] for c in columns]
+
+
+def _job(row: sqlite3.Row) -> JobRecord:
+    fields = {c: row[c] for c in JOB_COLUMNS}
+    fields["state"] = JobState(row["state"])
+    fields["metrics"] = json.loads(row["metrics"])
+    return JobRecord(**fields)
+
+
+def _event(row: sqlite3.Row) -> JobEvent:
+    return JobEvent(
+        job_id=row["job_id"], seq=row["seq"], time=row["time"], state=JobState(row["state"]), kind=row["kind"],
+        message=row["message"], progress=row["progress"], metrics=json.loads(row["metrics"]),
+        eta_seconds=row["eta_seconds"],
+    )
+
+
+INSERT_EVENT = (
+    "INSERT INTO job_events (job_id, seq, time, state, kind, message, progress, metrics, eta_seconds)"
+    " SELECT ?, COALESCE(MAX(seq), 0) + 1, ?, ?, ?, ?, ?, ?, ? FROM job_events WHERE job_id = ? RETURNING seq"
+)
+
+
+class JobStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def insert(self, record: JobRecord, event: JobEvent) -> JobEvent:
+        marks = ", ".join("?" for _ in JOB_COLUMNS)
+        with self.db.transaction() as conn:
+            conn.execute(f"INSERT INTO jobs ({', '.join(JOB_COLUMNS)}) VALUES ({marks})", _job_values(record, JOB_COLUMNS))
+            return self._append(conn, event)
+
+    def save(self, record: JobRecord, event: JobEvent) -> JobEvent:
+        """Update the job's mutable fields and append `event`; returns the event with its seq."""
+        sets = ", ".join(f"{c} = ?" for c in MUTABLE_COLUMNS)
+        with self.db.transaction() as conn:
+            conn.execute(f"UPDATE jobs SET {sets} WHERE id = ?", [*_job_values(record, MUTABLE_COLUMNS), record.id])
+            return self._append(conn, event)
+
+    @staticmethod
+    def _append(conn: sqlite3.Connection, event: JobEvent) -> JobEvent:
+        params = (event.job_id, event.time, event.state.value, event.kind, event.message, event.progress,
+                  json.dumps(event.metrics), event.eta_seconds, event.job_id)
+        event.seq = int(conn.execute(INSERT_EVENT, params).fetchone()[0])
+        return event
+
+    def get(self, job_id: str) -> JobRecord | None:
+        row = self.db.query_one("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        return _job(row) if row is not None else None
+
+    def list_jobs(self, tenant: str | None) -> list[JobRecord]:
+        if tenant is None:
+            return [_job(r) for r in self.db.query("SELECT * FROM jobs ORDER BY created_at, id")]
+        rows = self.db.query("SELECT * FROM jobs WHERE tenant = ? ORDER BY created_at, id", (tenant,))
+        return [_job(r) for r in rows]
+
+    def unfinished(self) -> list[JobRecord]:
+        states = [s.value for s in ACTIVE_STATES]
+        rows = self.db.query("SELECT * FROM jobs WHERE state IN (?, ?) ORDER BY created_at, id", states)
+        return [_job(r) for r in rows]
+
+    def active_count(self, tenant: str) -> int:
+        states = [s.value for s in ACTIVE_STATES]
+        row = self.db.query_one("SELECT COUNT(*) FROM jobs WHERE tenant = ? AND state IN (?, ?)", (tenant, *states))
+        return int(row[0]) if row is not None else 0
+
+    def counts_by_state(self) -> dict[str, int]:
+        counts = {s.value: 0 for s in JobState}
+        for row in self.db.query("SELECT state, COUNT(*) FROM jobs GROUP BY state"):
+            counts[row[0]] = int(row[1])
+        return counts
+
+    def events_after(self, job_id: str, seq: int) -> list[JobEvent]:
+        rows = self.db.query("SELECT * FROM job_events WHERE job_id = ? AND seq > ? ORDER BY seq", (job_id, seq))
+        return [_event(r) for r in rows]

@@ -1,0 +1,185 @@
+"""Embed, Classify, adapters, auth and bad input against the real gateway over gRPC."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from adaptgate.client import Client
+from adaptgate.engine.model import packaged_model_dir
+from adaptgate.server import SERVICE_NAMES
+from adaptgate.v1 import adapters_pb2, classifier_pb2, embeddings_pb2
+from tests.integration.conftest import Gateway, auth
+from tests.unit.peft_adapters import make_peft_adapter
+
+pytestmark = pytest.mark.integration
+SMS = Path(__file__).resolve().parents[2] / "examples" / "data" / "sms_spam"
+
+
+def sms_texts(n: int) -> list[str]:
+    return [json.loads(line)["text"] for line in (SMS / "test.jsonl").read_text().splitlines()[:n]]
+
+
+def code_of(call) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value.code()
+
+
+def test_health_and_reflection_list_every_service(gateway: Gateway) -> None:
+    with gateway.channel() as channel:
+        status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
+        assert status.status == health_pb2.HealthCheckResponse.SERVING
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        response = next(reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(iter([request])))
+        listed = {s.name for s in response.list_services_response.service}
+    assert set(SERVICE_NAMES) | {"grpc.health.v1.Health"} <= listed
+
+
+def test_embed_matches_sentence_transformers(gateway: Gateway) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    texts = sms_texts(64)
+    client = Client(gateway.target, "acme-token")
+    ours = np.array([e.values for e in client.embed(texts).embeddings])
+    reference = SentenceTransformer(str(packaged_model_dir()), device="cpu").encode(texts, normalize_embeddings=True)
+    cosine = (ours * reference).sum(axis=1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(reference, axis=1)
+    assert ours.shape == (64, 384)
+    assert cosine.min() >= 0.99, f"min cosine {cosine.min():.5f}"
+
+
+@pytest.mark.parametrize(
+    ("request_", "words"),
+    [
+        (embeddings_pb2.EmbedRequest(texts=[]), "texts is empty"),
+        (embeddings_pb2.EmbedRequest(texts=["ok", "   "]), "texts[1] is empty"),
+        (embeddings_pb2.EmbedRequest(texts=["x"] * 301), "limit is 300"),
+        (embeddings_pb2.EmbedRequest(texts=["word " * 2000]), "over the limit of 256"),
+        (embeddings_pb2.EmbedRequest(texts=["word " * 20000]), "characters"),
+        (embeddings_pb2.EmbedRequest(texts=["ok"], adapter="   "), "adapter is empty"),
+    ],
+)
+def test_bad_embed_requests_are_invalid_argument(gateway: Gateway, request_, words: str) -> None:
+    with gateway.channel() as channel, pytest.raises(grpc.RpcError) as info:
+        Client(gateway.target, "acme-token").embeddings.Embed(request_, metadata=auth("acme-token"))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert words in info.value.details()
+
+
+def test_truncate_accepts_overlong_text(gateway: Gateway) -> None:
+    response = Client(gateway.target, "acme-token").embed(["word " * 2000], truncate=True)
+    assert response.embeddings[0].tokens == 256
+
+
+def test_every_method_needs_a_token(gateway: Gateway) -> None:
+    """Enumerated from the descriptors, so a new method cannot slip through unauthenticated."""
+    from adaptgate.v1 import adapters_pb2, classifier_pb2, datasets_pb2, embeddings_pb2, finetune_pb2
+
+    with gateway.channel() as channel:
+        for module in (embeddings_pb2, classifier_pb2, adapters_pb2, datasets_pb2, finetune_pb2):
+            for service in module.DESCRIPTOR.services_by_name.values():
+                for method in service.methods:
+                    path = f"/{service.full_name}/{method.name}"
+                    request = module.__dict__[method.input_type.name]() if method.input_type.name in module.__dict__ else None
+                    codec = dict(request_serializer=lambda m: m.SerializeToString(), response_deserializer=lambda b: b)
+                    if method.client_streaming:
+                        call = channel.stream_unary(path, **codec)
+                        code = code_of(lambda: call(iter([request]), metadata=auth("nope")))
+                    elif method.server_streaming:
+                        call = channel.unary_stream(path, **codec)
+                        code = code_of(lambda: list(call(request, metadata=auth("nope"))))
+                    else:
+                        call = channel.unary_unary(path, **codec)
+                        code = code_of(lambda: call(request))
+                    assert code == grpc.StatusCode.UNAUTHENTICATED, path
+
+
+@pytest.fixture(scope="module")
+def peft_adapter(tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("minilm-adapter")
+    model = make_peft_adapter(packaged_model_dir(), out, num_labels=3, rank=8, seed=7)
+    return out, model
+
+
+def test_uploaded_peft_adapter_serves_peft_probabilities(gateway: Gateway, peft_adapter) -> None:
+    directory, peft_model = peft_adapter
+    client = Client(gateway.target, "acme-token")
+    uploaded = client.upload_adapter(directory, "topics", alias="prod")
+    assert uploaded.ref == "acme/topics@v1" and uploaded.rank == 8 and list(uploaded.aliases) == ["prod"]
+    texts = sms_texts(16)
+    served = client.classify(texts, "topics:prod")
+    assert served.adapter == "acme/topics@v1"
+    ours = np.array([[s.score for s in sorted(r.scores, key=lambda s: s.label)] for r in served.results])
+    tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(packaged_model_dir())
+    with torch.no_grad():
+        batch = tokenizer(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
+        expected = torch.softmax(peft_model(**batch).logits, dim=-1).numpy()
+    np.testing.assert_allclose(ours, expected, atol=0.03)
+    assert [r.label for r in served.results] == [f"class-{i}" for i in expected.argmax(axis=1)]
+
+
+def test_another_tenant_and_unknown_adapter_are_the_same_not_found(gateway: Gateway, peft_adapter) -> None:
+    Client(gateway.target, "acme-token").upload_adapter(peft_adapter[0], "private")
+    globex = Client(gateway.target, "globex-token")
+    for ref in ("acme/private", "acme/does-not-exist", "private"):
+        with pytest.raises(grpc.RpcError) as info:
+            globex.classify(["hello"], ref)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        assert info.value.details().endswith("not found")
+    admin = Client(gateway.target, "admin-token")
+    assert admin.classify(["hello"], "acme/private").adapter == "acme/private@v1"
+
+
+def test_corrupt_version_is_refused_and_the_alias_stays(gateway: Gateway, peft_adapter, tmp_path: Path) -> None:
+    client = Client(gateway.target, "acme-token")
+    client.upload_adapter(peft_adapter[0], "swap", alias="prod")
+    for name in ("adapter_config.json", "labels.json"):
+        (tmp_path / name).write_bytes((peft_adapter[0] / name).read_bytes())
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"\x00" * 100)
+    with pytest.raises(grpc.RpcError) as info:
+        client.upload_adapter(tmp_path, "swap", alias="prod")
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "safetensors" in info.value.details()
+    assert client.classify(["still serving"], "swap:prod").adapter == "acme/swap@v1"
+    (tmp_path / "adapter_model.safetensors").unlink()
+    (tmp_path / "adapter_model.bin").write_bytes(b"\x80\x04pickle")
+    with pytest.raises(grpc.RpcError) as info:
+        client.upload_adapter(tmp_path, "swap")
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "pickle" in info.value.details()
+
+
+def test_alias_flip_and_load_unload(gateway: Gateway, peft_adapter) -> None:
+    client = Client(gateway.target, "acme-token")
+    first = client.upload_adapter(peft_adapter[0], "flip", alias="prod")
+    second = client.upload_adapter(peft_adapter[0], "flip")
+    md = client.metadata
+    client.adapters.SetAlias(adapters_pb2.SetAliasRequest(ref=second.ref, alias="prod"), metadata=md)
+    assert client.classify(["x"], "flip:prod").adapter == second.ref
+    client.adapters.SetAlias(adapters_pb2.SetAliasRequest(ref=first.ref, alias="prod"), metadata=md)
+    assert client.classify(["x"], "flip:prod").adapter == first.ref
+    loaded = client.adapters.LoadAdapter(adapters_pb2.AdapterRef(ref=second.ref), metadata=md)
+    assert loaded.loaded
+    unloaded = client.adapters.UnloadAdapter(adapters_pb2.AdapterRef(ref=second.ref), metadata=md)
+    assert not unloaded.loaded
+    listed = client.adapters.ListAdapters(adapters_pb2.ListAdaptersRequest(), metadata=md).adapters
+    assert {a.ref for a in listed} >= {first.ref, second.ref}
+    with pytest.raises(grpc.RpcError) as info:
+        client.adapters.ListAdapters(adapters_pb2.ListAdaptersRequest(tenant="globex"), metadata=md)
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_metrics_show_the_requests(gateway: Gateway) -> None:
+    Client(gateway.target, "acme-token").embed(["count me"])
+    body = urllib.request.urlopen(gateway.metrics_url, timeout=10).read().decode()
+    ok = [l for l in body.splitlines() if l.startswith('adaptgate_requests_total{code="OK",method="Embed"}')]
+    assert ok and float(ok[0].split()[-1]) >= 1
+    assert "adaptgate_request_duration_seconds_bucket" in body
+    assert "adaptgate_batch_size_bucket" in body and "adaptgate_queue_depth" in body
+    assert 'adaptgate_requests_total{code="INVALID_ARGUMENT",method="Embed"}' in body

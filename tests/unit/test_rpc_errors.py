@@ -1,0 +1,122 @@
+"""Every error kind maps to its gRPC status, on unary and streaming RPCs alike (RELIABILITY 10, 11, 30, 32)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import grpc
+import pytest
+
+from adaptgate.api.auth import Principal, TokenAuthenticator, ensure_dev_tokens, load_tokens
+from adaptgate.api.errors import STATUS_BY_CODE
+from adaptgate.api.rpc import RpcRuntime, server_stream, unary
+from adaptgate.errors import AdaptgateError, AdapterNotFound, ErrorCode, Unauthenticated
+from adaptgate.metrics import Metrics
+
+
+class Aborted(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        self.code, self.details = code, details
+
+
+class FakeContext:
+    def __init__(self, token: str | None = "good") -> None:
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+
+    def invocation_metadata(self):
+        return self.metadata
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        raise Aborted(code, details)
+
+
+class Servicer:
+    def __init__(self, error: BaseException | None) -> None:
+        self.runtime = RpcRuntime(TokenAuthenticator({"good": Principal("acme")}), Metrics())
+        self.error = error
+
+    @unary
+    async def Unary(self, request, context, principal):
+        if self.error:
+            raise self.error
+        return principal.tenant
+
+    @server_stream
+    async def Stream(self, request, context, principal):
+        yield principal.tenant
+        if self.error:
+            raise self.error
+
+
+def error_of(code: ErrorCode) -> AdaptgateError:
+    error = AdaptgateError(f"a sentence about {code.name}")
+    error.code = code
+    return error
+
+
+async def call_stream(servicer: Servicer, context: FakeContext) -> list[str]:
+    return [item async for item in servicer.Stream(None, context)]
+
+
+@pytest.mark.parametrize("code", list(ErrorCode))
+def test_each_error_kind_maps_to_its_status_unary_and_stream(code: ErrorCode) -> None:
+    expected = STATUS_BY_CODE[code]
+    assert expected.name == code.name
+    servicer = Servicer(error_of(code))
+    with pytest.raises(Aborted) as unary_abort:
+        asyncio.run(servicer.Unary(None, FakeContext()))
+    with pytest.raises(Aborted) as stream_abort:
+        asyncio.run(call_stream(servicer, FakeContext()))
+    for aborted in (unary_abort.value, stream_abort.value):
+        assert aborted.code == expected
+        assert aborted.details == f"a sentence about {code.name}"
+    counted = servicer.runtime.metrics.requests.labels("Unary", expected.name)._value.get()
+    assert counted == 1
+
+
+def test_unhandled_exception_is_internal_with_a_request_id_and_no_trace() -> None:
+    servicer = Servicer(KeyError("secret internals"))
+    with pytest.raises(Aborted) as aborted:
+        asyncio.run(servicer.Unary(None, FakeContext()))
+    assert aborted.value.code == grpc.StatusCode.INTERNAL
+    assert "request id" in aborted.value.details and "secret" not in aborted.value.details
+
+
+@pytest.mark.parametrize("token", [None, "wrong", ""])
+def test_missing_or_wrong_token_is_unauthenticated(token: str | None) -> None:
+    with pytest.raises(Aborted) as aborted:
+        asyncio.run(Servicer(None).Unary(None, FakeContext(token)))
+    assert aborted.value.code == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_malformed_authorization_header() -> None:
+    auth = TokenAuthenticator({"good": Principal("acme")})
+    for header in ("good", "Basic good", "Bearer "):
+        with pytest.raises(Unauthenticated):
+            auth.authenticate((("authorization", header),))
+    assert auth.authenticate((("authorization", "Bearer good"),)) == Principal("acme")
+
+
+def test_another_tenants_adapter_looks_missing() -> None:
+    with pytest.raises(AdapterNotFound, match="not found"):
+        Principal("acme").adapter("globex/spam")
+    assert Principal("root", admin=True).adapter("globex/spam").tenant == "globex"
+
+
+def test_dev_tokens_are_created_once_and_reused(tmp_path: Path) -> None:
+    path = tmp_path / "tokens.json"
+    first = ensure_dev_tokens(path)
+    assert ensure_dev_tokens(path) == first
+    tokens = load_tokens(path)
+    assert tokens[first[0]] == Principal("dev") and tokens[first[1]].admin
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+
+
+@pytest.mark.parametrize("body", ["not json", json.dumps({"tokens": {}}), json.dumps({"tokens": {"t": {"tenant": "../x"}}})])
+def test_bad_token_files_refuse_to_start(tmp_path: Path, body: str) -> None:
+    path = tmp_path / "tokens.json"
+    path.write_text(body)
+    with pytest.raises(ValueError, match="token file"):
+        load_tokens(path)
