@@ -87,7 +87,7 @@ def fit_linear_head(
     for step in range(1, config.steps + 1):
         optimizer.zero_grad()
         loss = F.cross_entropy(x @ weight.t() + bias, y) + config.weight_decay * weight.square().sum()
-        check_finite(float(loss), step)
+        check_finite(float(loss.detach()), step)
         loss.backward()
         optimizer.step()
         if step % config.eval_every == 0 or step == config.steps:

@@ -1,0 +1,116 @@
+"""The `head` method: frozen base embeddings plus a linear softmax head. Runs inside a Ray worker.
+
+Pure torch and the engine's own `encode`, so the head sees exactly the features serving will
+compute for it (same pooling, same normalization, same dtype choice).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from adaptgate.engine.model import BaseModel, load_base_model
+from adaptgate.training.head_embed import embed_texts
+from adaptgate.training.head_fit import Evaluation, FitConfig, FittedHead, TrainingDiverged, fit_linear_head
+from adaptgate.training.head_split import Split, stratified_split
+from adaptgate.training.updates import Report, make_update
+
+__all__ = ["HeadParams", "HeadResult", "TrainingDiverged", "train_head"]
+
+DEFAULT_STEPS = 500
+DEFAULT_LEARNING_RATE = 0.05
+LOADED, EMBEDDED, FITTED = 0.02, 0.85, 0.99  # progress milestones
+
+
+@dataclass(frozen=True)
+class HeadParams:
+    """`epochs` counts full-batch optimisation steps over the cached embeddings (0 = 500)."""
+
+    validation_fraction: float = 0.1
+    epochs: int = 0
+    learning_rate: float = 0.0
+    seed: int = 0
+    batch_size: int = 64
+    weight_decay: float = 1e-5
+    eval_every: int = 25
+    dtype: str = "auto"
+    device: str = "auto"
+
+    def fit_config(self) -> FitConfig:
+        return FitConfig(
+            steps=self.epochs or DEFAULT_STEPS, learning_rate=self.learning_rate or DEFAULT_LEARNING_RATE,
+            weight_decay=self.weight_decay, eval_every=self.eval_every,
+        )
+
+
+@dataclass
+class HeadResult:
+    weight: torch.Tensor  # [labels, hidden] fp32
+    bias: torch.Tensor  # [labels] fp32
+    labels: list[str]
+    metrics: dict[str, float]
+    fingerprint: str
+    head_input: str = "mean"
+    normalize: bool = True
+
+
+def label_order(labels: list[str]) -> list[str]:
+    """Numeric labels in numeric order ("2" before "10"), others alphabetically after them."""
+    return sorted(set(labels), key=lambda s: (0, int(s), "") if s.lstrip("-").isdigit() else (1, 0, s))
+
+
+def _load(model_dir: str, params: HeadParams, report: Report) -> BaseModel:
+    started = time.monotonic()
+    base = load_base_model(Path(model_dir), dtype=params.dtype, device=params.device)
+    took = time.monotonic() - started
+    message = f"loaded base model {base.spec.model_type} (hidden {base.spec.hidden_size}, {base.dtype}) in {took:.1f} s"
+    report(make_update("log", message, LOADED))
+    return base
+
+
+def _embed(base: BaseModel, texts: list[str], params: HeadParams, report: Report) -> torch.Tensor:
+    started = time.monotonic()
+
+    def on_chunk(done: int, total: int) -> None:
+        elapsed = time.monotonic() - started
+        eta = elapsed / done * (total - done)
+        progress = LOADED + (EMBEDDED - LOADED) * done / total
+        report(make_update("progress", f"embedded {done}/{total} texts", progress, eta))
+
+    return embed_texts(base, texts, params.batch_size, on_chunk)
+
+
+def _fit(features: torch.Tensor, y: torch.Tensor, split: Split, params: HeadParams, report: Report) -> FittedHead:
+    config = params.fit_config()
+    started = time.monotonic()
+    validation = split.validation or split.train  # only when no class has two distinct texts
+
+    def on_eval(ev: Evaluation) -> None:
+        eta = (time.monotonic() - started) / ev.step * (config.steps - ev.step)
+        message = f"step {ev.step}/{config.steps}: validation loss {ev.loss:.4f}, accuracy {ev.accuracy:.4f}, macro-F1 {ev.macro_f1:.4f}"
+        report(make_update("eval", message, EMBEDDED + (FITTED - EMBEDDED) * ev.step / config.steps, eta, ev.metrics))
+
+    train = (features[split.train], y[split.train])
+    held = (features[validation], y[validation])
+    return fit_linear_head(train, held, int(y.max()) + 1, config, on_eval)
+
+
+def train_head(
+    texts: list[str], labels: list[str], model_dir: str, params: HeadParams, report: Report
+) -> HeadResult:
+    """Split, embed, fit, keep the lowest-validation-loss weights. Raises TrainingDiverged on NaN/inf."""
+    torch.manual_seed(params.seed)
+    names = label_order(labels)
+    index = {name: i for i, name in enumerate(names)}
+    y = torch.tensor([index[label] for label in labels])
+    split = stratified_split(texts, labels, params.validation_fraction, params.seed)
+    report(make_update("started", f"training a head on {len(texts)} rows ({len(split.train)} train, "
+                       f"{len(split.validation)} validation), {len(names)} labels", 0.0))
+    base = _load(model_dir, params, report)
+    fitted = _fit(_embed(base, texts, params, report), y, split, params, report)
+    best = fitted.best
+    report(make_update("log", f"kept the weights of step {best.step} (lowest validation loss {best.loss:.4f})", FITTED, 0.0, best.metrics))
+    return HeadResult(fitted.weight, fitted.bias, names, best.metrics, base.spec.fingerprint, base.spec.default_pooling.value)

@@ -1,0 +1,161 @@
+"""Run training as Ray tasks: local Ray by default, a cluster (KubeRay) when an address is given.
+
+Each job is one Ray *generator* task: it yields training updates as they happen and the
+result last, so progress streams back without an extra queue actor. Ray retries the task
+when its worker dies (max_retries) and skips the updates the caller already consumed; that
+is only sound because training yields the same number of updates on every attempt.
+Ray is imported lazily so the engine and the server import fine where Ray is not installed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from adaptgate.training.head import HeadParams, HeadResult
+from adaptgate.training.runner import TrainingFailed
+from adaptgate.training.updates import Report, Update, make_update
+
+log = logging.getLogger(__name__)
+
+LOCAL_OBJECT_STORE_BYTES = 256 * 1024 * 1024
+TASK_RETRIES = 2
+_DONE = object()
+
+
+def _train_in_thread(args: tuple[Any, ...], updates: queue.Queue[Any]) -> None:
+    """Runs train_head, putting each update, then the result (or the exception), on `updates`."""
+    from adaptgate.training.head import train_head
+
+    try:
+        updates.put({"kind": "result", "result": train_head(*args, updates.put)})
+    except BaseException as exc:  # noqa: BLE001 - handed to the generator, which re-raises it
+        updates.put(exc)
+    updates.put(_DONE)
+
+
+def train_task(texts: list[str], labels: list[str], model_dir: str, params: HeadParams, threads: int) -> Iterator[Update]:
+    """The Ray task body: training runs in a thread while this generator yields its updates."""
+    import torch
+
+    torch.set_num_threads(threads)
+    updates: queue.Queue[Any] = queue.Queue()
+    worker = threading.Thread(target=_train_in_thread, args=((texts, labels, model_dir, params), updates), daemon=True)
+    worker.start()
+    yield make_update("started", f"running on Ray worker pid {os.getpid()} with {threads} thread(s)", 0.0)
+    while (item := updates.get()) is not _DONE:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+    worker.join()
+
+
+def failure_reason(exc: BaseException) -> str:
+    """A sentence for the job's `error`: the training exception itself, or what Ray reports."""
+    from ray.exceptions import RayTaskError, WorkerCrashedError
+
+    from adaptgate.training.head import TrainingDiverged
+
+    if isinstance(exc, RayTaskError):
+        cause = exc.cause
+        if isinstance(cause, TrainingDiverged):
+            return str(cause)
+        return f"training failed: {type(cause).__name__}: {cause}" if cause else f"training failed: {exc}"
+    if isinstance(exc, WorkerCrashedError):
+        return f"the Ray worker running the job died {TASK_RETRIES + 1} times (killed or out of memory)"
+    return f"Ray could not run the job: {type(exc).__name__}: {exc}"
+
+
+class RayRunner:
+    """Starts (or joins) Ray on first use and runs each job as one retried generator task."""
+
+    def __init__(self, address: str | None, num_cpus: int = 0, task_cpus: float = 1.0) -> None:
+        self.address = address or os.environ.get("RAY_ADDRESS") or None
+        self.num_cpus = num_cpus
+        self.task_cpus = task_cpus
+        self.init_seconds = 0.0
+        self._remote: Any = None
+        self._owns_ray = False
+        self._lock = threading.Lock()
+        self._active: dict[str, Any] = {}  # job id -> ObjectRefGenerator
+
+    def _init_args(self) -> dict[str, Any]:
+        args: dict[str, Any] = {
+            "address": self.address, "ignore_reinit_error": True, "include_dashboard": False, "log_to_driver": False,
+        }
+        if self.address is None:  # a local Ray: keep its footprint small next to the gateway
+            args.update(num_cpus=self.num_cpus or None, object_store_memory=LOCAL_OBJECT_STORE_BYTES)
+        return args
+
+    def start(self) -> None:
+        """Idempotent and blocking (seconds): call it at startup or via asyncio.to_thread."""
+        with self._lock:
+            if self._remote is not None:
+                return
+            import ray
+
+            self._owns_ray = not ray.is_initialized()
+            began = time.monotonic()
+            ray.init(**self._init_args())
+            self.init_seconds = time.monotonic() - began
+            self._remote = ray.remote(train_task).options(num_cpus=self.task_cpus, max_retries=TASK_RETRIES)
+            log.info("Ray ready in %.1f s (%s)", self.init_seconds, self.address or "local")
+
+    async def run(
+        self, job_id: str, texts: list[str], labels: list[str], model_dir: str, params: HeadParams, on_event: Report
+    ) -> HeadResult:
+        await asyncio.to_thread(self.start)
+        stream = self._remote.remote(texts, labels, model_dir, params, max(1, int(self.task_cpus)))
+        self._active[job_id] = stream
+        try:
+            return await self._drain(stream, on_event)
+        except asyncio.CancelledError:
+            self._cancel_stream(stream)
+            raise
+        finally:
+            self._active.pop(job_id, None)
+
+    @staticmethod
+    async def _drain(stream: Any, on_event: Report) -> HeadResult:
+        from ray.exceptions import RayError
+
+        try:
+            async for ref in stream:
+                item = await ref
+                if item.get("kind") == "result":
+                    return item["result"]
+                on_event(item)
+        except RayError as exc:
+            raise TrainingFailed(failure_reason(exc)) from None
+        raise TrainingFailed("the training task ended without a result")
+
+    def cancel(self, job_id: str) -> None:
+        stream = self._active.get(job_id)
+        if stream is not None:
+            self._cancel_stream(stream)
+
+    @staticmethod
+    def _cancel_stream(stream: Any) -> None:
+        """force=True kills the worker process: torch ops do not check for interruption."""
+        import ray
+
+        try:
+            ray.cancel(stream, force=True)
+        except Exception:  # noqa: BLE001 - finished or already cancelled
+            log.debug("ray.cancel failed", exc_info=True)
+
+    def stop(self) -> None:
+        for stream in list(self._active.values()):
+            self._cancel_stream(stream)
+        with self._lock:
+            if self._remote is not None and self._owns_ray:
+                import ray
+
+                ray.shutdown()
+            self._remote = None

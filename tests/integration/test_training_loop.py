@@ -1,0 +1,106 @@
+"""The whole loop on real Ray: upload → head job → watch → classify with the new adapter → tenancy → metrics."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+
+from adaptgate.client import Client
+from adaptgate.v1 import datasets_pb2, finetune_pb2
+from tests.integration.conftest import Gateway
+
+pytestmark = pytest.mark.integration
+SMS = Path(__file__).resolve().parents[2] / "examples" / "data" / "sms_spam"
+
+
+def read_split(name: str) -> tuple[list[str], list[str]]:
+    rows = [json.loads(line) for line in (SMS / f"{name}.jsonl").read_text().splitlines()]
+    return [r["text"] for r in rows], [r["label"] for r in rows]
+
+
+def upload_bytes(client: Client, name: str, fmt: str, data: bytes) -> datasets_pb2.Dataset:
+    chunks = iter([datasets_pb2.UploadDatasetChunk(name=name, format=fmt, data=data)])
+    return client.datasets.UploadDataset(chunks, metadata=client.metadata)
+
+
+def test_head_job_trains_publishes_and_serves(gateway: Gateway) -> None:
+    acme = Client(gateway.target, "acme-token")
+    dataset = acme.upload_dataset(SMS / "train.jsonl", name="sms")
+    assert dataset.rows == 4442 and {(l.label, l.count) for l in dataset.labels} == {("ham", 3839), ("spam", 603)}
+
+    job = acme.submit_job(dataset.id, "sms-spam", method="head", alias="prod")
+    assert job.state in (finetune_pb2.QUEUED, finetune_pb2.RUNNING)
+    events = list(acme.watch_job(job.id))
+    assert events[-1].state == finetune_pb2.SUCCEEDED, events[-1].message
+    assert [e.seq for e in events] == sorted(e.seq for e in events)
+    assert any(e.kind == "progress" and 0 < e.progress < 1 for e in events)
+    assert any(e.kind == "eval" and e.metrics.accuracy > 0.9 for e in events)
+
+    done = acme.finetune.GetJob(finetune_pb2.JobRef(id=job.id), metadata=acme.metadata)
+    assert done.adapter == "acme/sms-spam@v1" and done.progress == pytest.approx(1.0)
+
+    texts, labels = read_split("test")
+    predicted = []
+    for start in range(0, len(texts), 300):
+        response = acme.classify(texts[start : start + 300], "sms-spam:prod", truncate=True)
+        assert response.adapter == "acme/sms-spam@v1"
+        predicted += [r.label for r in response.results]
+    accuracy = sum(p == y for p, y in zip(predicted, labels)) / len(labels)
+    assert accuracy >= 0.95, accuracy
+
+    globex = Client(gateway.target, "globex-token")
+    for call in (
+        lambda: globex.classify(["win a prize"], "acme/sms-spam:prod"),
+        lambda: globex.finetune.GetJob(finetune_pb2.JobRef(id=job.id), metadata=globex.metadata),
+        lambda: globex.datasets.GetDataset(datasets_pb2.DatasetRef(id=dataset.id), metadata=globex.metadata),
+    ):
+        with pytest.raises(grpc.RpcError) as info:
+            call()
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert job.id not in {j.id for j in globex.finetune.ListJobs(finetune_pb2.ListJobsRequest(), metadata=globex.metadata).jobs}
+
+    body = urllib.request.urlopen(gateway.metrics_url, timeout=10).read().decode()
+    assert 'adaptgate_jobs{state="SUCCEEDED"}' in body
+    classify_ok = [l for l in body.splitlines() if l.startswith('adaptgate_requests_total{code="OK",method="Classify"}')]
+    assert classify_ok and float(classify_ok[0].split()[-1]) >= 4
+
+
+@pytest.mark.parametrize(
+    ("fmt", "data", "words"),
+    [
+        ("jsonl", b'{"text": "a", "label": "x"}\n{not json}\n', "line 2"),
+        ("jsonl", b'{"text": "a", "label": "x"}\n{"text": "b", "label": "x"}\n{"text": "c", "label": "x"}\n{"text": "d", "label": "x"}\n', "class"),
+        ("jsonl", b'{"body": "a", "label": "x"}\n', "text"),
+        ("parquet", b"PAR1", "format"),
+        ("jsonl", b"", "empty"),
+    ],
+)
+def test_malformed_datasets_are_rejected_with_the_reason(gateway: Gateway, fmt: str, data: bytes, words: str) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        upload_bytes(Client(gateway.target, "acme-token"), "bad", fmt, data)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert words in info.value.details()
+
+
+def test_cancelled_job_publishes_nothing(gateway: Gateway) -> None:
+    acme = Client(gateway.target, "acme-token")
+    dataset = acme.upload_dataset(SMS / "train.jsonl", name="sms-cancel")
+    job = acme.submit_job(dataset.id, "never-published", method="head")
+    cancelled = acme.finetune.CancelJob(finetune_pb2.JobRef(id=job.id), metadata=acme.metadata)
+    events = list(acme.watch_job(job.id))
+    assert events[-1].state == finetune_pb2.CANCELLED
+    assert cancelled.state in (finetune_pb2.CANCELLED, finetune_pb2.RUNNING, finetune_pb2.QUEUED)
+    with pytest.raises(grpc.RpcError) as info:
+        acme.classify(["hello"], "never-published")
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_unknown_dataset_and_method_are_clear_errors(gateway: Gateway) -> None:
+    acme = Client(gateway.target, "acme-token")
+    with pytest.raises(grpc.RpcError) as info:
+        acme.submit_job("ds-doesnotexist", "x", method="head")
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND

@@ -1,0 +1,106 @@
+"""The dynamic batcher: token-bounded, length-grouped, bounded queue, deadlines, failures contained."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from adaptgate.engine.batcher import Batcher, BatcherLimits, _Pending, plan_batches
+from adaptgate.engine.rows import Row, RowResult
+from adaptgate.errors import DeadlineExceeded, QueueFull
+
+
+def pending(lengths: list[int]) -> list[_Pending]:
+    loop = asyncio.new_event_loop()
+    return [_Pending(Row([0] * n), loop.create_future()) for n in lengths]
+
+
+def test_batches_stay_within_the_token_budget_and_group_by_length() -> None:
+    batches = plan_batches(pending([5, 100, 6, 90, 7, 95]), max_batch_tokens=200)
+    for batch in batches:
+        width = max(len(p.row.input_ids) for p in batch)
+        assert width * len(batch) <= 200
+    assert [sorted(len(p.row.input_ids) for p in b) for b in batches] == [[5, 6, 7], [90, 95], [100]]
+
+
+class Recorder:
+    """A fake forward: records batch sizes, optionally blocks until released."""
+
+    def __init__(self, gate: threading.Event | None = None, fail: bool = False) -> None:
+        self.sizes: list[int] = []
+        self.gate = gate
+        self.fail = fail
+
+    def __call__(self, rows: list[Row]) -> list[RowResult]:
+        if self.gate:
+            self.gate.wait(5)
+        if self.fail:
+            raise RuntimeError("boom")
+        self.sizes.append(len(rows))
+        return [RowResult(probabilities=None, embedding=None) for _ in rows]
+
+
+async def with_batcher(run, limits: BatcherLimits, body):
+    executor = ThreadPoolExecutor(1)
+    batcher = Batcher(run, executor, limits)
+    batcher.start()
+    try:
+        return await body(batcher)
+    finally:
+        await batcher.stop()
+        executor.shutdown()
+
+
+def test_concurrent_requests_share_forward_passes() -> None:
+    recorder = Recorder()
+
+    async def body(batcher: Batcher) -> None:
+        await asyncio.gather(*(batcher.submit([Row([1, 2, 3])]) for _ in range(20)))
+
+    asyncio.run(with_batcher(recorder, BatcherLimits(10_000, 0.01, 100), body))
+    assert sum(recorder.sizes) == 20 and len(recorder.sizes) < 20
+
+
+def test_full_queue_rejects_at_once() -> None:
+    gate = threading.Event()
+
+    async def body(batcher: Batcher) -> None:
+        first = asyncio.ensure_future(batcher.submit([Row([1])] * 4))
+        await asyncio.sleep(0.05)  # the first batch is running (blocked); now fill the queue
+        queued = asyncio.ensure_future(batcher.submit([Row([1])] * 4))
+        await asyncio.sleep(0.01)
+        started = time.monotonic()
+        with pytest.raises(QueueFull, match="queue is full"):
+            await batcher.submit([Row([1])])
+        assert time.monotonic() - started < 0.1
+        gate.set()
+        await asyncio.gather(first, queued)
+
+    asyncio.run(with_batcher(Recorder(gate), BatcherLimits(10_000, 0.0, 4), body))
+
+
+def test_expired_rows_never_reach_the_model() -> None:
+    recorder = Recorder()
+
+    async def body(batcher: Batcher) -> None:
+        with pytest.raises(DeadlineExceeded):
+            await batcher.submit([Row([1], deadline=time.monotonic() - 1)])
+
+    asyncio.run(with_batcher(recorder, BatcherLimits(10_000, 0.0, 10), body))
+    assert recorder.sizes == []
+
+
+def test_a_failing_batch_fails_its_requests_and_the_batcher_lives_on() -> None:
+    recorder = Recorder(fail=True)
+
+    async def body(batcher: Batcher) -> None:
+        with pytest.raises(RuntimeError, match="boom"):
+            await batcher.submit([Row([1])])
+        recorder.fail = False
+        assert len(await batcher.submit([Row([1]), Row([2])])) == 2
+
+    asyncio.run(with_batcher(recorder, BatcherLimits(10_000, 0.0, 10), body))

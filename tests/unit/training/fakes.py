@@ -1,0 +1,54 @@
+"""A fake runner and publisher for JobManager tests: the Runner protocol without Ray or a model."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+import torch
+
+from adaptgate.training.head import HeadParams, HeadResult
+from adaptgate.training.job_records import PublishRequest
+from adaptgate.training.updates import Report, make_update
+
+METRICS = {"accuracy": 0.95, "macro_f1": 0.9, "loss": 0.2}
+
+
+@dataclass
+class FakeRunner:
+    """Reports like train_head; `gate` holds it mid-training, `error` makes it fail there."""
+
+    gate: asyncio.Event | None = None
+    error: Exception | None = None
+    calls: list[str] = field(default_factory=list)
+    params: list[HeadParams] = field(default_factory=list)
+    cancelled: list[str] = field(default_factory=list)
+    mid_training: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def run(
+        self, job_id: str, texts: list[str], labels: list[str], model_dir: str, params: HeadParams, on_event: Report
+    ) -> HeadResult:
+        self.calls.append(job_id)
+        self.params.append(params)
+        on_event(make_update("started", "fake worker started", 0.0))
+        on_event(make_update("progress", f"embedded {len(texts)}/{len(texts)} texts", 0.8, 1.5))
+        self.mid_training.set()
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.error is not None:
+            raise self.error
+        on_event(make_update("eval", "step 25/25", 0.99, 0.0, METRICS))
+        names = sorted(set(labels))
+        return HeadResult(torch.randn(len(names), 8), torch.zeros(len(names)), names, dict(METRICS), "fp-test")
+
+    def cancel(self, job_id: str) -> None:
+        self.cancelled.append(job_id)
+
+
+@dataclass
+class FakePublisher:
+    requests: list[PublishRequest] = field(default_factory=list)
+
+    def __call__(self, request: PublishRequest) -> str:
+        self.requests.append(request)
+        return f"{request.tenant}/{request.adapter_name}@v{len(self.requests)}"
