@@ -24,7 +24,7 @@ class EngineConfig:
     n_slots: int = 64
     max_rank: int = 16
     max_labels: int = 128
-    max_batch_tokens: int = 16384
+    max_batch_tokens: int = 2048
     max_wait_s: float = 0.002
     max_queue_rows: int = 4096
     max_input_tokens: int = 0  # 0 = the model's own limit

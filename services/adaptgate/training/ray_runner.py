@@ -48,7 +48,8 @@ def train_task(texts: list[str], labels: list[str], model_dir: str, params: Head
     updates: queue.Queue[Any] = queue.Queue()
     worker = threading.Thread(target=_train_in_thread, args=((texts, labels, model_dir, params), updates), daemon=True)
     worker.start()
-    yield make_update("started", f"running on Ray worker pid {os.getpid()} with {threads} thread(s)", 0.0)
+    started = make_update("started", f"running on Ray worker pid {os.getpid()} with {threads} thread(s)", 0.0)
+    yield {**started, "worker_pid": os.getpid()}
     while (item := updates.get()) is not _DONE:
         if isinstance(item, BaseException):
             raise item
@@ -111,7 +112,7 @@ class RayRunner:
         self, job_id: str, texts: list[str], labels: list[str], model_dir: str, params: HeadParams, on_event: Report
     ) -> HeadResult:
         await asyncio.to_thread(self.start)
-        stream = self._remote.remote(texts, labels, model_dir, params, max(1, int(self.task_cpus)))
+        stream = self._submit(texts, labels, model_dir, params)
         self._active[job_id] = stream
         try:
             return await self._drain(stream, on_event)
@@ -120,6 +121,14 @@ class RayRunner:
             raise
         finally:
             self._active.pop(job_id, None)
+
+    def _submit(self, texts: list[str], labels: list[str], model_dir: str, params: HeadParams) -> Any:
+        from ray.exceptions import RayError
+
+        try:
+            return self._remote.remote(texts, labels, model_dir, params, max(1, int(self.task_cpus)))
+        except RayError as exc:
+            raise TrainingFailed(failure_reason(exc)) from None
 
     @staticmethod
     async def _drain(stream: Any, on_event: Report) -> HeadResult:

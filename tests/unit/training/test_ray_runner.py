@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -62,3 +64,19 @@ async def test_cancel_stops_the_task(runner: RayRunner, tiny_model_dir: Path) ->
     quick = HeadParams(epochs=5, eval_every=5)
     result = await asyncio.wait_for(runner.run("job-d", TEXTS, LABELS, str(tiny_model_dir), quick, lambda u: None), 60)
     assert result.labels == ["animal", "money"]
+
+
+async def test_a_killed_worker_is_retried_and_the_job_finishes(runner: RayRunner, tiny_model_dir: Path) -> None:
+    pids: list[int] = []
+    updates: list[Update] = []
+
+    def on_event(update: Update) -> None:
+        updates.append(update)
+        if "worker_pid" in update and not pids:
+            pids.append(update["worker_pid"])
+            os.kill(update["worker_pid"], signal.SIGKILL)
+
+    params = HeadParams(epochs=50, eval_every=25)
+    result = await asyncio.wait_for(runner.run("job-e", TEXTS, LABELS, str(tiny_model_dir), params, on_event), 120)
+    assert pids and result.labels == ["animal", "money"]
+    assert [u["kind"] for u in updates].count("eval") == 2  # the retry's updates continue, none repeated
