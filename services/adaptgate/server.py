@@ -124,7 +124,7 @@ async def build(settings: Settings) -> Gateway:
     store = AdapterStore(settings.adapters_dir, validator)
     cache = AdapterCache(store, engine, settings.max_loaded_adapters, metrics)
     database = Database(settings.database_path)
-    datasets = DatasetStore(settings.datasets_dir, database)
+    datasets = DatasetStore(settings.datasets_dir, database, settings.max_labels)
 
     def publish(request: PublishRequest) -> str:
         record = store.publish(request.tenant, request.adapter_name, request.files, request.alias, request.source)

@@ -153,3 +153,12 @@ def test_adapter_from_another_base_model_is_refused(other_tiny_bert_dir: Path, v
     files = head_only_files(torch.zeros(2, 32), torch.zeros(2), ["a", "b"], other.spec.fingerprint, "job:x")
     with pytest.raises(BaseModelMismatch):
         validator.parse(files)
+
+
+def test_a_rerun_job_does_not_publish_a_duplicate_version(tmp_path: Path, validator, good_files) -> None:
+    store = AdapterStore(tmp_path, validator)
+    first = store.publish("acme", "spam", good_files, source="job:job-1")
+    again = store.publish("acme", "spam", good_files, alias="prod", source="job:job-1")
+    other = store.publish("acme", "spam", good_files, source="job:job-2")
+    assert (first.version, again.version, other.version) == (1, 1, 2)
+    assert again.aliases == ["prod"]

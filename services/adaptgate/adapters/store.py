@@ -67,7 +67,15 @@ class AdapterStore:
         return self._adapter_dir(ref.tenant, ref.name) / f"v{ref.version}"
 
     def publish(self, tenant: str, name: str, files: dict[str, bytes], alias: str = "", source: str = "upload") -> AdapterRecord:
-        """Validate, then write a new version; the alias (if any) moves only once the version is complete."""
+        """Validate, then write a new version; the alias (if any) moves only once the version is complete.
+
+        A job re-run after a gateway crash publishes with the same `job:<id>` source; it gets the
+        version the first run wrote instead of a duplicate.
+        """
+        if source.startswith("job:") and (existing := self._published_by(tenant, name, source)) is not None:
+            if alias:
+                self.set_alias(existing.ref, alias)
+            return self.get(existing.ref)
         weights = self.validator.parse(files)
         adapter_dir = self._adapter_dir(tenant, name)
         adapter_dir.mkdir(parents=True, exist_ok=True)
@@ -88,6 +96,14 @@ class AdapterStore:
         if alias:
             self.set_alias(AdapterRef(tenant, name, version), alias)
         return self.get(AdapterRef(tenant, name, version))
+
+    def _published_by(self, tenant: str, name: str, source: str) -> AdapterRecord | None:
+        adapter_dir = self._adapter_dir(tenant, name)
+        for version in self._versions(adapter_dir):
+            record = json.loads((adapter_dir / f"v{version}" / RECORD_FILE).read_text())
+            if record["source"] == source:
+                return AdapterRecord(**record)
+        return None
 
     def _versions(self, adapter_dir: Path) -> list[int]:
         if not adapter_dir.is_dir():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -100,7 +101,7 @@ class JobManager:
         if note := auto_note(resolved, spec.method, dataset):
             self._emit(record, "log", note)
         self._launch(record)
-        return record
+        return dataclasses.replace(record)  # the running task keeps mutating its own copy
 
     async def get(self, tenant: str | None, job_id: str) -> JobRecord:
         return self._owned(tenant, job_id)

@@ -59,7 +59,7 @@ def train_task(texts: list[str], labels: list[str], model_dir: str, params: Head
 
 def failure_reason(exc: BaseException) -> str:
     """A sentence for the job's `error`: the training exception itself, or what Ray reports."""
-    from ray.exceptions import RayTaskError, WorkerCrashedError
+    from ray.exceptions import RayTaskError, TaskCancelledError, WorkerCrashedError
 
     from adaptgate.training.head import TrainingDiverged
 
@@ -68,6 +68,8 @@ def failure_reason(exc: BaseException) -> str:
         if isinstance(cause, TrainingDiverged):
             return str(cause)
         return f"training failed: {type(cause).__name__}: {cause}" if cause else f"training failed: {exc}"
+    if isinstance(exc, TaskCancelledError):
+        return "the training task was cancelled on Ray"
     if isinstance(exc, WorkerCrashedError):
         return f"the Ray worker running the job died {TASK_RETRIES + 1} times (killed or out of memory)"
     return f"Ray could not run the job: {type(exc).__name__}: {exc}"
