@@ -183,3 +183,24 @@ def test_metrics_show_the_requests(gateway: Gateway) -> None:
     assert "adaptgate_request_duration_seconds_bucket" in body
     assert "adaptgate_batch_size_bucket" in body and "adaptgate_queue_depth" in body
     assert 'adaptgate_requests_total{code="INVALID_ARGUMENT",method="Embed"}' in body
+
+
+def test_lora_only_adapter_tunes_embeddings_but_cannot_classify(gateway: Gateway, peft_adapter, tmp_path: Path) -> None:
+    from safetensors.torch import load, save
+
+    source = peft_adapter[0]
+    tensors = load((source / "adapter_model.safetensors").read_bytes())
+    lora_only = {k: v for k, v in tensors.items() if ".lora_" in k}
+    (tmp_path / "adapter_model.safetensors").write_bytes(save(lora_only))
+    (tmp_path / "adapter_config.json").write_bytes((source / "adapter_config.json").read_bytes())
+    client = Client(gateway.target, "acme-token")
+    uploaded = client.upload_adapter(tmp_path, "tuned-embeddings")
+    assert uploaded.rank == 8 and not uploaded.labels
+    texts = ["a tenant-tuned embedding", "of two texts"]
+    tuned = np.array([e.values for e in client.embed(texts, adapter=uploaded.ref).embeddings])
+    plain = np.array([e.values for e in client.embed(texts).embeddings])
+    assert tuned.shape == plain.shape and not np.allclose(tuned, plain, atol=1e-2)
+    np.testing.assert_allclose(np.linalg.norm(tuned, axis=1), 1.0, atol=1e-3)
+    with pytest.raises(grpc.RpcError) as info:
+        client.classify(texts, uploaded.ref)
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "no task head" in info.value.details()
