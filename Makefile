@@ -38,7 +38,7 @@ test: setup
 	$(PY) -m pytest -q
 
 test-unit: setup
-	$(PY) -m pytest -q tests/unit
+	$(PY) -m pytest -q -m 'not integration' tests/unit
 
 test-integration: setup
 	$(PY) -m pytest -q tests/integration

@@ -3,34 +3,15 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import BertConfig, BertModel
-
-from adaptgate.engine.model import packaged_model_dir
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
-
-
-def save_tiny_bert(directory: Path) -> Path:
-    """Hidden 32, 2 layers, the real 30522-token vocabulary: loads in well under a second."""
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=128,
-    )
-    BertModel(config).save_pretrained(directory)
-    for name in TOKENIZER_FILES:
-        shutil.copy(packaged_model_dir() / name, directory / name)
-    return directory
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_bert(tmp_path_factory.mktemp("training-tiny-bert"))
+def tiny_model_dir(tiny_bert_dir: Path) -> Path:
+    """The shared tiny random BERT (tests/conftest.py) under the name these tests use."""
+    return tiny_bert_dir
 
 
 def separable_rows(per_class: int = 30) -> list[dict[str, str]]:
