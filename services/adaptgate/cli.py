@@ -147,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     adapters.add_argument("ref", nargs="?", help="adapter reference, or a directory for upload")
     adapters.add_argument("--alias", default="")
     adapters.add_argument("--name", default="", help="adapter name for upload")
+    adapters.add_argument("--pin", action="store_true", help="with load: never evict it")
     adapters.set_defaults(func=cmd_adapters)
 
     demo = sub.add_parser("demo", help="train a spam classifier on a running server and score it")

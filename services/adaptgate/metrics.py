@@ -8,6 +8,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from adaptgate.engine.batcher import BatchStats
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
@@ -26,8 +28,10 @@ class _JobsCollector(Collector):
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, max_adapter_labels: int = 100) -> None:
         self.registry = registry or CollectorRegistry()
+        self.max_adapter_labels = max_adapter_labels
+        self._adapter_labels: set[str] = set()
         r = self.registry
         self.requests = Counter("adaptgate_requests", "RPCs handled, by method and status code.", ["method", "code"], registry=r)
         self.request_seconds = Histogram(
@@ -54,10 +58,28 @@ class Metrics:
             "adaptgate_adapter_load_seconds", "Time from a cache miss to a live adapter.", buckets=LATENCY_BUCKETS, registry=r
         )
 
-    def observe_batch(self, rows: int, tokens: int, padded_tokens: int) -> None:
-        self.batch_rows.observe(rows)
-        self.batch_tokens.observe(tokens)
-        self.padding_ratio.observe(1.0 - tokens / padded_tokens if padded_tokens else 0.0)
+        self.batch_adapters = Histogram(
+            "adaptgate_batch_adapters", "Distinct adapters in one forward pass.", buckets=SIZE_BUCKETS, registry=r
+        )
+        self.adapter_requests = Counter(
+            "adaptgate_adapter_requests",
+            "Requests per adapter (tenant/name); adapters beyond the label budget count as 'other'.",
+            ["adapter"], registry=r,
+        )
+
+    def observe_batch(self, stats: BatchStats) -> None:
+        self.batch_rows.observe(stats.rows)
+        self.batch_tokens.observe(stats.tokens)
+        self.batch_adapters.observe(stats.adapters)
+        self.padding_ratio.observe(1.0 - stats.tokens / stats.padded_tokens if stats.padded_tokens else 0.0)
+
+    def count_adapter_request(self, adapter: str) -> None:
+        """Bounded cardinality: the first `max_adapter_labels` adapters get their own series."""
+        if adapter not in self._adapter_labels and len(self._adapter_labels) >= self.max_adapter_labels:
+            adapter = "other"
+        else:
+            self._adapter_labels.add(adapter)
+        self.adapter_requests.labels(adapter).inc()
 
     def track_jobs(self, counts: Callable[[], dict[str, int]]) -> None:
         self.registry.register(_JobsCollector(counts))

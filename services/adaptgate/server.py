@@ -111,7 +111,7 @@ async def build(settings: Settings) -> Gateway:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
-    metrics = Metrics()
+    metrics = Metrics(max_adapter_labels=settings.metrics_max_adapter_labels)
     runtime = RpcRuntime(_tokens(settings), metrics)
     runner = RayRunner(settings.ray_address, settings.ray_num_cpus, settings.training_cpus)
     base, _ = await asyncio.gather(
@@ -122,7 +122,7 @@ async def build(settings: Settings) -> Gateway:
     engine.start()
     validator = AdapterValidator(base.spec, settings.max_lora_rank, settings.max_labels)
     store = AdapterStore(settings.adapters_dir, validator)
-    cache = AdapterCache(store, engine, settings.max_loaded_adapters, metrics)
+    cache = AdapterCache(store, engine, settings.max_loaded_adapters, metrics, settings.adapter_host_cache_bytes)
     database = Database(settings.database_path)
     datasets = DatasetStore(settings.datasets_dir, database, settings.max_labels)
 

@@ -37,6 +37,10 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(16 * 1024 * 1024, description="Largest gRPC message accepted.")
     max_upload_bytes: int = Field(512 * 1024 * 1024, description="Largest dataset or adapter upload.")
     max_loaded_adapters: int = Field(64, description="Adapter slots resident in the engine (LRU beyond).")
+    adapter_host_cache_bytes: int = Field(
+        512 * 1024 * 1024, description="Host-memory budget for validated adapter weights behind the slots (LRU)."
+    )
+    metrics_max_adapter_labels: int = Field(100, description="Adapters with their own metric series; the rest are 'other'.")
     max_lora_rank: int = Field(16, description="Largest LoRA rank an adapter may have (slots are padded to it).")
     max_labels: int = Field(128, description="Largest label count of a task head.")
     ray_address: str | None = Field(

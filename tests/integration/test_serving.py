@@ -164,10 +164,10 @@ def test_alias_flip_and_load_unload(gateway: Gateway, peft_adapter) -> None:
     assert client.classify(["x"], "flip:prod").adapter == second.ref
     client.adapters.SetAlias(adapters_pb2.SetAliasRequest(ref=first.ref, alias="prod"), metadata=md)
     assert client.classify(["x"], "flip:prod").adapter == first.ref
-    loaded = client.adapters.LoadAdapter(adapters_pb2.AdapterRef(ref=second.ref), metadata=md)
-    assert loaded.loaded
+    loaded = client.adapters.LoadAdapter(adapters_pb2.LoadAdapterRequest(ref=second.ref, pin=True), metadata=md)
+    assert loaded.loaded and loaded.pinned
     unloaded = client.adapters.UnloadAdapter(adapters_pb2.AdapterRef(ref=second.ref), metadata=md)
-    assert not unloaded.loaded
+    assert not unloaded.loaded and not unloaded.pinned
     listed = client.adapters.ListAdapters(adapters_pb2.ListAdaptersRequest(), metadata=md).adapters
     assert {a.ref for a in listed} >= {first.ref, second.ref}
     with pytest.raises(grpc.RpcError) as info:

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from adaptgate.adapters.cache import AdapterCache
+from adaptgate.adapters.cache import AdapterCache, Resident
 from adaptgate.adapters.format import CONFIG_FILE, WEIGHTS_FILE
 from adaptgate.adapters.refs import check_name
 from adaptgate.adapters.store import AdapterRecord, AdapterStore
@@ -19,11 +19,12 @@ from adaptgate.v1 import adapters_pb2 as pb
 from adaptgate.v1 import adapters_pb2_grpc
 
 
-def to_proto(record: AdapterRecord, loaded: bool) -> pb.Adapter:
+def to_proto(record: AdapterRecord, resident: Resident | None) -> pb.Adapter:
     return pb.Adapter(
         ref=str(record.ref), version=record.version, tenant=record.tenant, name=record.name,
         aliases=record.aliases, labels=record.labels, rank=record.rank, target_modules=record.target_modules,
-        loaded=loaded, size_bytes=record.size_bytes, created_at=record.created_at, source=record.source,
+        loaded=resident is not None, pinned=bool(resident and resident.pinned), size_bytes=record.size_bytes,
+        created_at=record.created_at, source=record.source,
     )
 
 
@@ -53,12 +54,14 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
         self.max_upload_bytes = max_upload_bytes
 
     async def _describe(self, record: AdapterRecord) -> pb.Adapter:
-        return to_proto(record, self.cache.is_loaded(record.ref))
+        return to_proto(record, self.cache.resident(record.ref))
 
     @unary
-    async def LoadAdapter(self, request: pb.AdapterRef, context: grpc.aio.ServicerContext, principal: Principal) -> pb.Adapter:
-        resident = await self.cache.load(principal.adapter(request.ref))
-        return to_proto(await asyncio.to_thread(self.store.get, resident.record.ref), True)
+    async def LoadAdapter(
+        self, request: pb.LoadAdapterRequest, context: grpc.aio.ServicerContext, principal: Principal
+    ) -> pb.Adapter:
+        resident = await self.cache.load(principal.adapter(request.ref), pin=request.pin)
+        return await self._describe(await asyncio.to_thread(self.store.get, resident.record.ref))
 
     @unary
     async def UnloadAdapter(self, request: pb.AdapterRef, context: grpc.aio.ServicerContext, principal: Principal) -> pb.Adapter:

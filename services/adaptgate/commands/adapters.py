@@ -12,7 +12,7 @@ from adaptgate.v1 import adapters_pb2
 
 def print_adapter(adapter: adapters_pb2.Adapter) -> None:
     aliases = ",".join(adapter.aliases) or "-"
-    state = "loaded" if adapter.loaded else "on disk"
+    state = "pinned" if adapter.pinned else "loaded" if adapter.loaded else "on disk"
     print(f"{adapter.ref:32} aliases={aliases:10} rank={adapter.rank:<3} labels={len(adapter.labels):<3} {state}  {adapter.source}")
 
 
@@ -33,6 +33,8 @@ def run_adapters_command(client: Client, args: argparse.Namespace) -> None:
         if not args.alias:
             sys.exit("adapters alias needs --alias")
         print_adapter(client.adapters.SetAlias(adapters_pb2.SetAliasRequest(ref=args.ref, alias=args.alias), metadata=md))
+    elif args.action == "load":
+        print_adapter(client.adapters.LoadAdapter(adapters_pb2.LoadAdapterRequest(ref=args.ref, pin=args.pin), metadata=md))
     else:
-        method = {"get": client.adapters.GetAdapter, "load": client.adapters.LoadAdapter, "unload": client.adapters.UnloadAdapter}
+        method = {"get": client.adapters.GetAdapter, "unload": client.adapters.UnloadAdapter}
         print_adapter(method[args.action](ref, metadata=md))

@@ -21,6 +21,20 @@ RunBatch = Callable[[list[Row]], list[RowResult]]
 
 
 @dataclass
+class BatchStats:
+    rows: int
+    tokens: int  # real tokens
+    padded_tokens: int  # rows x longest row
+    adapters: int  # distinct adapter slots in the batch
+
+    @classmethod
+    def of(cls, rows: list[Row]) -> BatchStats:
+        slots = {r.lora_slot for r in rows if r.lora_slot >= 0} | {r.head_slot for r in rows if r.head_slot >= 0}
+        tokens = sum(len(r.input_ids) for r in rows)
+        return cls(len(rows), tokens, len(rows) * max(len(r.input_ids) for r in rows), len(slots))
+
+
+@dataclass
 class BatcherLimits:
     max_batch_tokens: int
     max_wait_s: float
@@ -54,7 +68,7 @@ class Batcher:
         run_batch: RunBatch,
         executor: Executor,
         limits: BatcherLimits,
-        on_batch: Callable[[int, int, int], None] = lambda rows, tokens, padded: None,
+        on_batch: Callable[[BatchStats], None] = lambda stats: None,
     ) -> None:
         self._run_batch = run_batch
         self._executor = executor
@@ -131,8 +145,7 @@ class Batcher:
                 if not p.future.done():
                     p.future.set_exception(exc)
             return
-        tokens = sum(len(r.input_ids) for r in rows)
-        self._on_batch(len(rows), tokens, len(rows) * max(len(r.input_ids) for r in rows))
+        self._on_batch(BatchStats.of(rows))
         for p, result in zip(batch, results):
             if not p.future.done():
                 p.future.set_result(result)

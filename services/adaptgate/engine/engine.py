@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from adaptgate.engine.batcher import Batcher, BatcherLimits
+from adaptgate.engine.batcher import Batcher, BatcherLimits, BatchStats
 from adaptgate.engine.forward import BatchForward
 from adaptgate.engine.model import BaseModel, ModelSpec
 from adaptgate.engine.rows import Row, RowResult
@@ -43,7 +43,7 @@ class Engine:
         self,
         base: BaseModel,
         config: EngineConfig,
-        on_batch: Callable[[int, int, int], None] = lambda rows, tokens, padded: None,
+        on_batch: Callable[[BatchStats], None] = lambda stats: None,
     ) -> None:
         self.base = base
         self.config = config

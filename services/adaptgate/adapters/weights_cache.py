@@ -1,0 +1,49 @@
+"""Host-memory tier: validated adapter weights kept under a byte budget, least recently used out first.
+
+Engine slots are few and fixed; this tier makes re-loading an evicted adapter a copy into a slot
+instead of a disk read and a re-validation.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+
+from adaptgate.adapters.format import AdapterWeights
+from adaptgate.adapters.refs import AdapterRef
+
+
+class WeightsCache:
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget_bytes = budget_bytes
+        self._items: OrderedDict[AdapterRef, AdapterWeights] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    @property
+    def bytes_used(self) -> int:
+        return self._bytes
+
+    def get(self, ref: AdapterRef) -> AdapterWeights | None:
+        with self._lock:
+            weights = self._items.get(ref)
+            if weights is not None:
+                self._items.move_to_end(ref)
+            return weights
+
+    def put(self, ref: AdapterRef, weights: AdapterWeights) -> int:
+        """Returns how many entries were evicted to make room; an entry over the whole budget is not kept."""
+        size = weights.size_bytes
+        if size > self.budget_bytes:
+            return 0
+        evicted = 0
+        with self._lock:
+            if ref in self._items:
+                return 0
+            while self._bytes + size > self.budget_bytes and self._items:
+                _, old = self._items.popitem(last=False)
+                self._bytes -= old.size_bytes
+                evicted += 1
+            self._items[ref] = weights
+            self._bytes += size
+        return evicted
