@@ -74,7 +74,7 @@ class AdapterValidator:
             labels=labels,
             head_weight=head_w,
             head_bias=head_b,
-            head_input=str(meta.get("head_input", "last_token" if self.spec.is_decoder else "pooler")),
+            head_input=self._head_input(meta, head_w),
             normalize_head_input=bool(meta.get("normalize", False)),
             rank=rank,
             scaling=scaling,
@@ -113,6 +113,16 @@ class AdapterValidator:
         if meta.get("head_input") == "pooler" and "pooler.dense" not in self.spec.linear_shapes:
             raise BaseModelMismatch("the adapter's head reads a BERT pooler, which this base model does not have")
         return meta
+
+    def _head_input(self, meta: dict, head: torch.Tensor | None) -> str:
+        """What the head reads. A plain PEFT adapter reads what its task model feeds `classifier`/`score`:
+        BERT's pooler, or a decoder's last non-pad token; an encoder without a pooler cannot serve the former."""
+        head_input = str(meta.get("head_input", "last_token" if self.spec.is_decoder else "pooler"))
+        if head is not None and head_input == "pooler" and "pooler.dense" not in self.spec.linear_shapes:
+            raise BaseModelMismatch(
+                f"the adapter's head reads a BERT pooler, which this base model ({self.spec.model_type}) does not have"
+            )
+        return head_input
 
     def _tensors(self, files: dict[str, bytes]) -> dict[str, torch.Tensor]:
         try:

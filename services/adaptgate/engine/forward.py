@@ -7,7 +7,7 @@ import torch
 from adaptgate.engine.heads import HEAD_INPUT_POOLING, HeadPool
 from adaptgate.engine.lora import LoraLayers
 from adaptgate.engine.model import BaseModel
-from adaptgate.engine.pooling import normalize, pool
+from adaptgate.engine.pooling import Pooling, normalize, pool, without_pad_tokens
 from adaptgate.engine.rows import Row, RowResult
 
 
@@ -39,7 +39,7 @@ class BatchForward:
             self.lora.bind([], self.base.device)
         results = [RowResult() for _ in rows]
         self._embeddings(rows, out.last_hidden_state, mask, results)
-        self._classify(rows, out, mask, results)
+        self._classify(rows, out, ids, mask, results)
         return results
 
     def _embeddings(self, rows: list[Row], hidden: torch.Tensor, mask: torch.Tensor, results: list[RowResult]) -> None:
@@ -50,8 +50,14 @@ class BatchForward:
             for j, i in enumerate(idx):
                 results[i].embedding = (unit[j] if rows[i].normalize else vectors[j]).cpu().numpy()
 
-    def _head_features(self, rows: list[Row], out: object, mask: torch.Tensor, idx: list[int]) -> torch.Tensor:
-        """Each row's head input (BERT pooler, or a pooling of the token states), normalized if the head asks."""
+    def _head_features(
+        self, rows: list[Row], out: object, ids: torch.Tensor, mask: torch.Tensor, idx: list[int]
+    ) -> torch.Tensor:
+        """Each row's head input (BERT pooler, or a pooling of the token states), normalized if the head asks.
+
+        A decoder head reads the last token that is not the pad id, as transformers' *ForSequenceClassification
+        does (it differs from the last attended token when pad = eos and the text ends with eos).
+        """
         hidden = out.last_hidden_state  # type: ignore[attr-defined]
         features = torch.empty(len(idx), hidden.shape[-1], device=hidden.device)
         codes = [self.heads.input_code[rows[i].head_slot] for i in idx]
@@ -60,17 +66,21 @@ class BatchForward:
             sel = [idx[j] for j in part]
             if code == 0:
                 feats = out.pooler_output[sel].float()  # type: ignore[attr-defined]
+            elif HEAD_INPUT_POOLING[code] is Pooling.LAST_TOKEN:
+                feats = pool(hidden[sel], without_pad_tokens(mask[sel], ids[sel], self.pad_id), Pooling.LAST_TOKEN)
             else:
                 feats = pool(hidden[sel], mask[sel], HEAD_INPUT_POOLING[code])
             features[part] = feats
         norm = torch.tensor([self.heads.normalize_input[rows[i].head_slot] for i in idx], device=hidden.device)
         return torch.where(norm.unsqueeze(1), normalize(features), features)
 
-    def _classify(self, rows: list[Row], out: object, mask: torch.Tensor, results: list[RowResult]) -> None:
+    def _classify(
+        self, rows: list[Row], out: object, ids: torch.Tensor, mask: torch.Tensor, results: list[RowResult]
+    ) -> None:
         idx = [i for i, r in enumerate(rows) if r.head_slot >= 0]
         if not idx:
             return
-        features = self._head_features(rows, out, mask, idx)
+        features = self._head_features(rows, out, ids, mask, idx)
         slots = torch.tensor([rows[i].head_slot for i in idx], device=features.device)
         probs = self.heads.probabilities(features, slots).cpu()
         counts = self.heads.num_labels[slots].tolist()

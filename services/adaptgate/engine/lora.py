@@ -4,6 +4,10 @@ Every wrapped linear keeps stacked, rank-padded adapter weights for all engine s
 A as [slots, in, r_max] and B as [slots, r_max, out] with the adapter's scaling folded into B.
 A batch carries one slot per row (`LoraBatch`); the frozen `x·W` runs once for the whole batch
 and only rows that have an adapter pay for the two gathered `bmm`s. No per-adapter loop, no merge.
+
+Targets are `nn.Linear` (weight [out, in]) or GPT-2's `transformers.pytorch_utils.Conv1D`
+(weight [in, out]; PEFT sets fan_in_fan_out=True for it). PEFT still saves A as [r, in] and
+B as [out, r] for both, and fan_in_fan_out only matters when merging, so the delta is the same.
 """
 
 from __future__ import annotations
@@ -12,6 +16,19 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+
+def linear_in_out(module: nn.Module) -> tuple[int, int] | None:
+    """(in, out) of a LoRA-targetable module (the types PEFT's `all-linear` picks), None for anything else.
+
+    Conv1D stores its weight transposed ([in, out], `nx`/`nf`), so nn.Linear's attributes do not exist there.
+    """
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if isinstance(module, Conv1D):
+        return int(module.weight.shape[0]), int(module.weight.shape[1])
+    return None
 
 
 @dataclass
@@ -20,17 +37,25 @@ class LoraBatch:
 
     rows: torch.Tensor | None = None  # [n] row indices into the batch
     slots: torch.Tensor | None = None  # [n] engine slot per such row
+    every_row: bool = False  # n == batch size: no row gather/scatter needed
 
 
 class BatchedLoraLinear(nn.Module):
-    """`y = x·Wᵀ + b` for all rows, plus `(x·A_s)·B_s` for each row's slot s."""
+    """`y = base(x)` for all rows, plus `(x·A_s)·B_s` for each row's slot s.
 
-    def __init__(self, base: nn.Linear, batch: LoraBatch, n_slots: int, max_rank: int) -> None:
+    `base` is an nn.Linear (`x·Wᵀ + b`) or a Conv1D (`x·W + b`); only its (in, out) matter here.
+    """
+
+    def __init__(self, base: nn.Module, batch: LoraBatch, n_slots: int, max_rank: int) -> None:
         super().__init__()
+        shape = linear_in_out(base)
+        if shape is None:
+            raise TypeError(f"LoRA can wrap nn.Linear or Conv1D, not {type(base).__name__}")
+        fan_in, fan_out = shape
         self.base = base
         self.batch = batch
-        shape_a = (n_slots, base.in_features, max_rank)
-        shape_b = (n_slots, max_rank, base.out_features)
+        shape_a = (n_slots, fan_in, max_rank)  # [slots, in, r_max]
+        shape_b = (n_slots, max_rank, fan_out)  # [slots, r_max, out]
         kw = {"dtype": base.weight.dtype, "device": base.weight.device}
         self.register_buffer("lora_a", torch.zeros(shape_a, **kw), persistent=False)
         self.register_buffer("lora_b", torch.zeros(shape_b, **kw), persistent=False)
@@ -52,9 +77,18 @@ class BatchedLoraLinear(nn.Module):
         rows, slots = self.batch.rows, self.batch.slots
         if rows is None or slots is None:
             return y
+        if self.batch.every_row:  # the common mixed-traffic case: accumulate in place, no gather/scatter
+            shrunk = torch.bmm(x.reshape(len(rows), -1, x.shape[-1]), self.lora_a[slots])  # [B, T, r]
+            y.view(len(rows), -1, y.shape[-1]).baddbmm_(shrunk, self.lora_b[slots])  # y as [B, T, out], in place
+            return y
         xs = x.index_select(0, rows).reshape(len(rows), -1, x.shape[-1])  # [n, T, in]; T=1 for BERT's pooler
         delta = torch.bmm(torch.bmm(xs, self.lora_a[slots]), self.lora_b[slots])  # [n, T, out]
         return y.index_add_(0, rows, delta.reshape(len(rows), *y.shape[1:]).to(y.dtype))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The frozen base weight, for model code that reads `proj.weight.dtype` and the like."""
+        return self.base.weight
 
 
 class LoraLayers:
@@ -96,3 +130,4 @@ class LoraLayers:
             return
         self.batch.rows = torch.tensor([p[0] for p in pairs], device=device)
         self.batch.slots = torch.tensor([p[1] for p in pairs], device=device)
+        self.batch.every_row = len(pairs) == len(row_slots)

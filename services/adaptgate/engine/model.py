@@ -8,11 +8,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from adaptgate.engine.device import resolve_device, resolve_dtype
+from adaptgate.engine.lora import linear_in_out
 from adaptgate.engine.pooling import Pooling
 
+# Known decoder-only families; others are recognised by `is_decoder_only` from transformers' own registries.
 DECODER_MODEL_TYPES = frozenset({"gpt2", "llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "phi3", "gpt_neox"})
 
 
@@ -33,7 +36,7 @@ class ModelSpec:
     max_tokens: int
     default_pooling: Pooling
     fingerprint: str
-    # Every nn.Linear inside the base: name (as PEFT names it, without the task-model prefix) -> (in, out).
+    # Every nn.Linear or GPT-2 Conv1D inside the base: name (as PEFT names it, without the task-model prefix) -> (in, out).
     linear_shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
     # The attribute under which task models keep the base (`bert` for BertForSequenceClassification).
     base_prefix: str = ""
@@ -69,11 +72,38 @@ def fingerprint(model: PreTrainedModel) -> str:
 
 
 def _linear_shapes(model: PreTrainedModel) -> dict[str, tuple[int, int]]:
-    return {
-        name: (module.in_features, module.out_features)
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear)
-    }
+    """(in, out) of every module a LoRA adapter may target; Conv1D's transposed weight is accounted for."""
+    shapes = {name: linear_in_out(module) for name, module in model.named_modules()}
+    return {name: shape for name, shape in shapes.items() if shape is not None}
+
+
+def is_decoder_only(config: PretrainedConfig) -> bool:
+    """Decoder-only (causal) from the config alone, before any weights load.
+
+    A family with a causal-LM class but no masked-LM class and no encoder-decoder split is a
+    decoder (GPT-2, Llama, Qwen2, ...); BERT and RoBERTa have both classes and stay encoders
+    unless their config says `is_decoder`.
+    """
+    if getattr(config, "is_decoder", False):
+        return True
+    if getattr(config, "is_encoder_decoder", False):
+        return False
+    model_type = config.model_type
+    if model_type in DECODER_MODEL_TYPES:
+        return True
+    return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+def _prepare_decoder_tokenizer(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Right padding keeps each real token at the position it has unpadded (Llama and GPT-2 count
+    positions from 0, not from the mask), and the last real token is then where the mask ends.
+    Decoder tokenizers often have no pad token; eos is the usual stand-in (padding is masked anyway).
+    Only ids and mask go in, as in the engine's forward: GPT-2 would add `wte(token_type_ids)` to
+    every position if a (BERT-style) tokenizer handed it segment ids."""
+    tokenizer.padding_side = "right"
+    tokenizer.model_input_names = ["input_ids", "attention_mask"]
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
 
 
 def load_base_model(path: Path | None = None, dtype: str = "auto", device: str = "auto") -> BaseModel:
@@ -85,11 +115,9 @@ def load_base_model(path: Path | None = None, dtype: str = "auto", device: str =
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch_dtype, attn_implementation="sdpa")
     model.eval().requires_grad_(False).to(torch_device)
-    is_decoder = config.model_type in DECODER_MODEL_TYPES or bool(getattr(config, "is_decoder", False))
+    is_decoder = is_decoder_only(config)
     if is_decoder:
-        tokenizer.padding_side = "right"
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
+        _prepare_decoder_tokenizer(tokenizer)
     spec = ModelSpec(
         model_type=config.model_type,
         is_decoder=is_decoder,

@@ -25,10 +25,27 @@ def cls_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def last_token_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The last real token of each row; works for right padding (what the engine uses)."""
-    last = mask.sum(dim=1).long() - 1
+    """The rightmost real token of each row, as `*ForSequenceClassification` of decoders picks it.
+
+    Taking the argmax of position·mask (transformers' own trick) works for right padding, which the
+    engine uses, and for left padding too, where `mask.sum() - 1` would land on a pad. transformers
+    builds its mask from `input_ids != pad_token_id` rather than the attention mask; the two agree
+    unless a text itself ends with the pad token (e.g. pad = eos and a tokenizer that appends eos).
+    """
+    positions = torch.arange(mask.shape[1], device=mask.device)  # [T]
+    last = (positions * (mask != 0)).argmax(dim=1)  # [B]
     rows = torch.arange(hidden.shape[0], device=hidden.device)
     return hidden[rows, last].to(torch.float32)
+
+
+def without_pad_tokens(mask: torch.Tensor, input_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """mask [B, T] with real tokens that equal the pad id switched off, for a decoder head's input.
+
+    transformers' `*ForSequenceClassification` picks the rightmost token != config.pad_token_id,
+    so where pad = eos and the tokenizer appends eos, it reads the token BEFORE that eos. Feeding
+    this mask to `last_token_pool` reproduces that choice exactly (all-pad rows: position 0, as there).
+    """
+    return mask * (input_ids != pad_id).to(mask.dtype)
 
 
 _POOLERS = {Pooling.MEAN: mean_pool, Pooling.CLS: cls_pool, Pooling.LAST_TOKEN: last_token_pool}
