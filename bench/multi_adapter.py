@@ -98,7 +98,7 @@ def main() -> None:
         forward([Row(i, pooling=Pooling.MEAN) for i in ids])
 
     def mixed(ids, slots):
-        forward([Row(i, lora_slot=s, head_slot=s) for i, s in zip(ids, slots)])
+        forward([Row(i, lora_slot=s, head_slots=(s,)) for i, s in zip(ids, slots)])
 
     def peft_mixed(ids, slots):
         padded = base.tokenizer.pad({"input_ids": ids}, return_tensors="pt")

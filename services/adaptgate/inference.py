@@ -6,17 +6,21 @@ each other beyond slots), so both RPCs share one path for tokens, leases and dea
 
 from __future__ import annotations
 
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 
 import numpy as np
 
-from adaptgate.adapters.cache import AdapterCache
+from adaptgate.adapters.cache import AdapterCache, Resident
 from adaptgate.adapters.refs import AdapterRef
 from adaptgate.adapters.store import AdapterRecord
 from adaptgate.engine.engine import Engine
 from adaptgate.engine.pooling import Pooling
 from adaptgate.engine.rows import Row
 from adaptgate.errors import FailedPrecondition, InvalidArgument
+
+
+MAX_ADAPTERS_PER_REQUEST = 16
 
 
 @dataclass
@@ -59,12 +63,32 @@ class Inference:
                 results = await self.engine.run(rows)
         return Embedded([r.embedding for r in results if r.embedding is not None], [len(i) for i in ids])
 
-    async def classify(self, texts: list[str], ref: AdapterRef, truncate: bool, deadline: float | None) -> Classified:
+    async def classify(self, texts: list[str], refs: list[AdapterRef], truncate: bool, deadline: float | None) -> list[Classified]:
+        """One forward per text for all head-only adapters together, plus one per LoRA adapter."""
         self._check_count(texts)
+        if len(refs) > MAX_ADAPTERS_PER_REQUEST:
+            raise InvalidArgument(f"{len(refs)} adapters in one request; the limit is {MAX_ADAPTERS_PER_REQUEST}")
+        if len(set(refs)) != len(refs):
+            raise InvalidArgument("an adapter is listed twice; list each adapter once")
         ids = await self.engine.tokenize(texts, truncate)
-        async with self.cache.lease(ref) as adapter:
-            if not adapter.has_head:
-                raise FailedPrecondition(f"adapter {adapter.record.ref} has no task head; use it with Embed")
-            lora = adapter.slot if adapter.has_lora else -1
-            results = await self.engine.run([Row(i, lora_slot=lora, head_slot=adapter.slot, deadline=deadline) for i in ids])
-        return Classified(adapter.record, [r.probabilities for r in results if r.probabilities is not None])
+        async with AsyncExitStack() as stack:
+            leased = [await stack.enter_async_context(self.cache.lease(ref)) for ref in refs]
+            for adapter in leased:
+                if not adapter.has_head:
+                    raise FailedPrecondition(f"adapter {adapter.record.ref} has no task head; use it with Embed")
+            groups = [[a for a in leased if not a.has_lora]] + [[a] for a in leased if a.has_lora]
+            groups = [g for g in groups if g]
+            rows = [Row(i, lora_slot=_lora_slot(g), head_slots=tuple(a.slot for a in g), deadline=deadline)
+                    for g in groups for i in ids]
+            results = await self.engine.run(rows)
+        answers: dict[int, Classified] = {}
+        for k, group in enumerate(groups):
+            block = results[k * len(ids) : (k + 1) * len(ids)]
+            for j, adapter in enumerate(group):
+                answers[id(adapter)] = Classified(adapter.record, [r.probabilities[j] for r in block])
+        return [answers[id(a)] for a in leased]
+
+
+def _lora_slot(group: list[Resident]) -> int:
+    """A group is either all head-only adapters (no LoRA) or a single LoRA adapter."""
+    return group[0].slot if len(group) == 1 and group[0].has_lora else -1

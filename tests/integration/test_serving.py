@@ -204,3 +204,37 @@ def test_lora_only_adapter_tunes_embeddings_but_cannot_classify(gateway: Gateway
     with pytest.raises(grpc.RpcError) as info:
         client.classify(texts, uploaded.ref)
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "no task head" in info.value.details()
+
+
+def test_several_adapters_on_the_same_texts_answer_as_each_alone(gateway: Gateway, peft_adapter, tmp_path: Path) -> None:
+    """Head-only adapters share one forward per text; a LoRA adapter rides in the same call with its own rows."""
+    from adaptgate.adapters.format import head_only_files
+    from adaptgate.engine.model import fingerprint
+    from transformers import AutoModel
+
+    base_fp = fingerprint(AutoModel.from_pretrained(packaged_model_dir()))
+    client = Client(gateway.target, "acme-token")
+    refs = []
+    for k, labels in enumerate((["neg", "pos"], ["a", "b", "c", "d"])):
+        torch.manual_seed(k)
+        files = head_only_files(torch.randn(len(labels), 384) * 5, torch.randn(len(labels)), labels, base_fp, "test")
+        directory = tmp_path / f"head{k}"
+        directory.mkdir()
+        for name, data in files.items():
+            (directory / name).write_bytes(data)
+        refs.append(client.upload_adapter(directory, f"head{k}").ref)
+    refs.append(client.upload_adapter(peft_adapter[0], "multi-lora").ref)
+    texts = sms_texts(8)
+    request = classifier_pb2.ClassifyRequest(texts=texts, adapters=refs)
+    together = client.classifier.Classify(request, metadata=client.metadata)
+    assert [a.adapter for a in together.by_adapter] == refs and not together.results
+    for ref, answers in zip(refs, together.by_adapter):
+        alone = client.classify(texts, ref)
+        np.testing.assert_allclose(
+            np.array([[s.score for s in r.scores] for r in answers.results]),
+            np.array([[s.score for s in r.scores] for r in alone.results]),
+            atol=0.02,
+        )
+        assert [r.label for r in answers.results] == [r.label for r in alone.results]
+    both = classifier_pb2.ClassifyRequest(texts=texts, adapter=refs[0], adapters=refs)
+    assert code_of(lambda: client.classifier.Classify(both, metadata=client.metadata)) == grpc.StatusCode.INVALID_ARGUMENT

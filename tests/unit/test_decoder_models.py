@@ -137,8 +137,8 @@ async def run_engine(setup: Setup, rows_spec: list[tuple[str, int]], with_lora: 
             head = HeadWeights(w.head_weight, w.head_bias, w.head_input, w.normalize_head_input)
             await engine.install(slot, w.lora if with_lora else {}, w.scaling, head)
         ids = await engine.tokenize([t for t, _ in rows_spec], truncate=False)
-        results = await engine.run([Row(i, lora_slot=s, head_slot=s) for i, (_, s) in zip(ids, rows_spec)])
-        return [r.probabilities for r in results]
+        results = await engine.run([Row(i, lora_slot=s, head_slots=(s,)) for i, (_, s) in zip(ids, rows_spec)])
+        return [r.probabilities[0] for r in results]
     finally:
         await engine.stop()
 

@@ -45,8 +45,8 @@ async def run_engine(base, adapters, rows_spec: list[tuple[str, int]]) -> list[n
             head = HeadWeights(w.head_weight, w.head_bias, w.head_input, w.normalize_head_input)
             await engine.install(slot, w.lora, w.scaling, head)
         ids = await engine.tokenize([t for t, _ in rows_spec], truncate=False)
-        results = await engine.run([Row(i, lora_slot=s, head_slot=s) for i, (_, s) in zip(ids, rows_spec)])
-        return [r.probabilities for r in results]
+        results = await engine.run([Row(i, lora_slot=s, head_slots=(s,)) for i, (_, s) in zip(ids, rows_spec)])
+        return [r.probabilities[0] for r in results]
     finally:
         await engine.stop()
 

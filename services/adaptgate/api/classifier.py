@@ -7,6 +7,7 @@ import numpy as np
 
 from adaptgate.api.auth import Principal
 from adaptgate.api.rpc import RpcRuntime, deadline_of, unary
+from adaptgate.errors import InvalidArgument
 from adaptgate.inference import Inference
 from adaptgate.v1 import classifier_pb2 as pb
 from adaptgate.v1 import classifier_pb2_grpc
@@ -29,8 +30,19 @@ class ClassifierServicer(classifier_pb2_grpc.ClassifierServicer):
     async def Classify(
         self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext, principal: Principal
     ) -> pb.ClassifyResponse:
-        ref = principal.adapter(request.adapter)
-        out = await self.inference.classify(list(request.texts), ref, request.truncate, deadline_of(context))
-        self.runtime.metrics.texts.labels("Classify").inc(len(out.probabilities))
-        results = [to_classification(p, out.record.labels, request.top_k) for p in out.probabilities]
-        return pb.ClassifyResponse(results=results, adapter=str(out.record.ref))
+        if request.adapter and request.adapters:
+            raise InvalidArgument("give either adapter or adapters, not both")
+        names = list(request.adapters) or [request.adapter]
+        refs = [principal.adapter(name) for name in names]
+        answers = await self.inference.classify(list(request.texts), refs, request.truncate, deadline_of(context))
+        self.runtime.metrics.texts.labels("Classify").inc(len(request.texts) * len(answers))
+        by_adapter = [
+            pb.AdapterResults(
+                adapter=str(a.record.ref),
+                results=[to_classification(p, a.record.labels, request.top_k) for p in a.probabilities],
+            )
+            for a in answers
+        ]
+        if request.adapters:
+            return pb.ClassifyResponse(by_adapter=by_adapter)
+        return pb.ClassifyResponse(results=by_adapter[0].results, adapter=by_adapter[0].adapter)

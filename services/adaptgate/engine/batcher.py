@@ -29,7 +29,7 @@ class BatchStats:
 
     @classmethod
     def of(cls, rows: list[Row]) -> BatchStats:
-        slots = {r.lora_slot for r in rows if r.lora_slot >= 0} | {r.head_slot for r in rows if r.head_slot >= 0}
+        slots = {r.lora_slot for r in rows if r.lora_slot >= 0} | {s for r in rows for s in r.head_slots}
         tokens = sum(len(r.input_ids) for r in rows)
         return cls(len(rows), tokens, len(rows) * max(len(r.input_ids) for r in rows), len(slots))
 

@@ -51,19 +51,19 @@ class BatchForward:
                 results[i].embedding = (unit[j] if rows[i].normalize else vectors[j]).cpu().numpy()
 
     def _head_features(
-        self, rows: list[Row], out: object, ids: torch.Tensor, mask: torch.Tensor, idx: list[int]
+        self, out: object, ids: torch.Tensor, mask: torch.Tensor, row_of: list[int], slot_of: list[int]
     ) -> torch.Tensor:
-        """Each row's head input (BERT pooler, or a pooling of the token states), normalized if the head asks.
+        """Each (row, head) pair's input: BERT's pooler or a pooling of the row's states, normalized if the head asks.
 
         A decoder head reads the last token that is not the pad id, as transformers' *ForSequenceClassification
         does (it differs from the last attended token when pad = eos and the text ends with eos).
         """
         hidden = out.last_hidden_state  # type: ignore[attr-defined]
-        features = torch.empty(len(idx), hidden.shape[-1], device=hidden.device)
-        codes = [self.heads.input_code[rows[i].head_slot] for i in idx]
+        features = torch.empty(len(row_of), hidden.shape[-1], device=hidden.device)  # [pairs, H]
+        codes = [self.heads.input_code[slot] for slot in slot_of]
         for code in set(codes):
             part = [j for j, c in enumerate(codes) if c == code]
-            sel = [idx[j] for j in part]
+            sel = [row_of[j] for j in part]
             if code == 0:
                 feats = out.pooler_output[sel].float()  # type: ignore[attr-defined]
             elif HEAD_INPUT_POOLING[code] is Pooling.LAST_TOKEN:
@@ -71,18 +71,20 @@ class BatchForward:
             else:
                 feats = pool(hidden[sel], mask[sel], HEAD_INPUT_POOLING[code])
             features[part] = feats
-        norm = torch.tensor([self.heads.normalize_input[rows[i].head_slot] for i in idx], device=hidden.device)
+        norm = torch.tensor([self.heads.normalize_input[slot] for slot in slot_of], device=hidden.device)
         return torch.where(norm.unsqueeze(1), normalize(features), features)
 
     def _classify(
         self, rows: list[Row], out: object, ids: torch.Tensor, mask: torch.Tensor, results: list[RowResult]
     ) -> None:
-        idx = [i for i, r in enumerate(rows) if r.head_slot >= 0]
-        if not idx:
+        """Every head of every row in one gathered matmul: (row, head) pairs, not a loop over adapters."""
+        pairs = [(i, slot) for i, r in enumerate(rows) for slot in r.head_slots]
+        if not pairs:
             return
-        features = self._head_features(rows, out, ids, mask, idx)
-        slots = torch.tensor([rows[i].head_slot for i in idx], device=features.device)
+        row_of, slot_of = [p[0] for p in pairs], [p[1] for p in pairs]
+        features = self._head_features(out, ids, mask, row_of, slot_of)
+        slots = torch.tensor(slot_of, device=features.device)
         probs = self.heads.probabilities(features, slots).cpu()
         counts = self.heads.num_labels[slots].tolist()
-        for j, i in enumerate(idx):
-            results[i].probabilities = probs[j, : counts[j]].numpy()
+        for j, i in enumerate(row_of):
+            results[i].probabilities.append(probs[j, : counts[j]].numpy())

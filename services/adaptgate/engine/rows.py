@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -13,7 +13,7 @@ from adaptgate.engine.pooling import Pooling
 class Row:
     input_ids: list[int]
     lora_slot: int = -1  # engine slot of the row's LoRA weights, -1 for none
-    head_slot: int = -1  # engine slot of the task head, -1 when only an embedding is wanted
+    head_slots: tuple[int, ...] = ()  # engine slots of the task heads to apply (several heads, one forward)
     pooling: Pooling | None = None  # set when the row wants an embedding
     normalize: bool = True
     deadline: float | None = None  # time.monotonic() after which the row is dropped unrun
@@ -22,4 +22,4 @@ class Row:
 @dataclass
 class RowResult:
     embedding: np.ndarray | None = None  # [hidden] fp32
-    probabilities: np.ndarray | None = None  # [num_labels] fp32
+    probabilities: list[np.ndarray] = field(default_factory=list)  # per head slot: [num_labels] fp32
