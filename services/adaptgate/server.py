@@ -19,11 +19,13 @@ from adaptgate.adapters.cache import AdapterCache
 from adaptgate.adapters.store import AdapterStore
 from adaptgate.adapters.validation import AdapterValidator
 from adaptgate.api.adapters import AdaptersServicer
+from adaptgate.api.admission import TenantAdmission
 from adaptgate.api.auth import TokenAuthenticator, ensure_dev_tokens, load_tokens
 from adaptgate.api.classifier import ClassifierServicer
 from adaptgate.api.datasets import DatasetsServicer
 from adaptgate.api.embeddings import EmbeddingsServicer
 from adaptgate.api.finetune import FinetuneServicer
+from adaptgate.api.malformed import MalformedRequestInterceptor
 from adaptgate.api.rpc import RpcRuntime
 from adaptgate.engine.engine import Engine, EngineConfig
 from adaptgate.engine.model import BaseModel, load_base_model
@@ -100,6 +102,7 @@ def _engine(settings: Settings, base: BaseModel, metrics: Metrics) -> Engine:
 
 def _grpc_server(settings: Settings) -> grpc.aio.Server:
     return grpc.aio.server(
+        interceptors=[MalformedRequestInterceptor()],
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -112,7 +115,7 @@ async def build(settings: Settings) -> Gateway:
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     metrics = Metrics(max_adapter_labels=settings.metrics_max_adapter_labels)
-    runtime = RpcRuntime(_tokens(settings), metrics)
+    runtime = RpcRuntime(_tokens(settings), metrics, TenantAdmission(settings.max_inflight_per_tenant))
     runner = RayRunner(settings.ray_address, settings.ray_num_cpus, settings.training_cpus)
     base, _ = await asyncio.gather(
         asyncio.to_thread(load_base_model, settings.base_model, settings.dtype, settings.device),
@@ -145,7 +148,8 @@ async def build(settings: Settings) -> Gateway:
     finetune_pb2_grpc.add_FinetuneServicer_to_server(FinetuneServicer(runtime, jobs), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    if settings.reflection:
+        reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     port = server.add_insecure_port(f"{settings.host}:{settings.port}")
     await server.start()
     for name in ("", *SERVICE_NAMES):
@@ -175,7 +179,7 @@ async def serve(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     print("adaptgate: draining (health NOT_SERVING, in-flight RPCs finish)", file=sys.stderr, flush=True)
-    await gateway.stop()
+    await gateway.stop(settings.drain_seconds)
 
 
 def configure_logging(level: str) -> None:

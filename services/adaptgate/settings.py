@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     max_input_tokens: int = Field(0, description="Token limit per text (0 = the model's own limit).")
     max_message_bytes: int = Field(16 * 1024 * 1024, description="Largest gRPC message accepted.")
     max_upload_bytes: int = Field(512 * 1024 * 1024, description="Largest dataset or adapter upload.")
+    max_inflight_per_tenant: int = Field(64, description="Embed/Classify requests one tenant may have in flight (0 = no limit).")
+    reflection: bool = Field(True, description="Serve gRPC server reflection (turn off in production if you prefer).")
+    drain_seconds: float = Field(10.0, description="On SIGTERM: how long in-flight RPCs get to finish.")
     max_loaded_adapters: int = Field(64, description="Adapter slots resident in the engine (LRU beyond).")
     adapter_host_cache_bytes: int = Field(
         512 * 1024 * 1024, description="Host-memory budget for validated adapter weights behind the slots (LRU)."

@@ -164,7 +164,9 @@ def test_alias_flip_and_load_unload(gateway: Gateway, peft_adapter) -> None:
     assert client.classify(["x"], "flip:prod").adapter == second.ref
     client.adapters.SetAlias(adapters_pb2.SetAliasRequest(ref=first.ref, alias="prod"), metadata=md)
     assert client.classify(["x"], "flip:prod").adapter == first.ref
-    loaded = client.adapters.LoadAdapter(adapters_pb2.LoadAdapterRequest(ref=second.ref, pin=True), metadata=md)
+    pin = adapters_pb2.LoadAdapterRequest(ref=second.ref, pin=True)
+    assert code_of(lambda: client.adapters.LoadAdapter(pin, metadata=md)) == grpc.StatusCode.PERMISSION_DENIED
+    loaded = client.adapters.LoadAdapter(pin, metadata=auth("admin-token"))
     assert loaded.loaded and loaded.pinned
     unloaded = client.adapters.UnloadAdapter(adapters_pb2.AdapterRef(ref=second.ref), metadata=md)
     assert not unloaded.loaded and not unloaded.pinned

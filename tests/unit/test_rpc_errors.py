@@ -9,6 +9,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from adaptgate.api.admission import TenantAdmission
 from adaptgate.api.auth import Principal, TokenAuthenticator, ensure_dev_tokens, load_tokens
 from adaptgate.api.errors import STATUS_BY_CODE
 from adaptgate.api.rpc import RpcRuntime, server_stream, unary
@@ -28,13 +29,16 @@ class FakeContext:
     def invocation_metadata(self):
         return self.metadata
 
+    def set_trailing_metadata(self, metadata) -> None:
+        self.trailing = metadata
+
     async def abort(self, code: grpc.StatusCode, details: str) -> None:
         raise Aborted(code, details)
 
 
 class Servicer:
     def __init__(self, error: BaseException | None) -> None:
-        self.runtime = RpcRuntime(TokenAuthenticator({"good": Principal("acme")}), Metrics())
+        self.runtime = RpcRuntime(TokenAuthenticator({"good": Principal("acme")}), Metrics(), TenantAdmission(0))
         self.error = error
 
     @unary
@@ -65,8 +69,11 @@ def test_each_error_kind_maps_to_its_status_unary_and_stream(code: ErrorCode) ->
     expected = STATUS_BY_CODE[code]
     assert expected.name == code.name
     servicer = Servicer(error_of(code))
+    context = FakeContext()
     with pytest.raises(Aborted) as unary_abort:
-        asyncio.run(servicer.Unary(None, FakeContext()))
+        asyncio.run(servicer.Unary(None, context))
+    retry_hint = getattr(context, "trailing", None)
+    assert (retry_hint == (("retry-after-ms", "250"),)) == (code is ErrorCode.RESOURCE_EXHAUSTED)
     with pytest.raises(Aborted) as stream_abort:
         asyncio.run(call_stream(servicer, FakeContext()))
     for aborted in (unary_abort.value, stream_abort.value):
@@ -120,3 +127,41 @@ def test_bad_token_files_refuse_to_start(tmp_path: Path, body: str) -> None:
     path.write_text(body)
     with pytest.raises(ValueError, match="token file"):
         load_tokens(path)
+
+
+def test_one_tenant_cannot_hold_more_than_its_share() -> None:
+    from adaptgate.api.admission import TenantBusy
+
+    admission = TenantAdmission(2)
+    with admission.admit("acme"), admission.admit("acme"):
+        with pytest.raises(TenantBusy, match="2 requests in flight"):
+            with admission.admit("acme"):
+                pass
+        with admission.admit("globex"):  # other tenants are unaffected
+            pass
+    with admission.admit("acme"):  # slots come back when requests finish
+        pass
+
+
+def test_malformed_messages_are_invalid_argument_in_unary_and_client_streams() -> None:
+    from adaptgate.api.malformed import Malformed, tolerant
+    from adaptgate.v1 import embeddings_pb2
+
+    parsed = tolerant(embeddings_pb2.EmbedRequest.FromString)(b"\xff\xff\xff")
+    assert isinstance(parsed, Malformed)
+    with pytest.raises(Aborted) as aborted:
+        asyncio.run(Servicer(None).Unary(parsed, FakeContext()))
+    assert aborted.value.code == grpc.StatusCode.INVALID_ARGUMENT and "not a valid protobuf" in aborted.value.details
+
+    class StreamServicer(Servicer):
+        @unary
+        async def Upload(self, request, context, principal):
+            return [item async for item in request]
+
+    async def chunks():
+        yield embeddings_pb2.EmbedRequest()
+        yield parsed
+
+    with pytest.raises(Aborted) as aborted:
+        asyncio.run(StreamServicer(None).Upload(chunks(), FakeContext()))
+    assert aborted.value.code == grpc.StatusCode.INVALID_ARGUMENT

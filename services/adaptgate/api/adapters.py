@@ -60,6 +60,8 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
     async def LoadAdapter(
         self, request: pb.LoadAdapterRequest, context: grpc.aio.ServicerContext, principal: Principal
     ) -> pb.Adapter:
+        if request.pin:
+            principal.require_admin("pinning an adapter (it holds a shared engine slot)")
         resident = await self.cache.load(principal.adapter(request.ref), pin=request.pin)
         return await self._describe(await asyncio.to_thread(self.store.get, resident.record.ref))
 

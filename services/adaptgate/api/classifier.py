@@ -34,7 +34,8 @@ class ClassifierServicer(classifier_pb2_grpc.ClassifierServicer):
             raise InvalidArgument("give either adapter or adapters, not both")
         names = list(request.adapters) or [request.adapter]
         refs = [principal.adapter(name) for name in names]
-        answers = await self.inference.classify(list(request.texts), refs, request.truncate, deadline_of(context))
+        with self.runtime.admission.admit(principal.tenant):
+            answers = await self.inference.classify(list(request.texts), refs, request.truncate, deadline_of(context))
         self.runtime.metrics.texts.labels("Classify").inc(len(request.texts) * len(answers))
         by_adapter = [
             pb.AdapterResults(

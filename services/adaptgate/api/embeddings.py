@@ -24,9 +24,10 @@ class EmbeddingsServicer(embeddings_pb2_grpc.EmbeddingsServicer):
     async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext, principal: Principal) -> pb.EmbedResponse:
         ref = principal.adapter(request.adapter) if request.adapter else None
         normalize = request.normalize if request.HasField("normalize") else True
-        out = await self.inference.embed(
-            list(request.texts), ref, POOLING.get(request.pooling), normalize, request.truncate, deadline_of(context)
-        )
+        with self.runtime.admission.admit(principal.tenant):
+            out = await self.inference.embed(
+                list(request.texts), ref, POOLING.get(request.pooling), normalize, request.truncate, deadline_of(context)
+            )
         self.runtime.metrics.texts.labels("Embed").inc(len(out.vectors))
         return pb.EmbedResponse(
             embeddings=[pb.Embedding(values=v.tolist(), tokens=n) for v, n in zip(out.vectors, out.tokens)],

@@ -18,12 +18,17 @@ from typing import Any, TypeVar
 
 import grpc
 
+from adaptgate.api.admission import TenantAdmission
 from adaptgate.api.auth import Principal, TokenAuthenticator
+from adaptgate.api.malformed import Malformed
 from adaptgate.api.errors import status_of
-from adaptgate.errors import AdaptgateError, ResourceExhausted
+from adaptgate.errors import AdaptgateError, ErrorCode, InvalidArgument
 from adaptgate.metrics import Metrics
 
 log = logging.getLogger("adaptgate.rpc")
+# Trailing metadata on RESOURCE_EXHAUSTED: how long a well-behaved client should back off.
+RETRY_AFTER_KEY = "retry-after-ms"
+RETRY_AFTER_MS = 250
 T = TypeVar("T")
 
 
@@ -31,6 +36,7 @@ T = TypeVar("T")
 class RpcRuntime:
     auth: TokenAuthenticator
     metrics: Metrics
+    admission: TenantAdmission
 
 
 class _Call:
@@ -53,9 +59,11 @@ class _Call:
             raise exc
         if isinstance(exc, AdaptgateError):
             self.code = status_of(exc)
-            if isinstance(exc, ResourceExhausted):
+            if exc.code in (ErrorCode.RESOURCE_EXHAUSTED, ErrorCode.DEADLINE_EXCEEDED):
                 reason = re.sub(r"(?<!^)(?=[A-Z])", "_", type(exc).__name__).lower()
                 self.runtime.metrics.rejected.labels(reason).inc()
+            if exc.code is ErrorCode.RESOURCE_EXHAUSTED:
+                self.context.set_trailing_metadata(((RETRY_AFTER_KEY, str(RETRY_AFTER_MS)),))
             await self.context.abort(self.code, exc.message)
         request_id = uuid.uuid4().hex[:12]
         log.exception("unhandled error in %s (request id %s)", self.method, request_id, exc_info=exc)
@@ -68,12 +76,29 @@ class _Call:
         self.runtime.metrics.request_seconds.labels(self.method, code).observe(time.perf_counter() - self.started)
 
 
+def _check(item: Any, method: str) -> Any:
+    if isinstance(item, Malformed):
+        raise InvalidArgument(f"the {method} request is not a valid protobuf message ({item.reason})")
+    return item
+
+
+async def _checked_stream(items: AsyncIterator[Any], method: str) -> AsyncIterator[Any]:
+    async for item in items:
+        yield _check(item, method)
+
+
+def checked(request: Any, method: str) -> Any:
+    """Malformed messages (see api/malformed.py) become INVALID_ARGUMENT, in unary and client-streaming calls."""
+    return _checked_stream(request, method) if hasattr(request, "__aiter__") else _check(request, method)
+
+
 def unary(fn: Callable[[Any, Any, grpc.aio.ServicerContext, Principal], Awaitable[T]]) -> Callable[..., Awaitable[T]]:
     @functools.wraps(fn)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> T:
         call = _Call(self, fn.__name__, context)
         try:
-            return await fn(self, request, context, call.principal())
+            principal = call.principal()
+            return await fn(self, checked(request, call.method), context, principal)
         except grpc.aio.AbortError:
             raise
         except BaseException as exc:
@@ -92,7 +117,8 @@ def server_stream(
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[T]:
         call = _Call(self, fn.__name__, context)
         try:
-            async for item in fn(self, request, context, call.principal()):
+            principal = call.principal()
+            async for item in fn(self, checked(request, call.method), context, principal):
                 yield item
         except (grpc.aio.AbortError, GeneratorExit):
             raise
