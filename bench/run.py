@@ -66,12 +66,12 @@ def bench_gateway(target: str, texts: list[str], batch: int, concurrency: int) -
 
     client = Client(target, "bench")
     chunks = [texts[i : i + batch] for i in range(0, len(texts), batch)]
-    client.embed(chunks[0], truncate=True)
+    client.embed_array(chunks[0], truncate=True)
     latencies: list[float] = []
 
     def one(chunk: list[str]) -> None:
         started = time.perf_counter()
-        client.embed(chunk, truncate=True)
+        client.embed_array(chunk, truncate=True)
         latencies.append(time.perf_counter() - started)
 
     started = time.perf_counter()

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import numpy as np
 
 from adaptgate.v1 import (
     adapters_pb2,
@@ -40,6 +41,14 @@ class Client:
     def embed(self, texts: list[str], adapter: str = "", truncate: bool = False) -> embeddings_pb2.EmbedResponse:
         request = embeddings_pb2.EmbedRequest(texts=texts, adapter=adapter, truncate=truncate)
         return self.embeddings.Embed(request, metadata=self.metadata, timeout=self.timeout)
+
+    def embed_array(self, texts: list[str], adapter: str = "", truncate: bool = False) -> np.ndarray:
+        """[len(texts), dim] float32, sent as packed bytes: no per-float protobuf work on either side."""
+        request = embeddings_pb2.EmbedRequest(
+            texts=texts, adapter=adapter, truncate=truncate, encoding=embeddings_pb2.ENCODING_BYTES_F32
+        )
+        response = self.embeddings.Embed(request, metadata=self.metadata, timeout=self.timeout)
+        return np.stack([np.frombuffer(e.packed, dtype="<f4") for e in response.embeddings])
 
     def classify(self, texts: list[str], adapter: str, top_k: int = 0, truncate: bool = False) -> classifier_pb2.ClassifyResponse:
         request = classifier_pb2.ClassifyRequest(texts=texts, adapter=adapter, top_k=top_k, truncate=truncate)

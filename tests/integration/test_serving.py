@@ -240,3 +240,12 @@ def test_several_adapters_on_the_same_texts_answer_as_each_alone(gateway: Gatewa
         assert [r.label for r in answers.results] == [r.label for r in alone.results]
     both = classifier_pb2.ClassifyRequest(texts=texts, adapter=refs[0], adapters=refs)
     assert code_of(lambda: client.classifier.Classify(both, metadata=client.metadata)) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_packed_float32_embeddings_equal_the_float_list(gateway: Gateway) -> None:
+    client = Client(gateway.target, "acme-token")
+    texts = sms_texts(5)
+    packed = client.embed_array(texts)
+    listed = np.array([e.values for e in client.embed(texts).embeddings], dtype=np.float32)
+    assert packed.shape == (5, 384) and packed.dtype == np.float32
+    np.testing.assert_array_equal(packed, listed)

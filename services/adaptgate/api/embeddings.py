@@ -29,7 +29,8 @@ class EmbeddingsServicer(embeddings_pb2_grpc.EmbeddingsServicer):
                 list(request.texts), ref, POOLING.get(request.pooling), normalize, request.truncate, deadline_of(context)
             )
         self.runtime.metrics.texts.labels("Embed").inc(len(out.vectors))
-        return pb.EmbedResponse(
-            embeddings=[pb.Embedding(values=v.tolist(), tokens=n) for v, n in zip(out.vectors, out.tokens)],
-            model=self.model_name,
-        )
+        if request.encoding == pb.ENCODING_BYTES_F32:
+            embeddings = [pb.Embedding(packed=v.astype("<f4").tobytes(), tokens=n) for v, n in zip(out.vectors, out.tokens)]
+        else:
+            embeddings = [pb.Embedding(values=v, tokens=n) for v, n in zip(out.vectors, out.tokens)]
+        return pb.EmbedResponse(embeddings=embeddings, model=self.model_name)
