@@ -25,8 +25,14 @@ CHUNK_BYTES = 1 << 20
 
 
 class Client:
-    def __init__(self, target: str, token: str, timeout: float | None = 120.0) -> None:
-        self.channel = grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", 64 << 20)])
+    def __init__(
+        self, target: str, token: str, timeout: float | None = 120.0, credentials: grpc.ChannelCredentials | None = None
+    ) -> None:
+        options = [("grpc.max_receive_message_length", 64 << 20)]
+        if credentials is None:
+            self.channel = grpc.insecure_channel(target, options=options)
+        else:
+            self.channel = grpc.secure_channel(target, credentials, options=options)
         self.metadata = (("authorization", f"Bearer {token}"),)
         self.timeout = timeout
         self.embeddings = embeddings_pb2_grpc.EmbeddingsStub(self.channel)

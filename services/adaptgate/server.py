@@ -110,6 +110,17 @@ def _grpc_server(settings: Settings) -> grpc.aio.Server:
     )
 
 
+def _bind(server: grpc.aio.Server, settings: Settings) -> int:
+    """Plaintext only when no certificate is configured; with a client CA, mTLS is required, not offered."""
+    address = f"{settings.host}:{settings.port}"
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        return server.add_insecure_port(address)
+    pair = (settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())
+    ca = settings.tls_client_ca_file.read_bytes() if settings.tls_client_ca_file else None
+    credentials = grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=ca is not None)
+    return server.add_secure_port(address, credentials)
+
+
 async def build(settings: Settings) -> Gateway:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     if settings.torch_threads:
@@ -150,7 +161,7 @@ async def build(settings: Settings) -> Gateway:
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if settings.reflection:
         reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    port = _bind(server, settings)
     await server.start()
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

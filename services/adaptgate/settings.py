@@ -53,6 +53,11 @@ class Settings(BaseSettings):
     )
     ray_num_cpus: int = Field(0, description="CPUs of the local Ray (0 = all).")
     training_cpus: float = Field(1.0, description="CPUs one training job reserves on Ray.")
+    tls_cert_file: Path | None = Field(None, description="PEM server certificate; with tls_key_file, gRPC serves TLS only.")
+    tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file.")
+    tls_client_ca_file: Path | None = Field(
+        None, description="PEM CA bundle; when set, clients must present a certificate it signed (mTLS)."
+    )
     log_level: str = Field("INFO", description="Python logging level.")
 
     @property
