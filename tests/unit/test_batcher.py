@@ -104,3 +104,31 @@ def test_a_failing_batch_fails_its_requests_and_the_batcher_lives_on() -> None:
         assert len(await batcher.submit([Row([1]), Row([2])])) == 2
 
     asyncio.run(with_batcher(recorder, BatcherLimits(10_000, 0.0, 10), body))
+
+
+def test_a_cancelled_request_is_dropped_before_compute() -> None:
+    gate = threading.Event()
+    recorder = Recorder(gate)
+
+    async def body(batcher: Batcher) -> None:
+        first = asyncio.ensure_future(batcher.submit([Row([1])]))
+        await asyncio.sleep(0.05)  # the first batch is running (blocked)
+        doomed = asyncio.ensure_future(batcher.submit([Row([2])] * 3))
+        await asyncio.sleep(0.01)
+        doomed.cancel()
+        gate.set()
+        await first
+        assert len(await batcher.submit([Row([3])])) == 1
+        assert batcher.queued_rows == 0
+
+    asyncio.run(with_batcher(recorder, BatcherLimits(10_000, 0.0, 10), body))
+    assert recorder.sizes == [1, 1]  # the cancelled request's 3 rows never ran
+
+
+def test_engine_refuses_to_start_when_one_max_length_input_cannot_fit(tiny_bert_dir) -> None:
+    from adaptgate.engine.engine import Engine, EngineConfig
+    from adaptgate.engine.model import load_base_model
+
+    base = load_base_model(tiny_bert_dir, dtype="float32", device="cpu")
+    with pytest.raises(ValueError, match="cannot hold one 128-token input"):
+        Engine(base, EngineConfig(max_batch_tokens=64))
