@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,7 @@ class Gateway:
     metrics_url: str
     data_dir: Path
     log_path: Path
+    process: subprocess.Popen[str]
 
     def channel(self) -> grpc.Channel:
         return grpc.insecure_channel(self.target, options=[("grpc.max_receive_message_length", 64 << 20)])
@@ -55,28 +57,36 @@ def _wait_ready(proc: subprocess.Popen[str], log_path: Path, timeout: float) -> 
     raise RuntimeError(f"gateway not ready after {timeout}s; log in {log_path}")
 
 
-@pytest.fixture(scope="session")
-def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    data_dir = tmp_path_factory.mktemp("gateway-data")
+@contextmanager
+def running_gateway(data_dir: Path, *flags: str) -> Iterator[Gateway]:
+    """A real `adaptgate serve` subprocess on loopback (its own local Ray); SIGTERM on exit."""
+    data_dir.mkdir(parents=True, exist_ok=True)
     tokens = data_dir / "tokens.json"
     tokens.write_text(json.dumps({"tokens": TOKENS}))
     log_path = data_dir / "server.log"
     cmd = [
         sys.executable, "-m", "adaptgate.cli", "serve", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
-        "--data-dir", str(data_dir), "--tokens-file", str(tokens), "--max-texts-per-request", "300",
+        "--data-dir", str(data_dir), "--tokens-file", str(tokens), *flags,
     ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": ""}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         match = _wait_ready(proc, log_path, timeout=240)
         _drain(proc, log_path)
-        yield Gateway(f"127.0.0.1:{match[1]}", f"http://127.0.0.1:{match[2]}/metrics", data_dir, log_path)
+        yield Gateway(f"127.0.0.1:{match[1]}", f"http://127.0.0.1:{match[2]}/metrics", data_dir, log_path, proc)
     finally:
-        proc.send_signal(signal.SIGTERM)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture(scope="session")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    with running_gateway(tmp_path_factory.mktemp("gateway-data"), "--max-texts-per-request", "300") as gateway:
+        yield gateway
 
 
 def _drain(proc: subprocess.Popen[str], log_path: Path) -> None:

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import json
-import os
 import random
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -18,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from adaptgate.client import Client
 from adaptgate.v1 import adapters_pb2, classifier_pb2, datasets_pb2, embeddings_pb2, finetune_pb2
-from tests.integration.conftest import REPO, TOKENS, Gateway, _wait_ready, auth
+from tests.integration.conftest import Gateway, auth, running_gateway
 
 pytestmark = pytest.mark.integration
 MODULES = (embeddings_pb2, classifier_pb2, adapters_pb2, datasets_pb2, finetune_pb2)
@@ -85,15 +81,8 @@ def test_message_over_the_size_limit_is_resource_exhausted(gateway: Gateway) -> 
 
 def test_sigterm_drains_in_flight_requests_then_exits(tmp_path: Path) -> None:
     """Health goes NOT_SERVING, in-flight RPCs finish, the process exits within the drain period."""
-    tokens = tmp_path / "tokens.json"
-    tokens.write_text(json.dumps({"tokens": TOKENS}))
-    cmd = [sys.executable, "-m", "adaptgate.cli", "serve", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
-           "--data-dir", str(tmp_path), "--tokens-file", str(tokens), "--drain-seconds", "20"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": ""}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        target = f"127.0.0.1:{_wait_ready(proc, tmp_path / 'server.log', 240)[1]}"
-        client = Client(target, "acme-token")
+    with running_gateway(tmp_path, "--drain-seconds", "20") as gateway:
+        client = Client(gateway.target, "acme-token")
         texts = ["a message that keeps the engine busy for a while " * 4] * 256
         results: list[object] = []
 
@@ -108,15 +97,12 @@ def test_sigterm_drains_in_flight_requests_then_exits(tmp_path: Path) -> None:
             w.start()
         time.sleep(0.5)
         started = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
+        gateway.process.send_signal(signal.SIGTERM)
         for w in workers:
             w.join(timeout=60)
-        proc.wait(timeout=40)
+        gateway.process.wait(timeout=40)
         assert time.monotonic() - started < 25
         assert results == [256] * 6, results
         with pytest.raises(grpc.RpcError) as info:
             client.embed(["after shutdown"])
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-    finally:
-        if proc.poll() is None:
-            proc.kill()

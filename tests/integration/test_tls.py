@@ -3,12 +3,8 @@ reaches a handler; a client certificate from the configured CA works."""
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import signal
 import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 
@@ -16,7 +12,7 @@ import grpc
 import pytest
 
 from adaptgate.client import Client
-from tests.integration.conftest import REPO, TOKENS, _wait_ready
+from tests.integration.conftest import running_gateway
 
 pytestmark = [
     pytest.mark.integration,
@@ -55,16 +51,9 @@ def test_mtls_admits_only_clients_with_a_certificate_from_the_configured_ca(tmp_
     server = make_leaf(tmp_path, "server", ca, "IP:127.0.0.1,DNS:localhost")
     good_client = make_leaf(tmp_path, "client", ca, "DNS:client")
     rogue_client = make_leaf(tmp_path, "rogue", other_ca, "DNS:rogue")
-    tokens = tmp_path / "tokens.json"
-    tokens.write_text(json.dumps({"tokens": TOKENS}))
-    cmd = [sys.executable, "-m", "adaptgate.cli", "serve", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
-           "--data-dir", str(tmp_path / "data"), "--tokens-file", str(tokens), "--tls-cert-file", str(server[1]),
-           "--tls-key-file", str(server[0]), "--tls-client-ca-file", str(ca[1])]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": ""}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        ready = _wait_ready(proc, tmp_path / "server.log", 240)
-        target = f"127.0.0.1:{ready[1]}"
+    tls = ("--tls-cert-file", str(server[1]), "--tls-key-file", str(server[0]), "--tls-client-ca-file", str(ca[1]))
+    with running_gateway(tmp_path / "data", *tls) as gateway:
+        target = gateway.target
         ok = Client(target, "acme-token", timeout=20, credentials=credentials(ca[1], good_client))
         assert len(ok.embed(["over mutual TLS"]).embeddings) == 1
         refused = [
@@ -76,12 +65,6 @@ def test_mtls_admits_only_clients_with_a_certificate_from_the_configured_ca(tmp_
             with pytest.raises(grpc.RpcError) as info:
                 client.embed(["should never reach a handler"])
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-        body = urllib.request.urlopen(f"http://127.0.0.1:{ready[2]}/metrics", timeout=10).read().decode()
+        body = urllib.request.urlopen(gateway.metrics_url, timeout=10).read().decode()
         handled = [line for line in body.splitlines() if line.startswith("adaptgate_requests_total{")]
         assert handled == ['adaptgate_requests_total{code="OK",method="Embed"} 1.0']  # the refused never got here
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
