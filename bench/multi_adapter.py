@@ -106,7 +106,7 @@ def main() -> None:
             peft_model(**padded, adapter_names=[f"a{s}" for s in slots])
 
     rates = {name: time_it(fn, batches) for name, fn in (("base", base_only), ("mixed", mixed), ("peft", peft_mixed))}
-    print(f"model {base.path.name} {str(base.dtype).removeprefix('torch.')}, {args.adapters} adapters r={args.rank}, "
+    print(f"model {base.name} {str(base.dtype).removeprefix('torch.')}, {args.adapters} adapters r={args.rank}, "
           f"{args.batch}-row batches, {len(batches) * args.batch} texts")
     print(f"adaptgate base-only:   {rates['base']:8.1f} sequences/s")
     print(f"adaptgate mixed:       {rates['mixed']:8.1f} sequences/s  ({rates['mixed'] / rates['base']:.2f}x base-only)")

@@ -150,7 +150,7 @@ async def build(settings: Settings) -> Gateway:
     inference = Inference(engine, cache, settings.max_texts_per_request)
 
     server = _grpc_server(settings)
-    embeddings_pb2_grpc.add_EmbeddingsServicer_to_server(EmbeddingsServicer(runtime, inference, base.path.name), server)
+    embeddings_pb2_grpc.add_EmbeddingsServicer_to_server(EmbeddingsServicer(runtime, inference, base.name), server)
     classifier_pb2_grpc.add_ClassifierServicer_to_server(ClassifierServicer(runtime, inference), server)
     adapters_pb2_grpc.add_AdaptersServicer_to_server(
         AdaptersServicer(runtime, store, cache, settings.max_upload_bytes), server
@@ -178,7 +178,7 @@ async def serve(settings: Settings) -> None:
     host = "localhost" if settings.host in ("0.0.0.0", "[::]") else settings.host
     print(
         f"adaptgate listening on {host}:{gateway.port} (gRPC) and :{gateway.metrics_port}/metrics "
-        f"after {time.perf_counter() - started:.1f}s; model {gateway.engine.base.path.name} "
+        f"after {time.perf_counter() - started:.1f}s; model {gateway.engine.base.name} "
         f"in {str(gateway.engine.base.dtype).removeprefix('torch.')} on {gateway.engine.base.device}",
         flush=True,
     )

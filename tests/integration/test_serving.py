@@ -249,3 +249,7 @@ def test_packed_float32_embeddings_equal_the_float_list(gateway: Gateway) -> Non
     listed = np.array([e.values for e in client.embed(texts).embeddings], dtype=np.float32)
     assert packed.shape == (5, 384) and packed.dtype == np.float32
     np.testing.assert_array_equal(packed, listed)
+
+
+def test_embed_names_the_model(gateway: Gateway) -> None:
+    assert Client(gateway.target, "acme-token").embed(["which model?"]).model == "all-MiniLM-L6-v2"

@@ -51,6 +51,11 @@ class BaseModel:
     dtype: torch.dtype
     path: Path
 
+    @property
+    def name(self) -> str:
+        """What clients see in EmbedResponse.model: the packaged model by its real name, else the directory."""
+        return "all-MiniLM-L6-v2" if self.path == packaged_model_dir() else self.path.name
+
 
 def _max_tokens(path: Path, config: object, tokenizer: PreTrainedTokenizerBase) -> int:
     """sentence-transformers' max_seq_length when present (256 for MiniLM), else the model's limit."""
