@@ -1,0 +1,455 @@
+"""The contracts between the rendered objects, and between them and the server's Settings:
+ports, probes, the tokens Secret, the volumes, RAY_ADDRESS, selectors, images."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import pytest
+
+from tests.deploy.manifests import (
+    DASHBOARD,
+    DEPLOY,
+    SETTINGS_ENV,
+    Objects,
+    SettingsEnv,
+    all_pod_specs,
+    containers,
+    effective_env,
+    match_labels,
+    pod_labels,
+    port_number,
+    selects,
+    settings_env_commented,
+)
+
+INFERENCE, CONTROL = "adaptgate", "adaptgate-control"
+CONFIG, TOKENS = "adaptgate-config", "adaptgate-tokens"
+
+
+def gateway(objects: Objects, name: str) -> dict[str, Any]:
+    return objects.one("Deployment", name)
+
+
+def gateway_container(objects: Objects, name: str) -> dict[str, Any]:
+    pod = gateway(objects, name)["spec"]["template"]["spec"]
+    found = [c for c in pod["containers"] if c["name"] == "adaptgate"]
+    assert len(found) == 1
+    return found[0]
+
+
+def server_settings(objects: Objects, name: str, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The Settings the server would build from this container's environment."""
+    import os
+
+    from adaptgate.settings import Settings as S
+
+    for var in list(os.environ):
+        if var.startswith("ADAPTGATE_") or var == "RAY_ADDRESS":
+            monkeypatch.delenv(var)
+    for var, value in effective_env(gateway_container(objects, name), objects).items():
+        monkeypatch.setenv(var, value)
+    return S()
+
+
+def volume_for(pod: dict[str, Any], container: dict[str, Any], path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The (volumeMount, volume) that holds `path` in the container: the deepest mount above it."""
+    mounts = [m for m in container.get("volumeMounts", []) if PurePosixPath(path).is_relative_to(m["mountPath"])]
+    assert mounts, f"nothing is mounted at or above {path} in {container['name']}"
+    mount = max(mounts, key=lambda m: len(m["mountPath"]))
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    return mount, volume
+
+
+GATEWAYS = (INFERENCE, CONTROL)
+
+
+# ------------------------------------------------------------------ settings <-> ConfigMap / env
+
+def test_configmap_keys_are_real_settings(objects: Objects) -> None:
+    known = SettingsEnv.load().env_names
+    data = objects.named_prefix("ConfigMap", CONFIG)["data"]
+    unknown = sorted(set(data) - set(known))
+    assert not unknown, f"{unknown} in the ConfigMap are not fields of adaptgate.settings.Settings"
+
+
+def test_gateway_env_names_are_real_settings(objects: Objects) -> None:
+    known = SettingsEnv.load().env_names
+    for name in GATEWAYS:
+        for var in gateway_container(objects, name).get("env", []):
+            if var["name"].startswith("ADAPTGATE_") or var["name"].startswith("RAY_"):
+                assert var["name"] in known, f"{name}: {var['name']} is not a Settings field"
+
+
+def test_every_setting_is_wired(objects: Objects) -> None:
+    """Each Settings field is set in the ConfigMap or by both Deployments, or documented in
+    settings.env as a commented optional line (only for fields with no default)."""
+    from adaptgate.settings import Settings as S
+
+    env_names = SettingsEnv.load().env_names
+    data = objects.named_prefix("ConfigMap", CONFIG)["data"]
+    per_pod = [{v["name"] for v in gateway_container(objects, n).get("env", [])} for n in GATEWAYS]
+    commented = settings_env_commented()
+    missing = []
+    for field_name, info in S.model_fields.items():
+        names = {env for env, f in env_names.items() if f == field_name}
+        if names & set(data) or all(names & pod for pod in per_pod):
+            continue
+        if names & set(commented):
+            assert info.default is None, f"{field_name} has a default; set it in settings.env, not as a comment"
+            continue
+        missing.append(f"{field_name} ({' or '.join(sorted(names))})")
+    assert not missing, f"settings not wired in deploy/kustomize/base/settings.env or the Deployments: {missing}"
+
+
+def test_settings_env_documents_each_key() -> None:
+    """settings.env is the settings table of the deploy: every key has a comment section above."""
+    text = SETTINGS_ENV.read_text()
+    assert text.startswith("#")
+    keys = re.findall(r"^((?:ADAPTGATE|RAY)_[A-Z0-9_]+)=", text, flags=re.M)
+    assert len(keys) == len(set(keys)), "a key appears twice in settings.env"
+
+
+@pytest.mark.parametrize("name", GATEWAYS)
+def test_gateway_environment_parses_and_keeps_the_default_ports(
+    objects: Objects, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from adaptgate.settings import Settings as S
+
+    settings = server_settings(objects, name, monkeypatch)
+    defaults = S.model_construct()
+    # Clients, probes and docs assume the server's default ports.
+    assert (settings.port, settings.metrics_port) == (defaults.port, defaults.metrics_port) == (50051, 9464)
+    assert settings.host in ("0.0.0.0", "[::]"), "the pod must listen on all interfaces for probes and Services"
+    assert settings.tokens_file is not None, "never the dev-token fallback in a cluster"
+    assert settings.tls_cert_file is None, "native gRPC probes speak plaintext (see deploy/README.md, TLS)"
+
+
+# ------------------------------------------------------------------ ports and probes
+
+@pytest.mark.parametrize("name", GATEWAYS)
+def test_container_ports_and_grpc_probes_match_settings(objects: Objects, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from adaptgate.v1 import adapters_pb2, classifier_pb2, datasets_pb2, embeddings_pb2, finetune_pb2
+
+    settings = server_settings(objects, name, monkeypatch)
+    container = gateway_container(objects, name)
+    assert port_number(container, "grpc") == settings.port
+    assert port_number(container, "metrics") == settings.metrics_port
+    # The health service names the server registers: "" (the whole server) and each API service.
+    served = {""} | {
+        service.full_name
+        for module in (adapters_pb2, classifier_pb2, datasets_pb2, embeddings_pb2, finetune_pb2)
+        for service in module.DESCRIPTOR.services_by_name.values()
+    }
+    for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+        probe = container.get(kind)
+        assert probe is not None, f"{name}: no {kind}"
+        assert "grpc" in probe, f"{name}: {kind} must be Kubernetes' native gRPC probe (grpc.health.v1)"
+        assert probe["grpc"]["port"] == settings.port, f"{name}: {kind} probes port {probe['grpc']['port']}"
+        assert probe["grpc"].get("service", "") in served, f"{name}: {kind} asks for an unknown health service"
+    startup = container["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 120, "model load + Ray start need minutes"
+
+
+@pytest.mark.parametrize("name", GATEWAYS)
+def test_termination_grace_covers_prestop_and_drain(objects: Objects, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = server_settings(objects, name, monkeypatch)
+    pod = gateway(objects, name)["spec"]["template"]["spec"]
+    container = gateway_container(objects, name)
+    pre_stop = container["lifecycle"]["preStop"]
+    sleep = int(pre_stop["sleep"]["seconds"]) if "sleep" in pre_stop else int(pre_stop["exec"]["command"][-1])
+    grace = pod["terminationGracePeriodSeconds"]
+    # SIGTERM comes after preStop; then the server drains for drain_seconds and stops the engine and Ray.
+    assert grace >= sleep + settings.drain_seconds + 10, f"{name}: grace {grace}s < preStop {sleep}s + drain {settings.drain_seconds}s + 10s"
+    assert grace <= sleep + settings.drain_seconds + 60, f"{name}: a grace period far beyond the drain only delays rollouts"
+
+
+@pytest.mark.parametrize("name", GATEWAYS)
+def test_torch_threads_fit_the_cpu_request(objects: Objects, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = server_settings(objects, name, monkeypatch)
+    requests = gateway_container(objects, name)["resources"]["requests"]
+    cpu = str(requests["cpu"])
+    cpus = float(cpu[:-1]) / 1000 if cpu.endswith("m") else float(cpu)
+    assert 1 <= settings.torch_threads <= max(1, cpus), "torch's default uses every core of the node"
+    assert "memory" in requests and "memory" in gateway_container(objects, name)["resources"]["limits"]
+
+
+# ------------------------------------------------------------------ tokens, data, adapters
+
+@pytest.mark.parametrize("name", GATEWAYS)
+def test_tokens_secret_is_mounted_where_tokens_file_points(objects: Objects, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = server_settings(objects, name, monkeypatch)
+    path = str(settings.tokens_file)
+    pod = gateway(objects, name)["spec"]["template"]["spec"]
+    mount, volume = volume_for(pod, gateway_container(objects, name), path)
+    assert mount.get("readOnly") is True
+    assert "secret" in volume, f"{path} must come from a Secret, not {sorted(volume)}"
+    secret = objects.one("Secret", volume["secret"]["secretName"])
+    assert secret["metadata"]["name"].startswith(TOKENS)
+    relative = str(PurePosixPath(path).relative_to(mount["mountPath"]))
+    items = {i["path"]: i["key"] for i in volume["secret"].get("items", [])} or {k: k for k in secret["data"]}
+    assert relative in items, f"the Secret volume does not project a file at {relative}"
+    body = json.loads(base64.b64decode(secret["data"][items[relative]]))
+    assert isinstance(body.get("tokens"), dict), "the tokens file is {\"tokens\": {...}}"
+
+
+def test_shipped_tokens_file_holds_no_token() -> None:
+    """The base Secret fails closed: the server refuses to start on it until an operator replaces it."""
+    assert json.loads((DEPLOY / "kustomize" / "base" / "tokens.json").read_text()) == {"tokens": {}}
+
+
+def test_data_and_adapter_volumes(objects: Objects, monkeypatch: pytest.MonkeyPatch) -> None:
+    claims = {c["metadata"]["name"]: c for c in objects.of("PersistentVolumeClaim")}
+    layout: dict[str, dict[str, Any]] = {}
+    for name in GATEWAYS:
+        settings = server_settings(objects, name, monkeypatch)
+        pod = gateway(objects, name)["spec"]["template"]["spec"]
+        container = gateway_container(objects, name)
+        data_mount, data_volume = volume_for(pod, container, str(settings.data_dir))
+        db_mount, db_volume = volume_for(pod, container, str(settings.database_path))
+        ad_mount, ad_volume = volume_for(pod, container, str(settings.adapters_dir))
+        assert data_volume is db_volume
+        layout[name] = {"data": data_volume, "adapters": (ad_mount, ad_volume)}
+
+    # Control: the job database on its own ReadWriteOnce claim; the adapter store read-write.
+    control_data = layout[CONTROL]["data"]
+    assert "persistentVolumeClaim" in control_data, "the job database must survive pod restarts"
+    db_claim = claims[control_data["persistentVolumeClaim"]["claimName"]]
+    assert db_claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    mount, volume = layout[CONTROL]["adapters"]
+    assert not mount.get("readOnly")
+    store_claim = volume["persistentVolumeClaim"]["claimName"]
+    assert "ReadWriteMany" in claims[store_claim]["spec"]["accessModes"]
+
+    # Inference: its own scratch database, the same adapter store read-only.
+    assert "emptyDir" in layout[INFERENCE]["data"], "inference replicas must not share the SQLite file"
+    mount, volume = layout[INFERENCE]["adapters"]
+    assert mount.get("readOnly") is True and volume["persistentVolumeClaim"]["claimName"] == store_claim
+
+
+def test_control_is_a_single_replica_and_inference_scales(objects: Objects) -> None:
+    control = gateway(objects, CONTROL)["spec"]
+    assert control["replicas"] == 1, "one writer of the SQLite job database"
+    assert control["strategy"]["type"] == "Recreate", "a rolling update would run two writers at once"
+    inference = gateway(objects, INFERENCE)
+    assert "replicas" not in inference["spec"], "the HPA owns replicas; a replicas field resets it on every apply"
+    hpas = objects.of("HorizontalPodAutoscaler")
+    assert len(hpas) == 1
+    hpa = hpas[0]["spec"]
+    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": INFERENCE}
+    assert 1 <= hpa["minReplicas"] < hpa["maxReplicas"]
+    container = gateway_container(objects, INFERENCE)
+    for metric in hpa["metrics"]:
+        if metric["type"] == "Resource":
+            assert metric["resource"]["name"] in container["resources"]["requests"], "utilization needs a request"
+    pdbs = objects.of("PodDisruptionBudget")
+    assert len(pdbs) == 1
+    pdb = pdbs[0]["spec"]
+    assert selects(match_labels(pdb["selector"]), pod_labels(inference))
+    assert not selects(match_labels(pdb["selector"]), pod_labels(gateway(objects, CONTROL))), "a PDB on one replica blocks drains"
+    # Never a budget that blocks node drains: some replica may always be evicted.
+    if "minAvailable" in pdb:
+        assert pdb["minAvailable"] < hpa["minReplicas"]
+    else:
+        assert pdb["maxUnavailable"] >= 1
+
+
+def test_security_context_is_non_root_and_matches_the_image_user(objects: Objects) -> None:
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    uid = int(re.findall(r"^USER\s+(\d+)", dockerfile, flags=re.M)[-1].split(":")[0])
+    for owner, pod in all_pod_specs(objects):
+        context = pod.get("securityContext", {})
+        assert context.get("runAsNonRoot") is True, owner
+        assert context.get("runAsUser") == uid, f"{owner}: runAsUser {context.get('runAsUser')} != image USER {uid}"
+        for container in containers(pod):
+            security = container.get("securityContext", {})
+            assert security.get("allowPrivilegeEscalation") is False, f"{owner}/{container['name']}"
+            assert security.get("capabilities", {}).get("drop") == ["ALL"], f"{owner}/{container['name']}"
+
+
+# ------------------------------------------------------------------ Services, monitoring, network
+
+def test_services_select_the_gateways_by_named_ports(objects: Objects, monkeypatch: pytest.MonkeyPatch) -> None:
+    for service in objects.of("Service"):
+        selected = [d for d in objects.deployments() if selects(service["spec"]["selector"], pod_labels(d))]
+        assert len(selected) == 1, f"Service {service['metadata']['name']} selects {len(selected)} Deployments"
+        name = selected[0]["metadata"]["name"]
+        settings = server_settings(objects, name, monkeypatch)
+        container = gateway_container(objects, name)
+        ports = {p["name"]: p for p in service["spec"]["ports"]}
+        assert ports["grpc"]["port"] == settings.port
+        assert port_number(container, ports["grpc"]["targetPort"]) == settings.port
+        if "metrics" in ports:
+            assert port_number(container, ports["metrics"]["targetPort"]) == settings.metrics_port
+    assert {s["metadata"]["name"] for s in objects.of("Service")} >= {INFERENCE, CONTROL}
+
+
+def test_service_monitor_scrapes_each_gateway_once_by_port_name(objects: Objects) -> None:
+    monitors = objects.of("ServiceMonitor")
+    assert len(monitors) == 1
+    spec = monitors[0]["spec"]
+    selected = [s for s in objects.of("Service") if selects(match_labels(spec["selector"]), s["metadata"].get("labels", {}))]
+    assert {s["metadata"]["name"] for s in selected} == {INFERENCE, CONTROL}, "each gateway pod scraped once"
+    for endpoint in spec["endpoints"]:
+        for service in selected:
+            assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}, (
+                f"ServiceMonitor endpoint port {endpoint['port']!r} is not a port name of Service {service['metadata']['name']}"
+            )
+        assert endpoint.get("path", "/metrics") == "/metrics"
+    assert "namespaceSelector" not in spec, "the ServiceMonitor watches its own namespace, where the Services are"
+
+
+def test_pod_monitor_selects_the_ray_pods_metrics_port(objects: Objects) -> None:
+    (ray,) = objects.of("RayCluster")
+    (monitor,) = objects.of("PodMonitor")
+    assert match_labels(monitor["spec"]["selector"]) == {"ray.io/cluster": ray["metadata"]["name"]}
+    for owner, pod in all_pod_specs(objects):
+        if owner.startswith("RayCluster/"):
+            for endpoint in monitor["spec"]["podMetricsEndpoints"]:
+                port_number(pod["containers"][0], endpoint["port"])
+
+
+def test_prometheus_operator_objects_share_a_release_label(objects: Objects) -> None:
+    labels = {o["metadata"]["labels"].get("release") for o in objects.items if o["apiVersion"].startswith("monitoring.coreos.com/")}
+    assert labels == {"kube-prometheus-stack"}, "the Prometheus CR selects them by one label (deploy/README.md)"
+
+
+def test_network_policies_refer_to_real_pods_and_ports(objects: Objects) -> None:
+    (ray,) = objects.of("RayCluster")
+    ray_labels = {"ray.io/cluster": ray["metadata"]["name"]}
+    pods = [(o, pod_labels(d), d["spec"]["template"]["spec"]) for o, d in ((d["metadata"]["name"], d) for d in objects.deployments())]
+    for policy in objects.of("NetworkPolicy"):
+        selector = match_labels(policy["spec"]["podSelector"])
+        targets = [p for p in pods if selects(selector, p[1])]
+        if selector == ray_labels:
+            continue  # KubeRay labels its pods ray.io/cluster=<name>
+        assert targets, f"NetworkPolicy {policy['metadata']['name']} selects no pod"
+        for rule in policy["spec"].get("ingress", []):
+            for port in rule.get("ports", []):
+                for _, _, pod in targets:
+                    port_number(pod["containers"][0], port["port"])
+            for peer in rule.get("from", []):
+                peer_labels = match_labels(peer.get("podSelector", {}))
+                if "ray.io/cluster" in peer_labels:
+                    assert peer_labels == ray_labels
+    # Ray traffic between the control replica (a Ray node) and the RayCluster is allowed both ways.
+    control = pod_labels(gateway(objects, CONTROL))
+    ray_policy = [p for p in objects.of("NetworkPolicy") if match_labels(p["spec"]["podSelector"]) == ray_labels]
+    assert ray_policy and any(
+        selects(match_labels(peer.get("podSelector", {})), control) and not rule.get("ports")
+        for rule in ray_policy[0]["spec"]["ingress"] for peer in rule.get("from", [])
+    )
+
+
+# ------------------------------------------------------------------ Ray
+
+def test_ray_address_points_at_the_rayclusters_head_service(objects: Objects, monkeypatch: pytest.MonkeyPatch) -> None:
+    (ray,) = objects.of("RayCluster")
+    head = ray["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    gcs_port = port_number(head, "gcs-server")
+    settings = server_settings(objects, CONTROL, monkeypatch)
+    assert settings.ray_address == f"{ray['metadata']['name']}-head-svc:{gcs_port}", (
+        "KubeRay names the head Service <RayCluster name>-head-svc; the driver joins on the GCS port"
+    )
+    assert ray["spec"]["headGroupSpec"].get("serviceType", "ClusterIP") == "ClusterIP"
+    inference = server_settings(objects, INFERENCE, monkeypatch)
+    assert not inference.ray_address, "inference replicas keep a local Ray and never drive the RayCluster"
+
+
+def test_ray_version_matches_the_image(objects: Objects) -> None:
+    (ray,) = objects.of("RayCluster")
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    (version,) = re.findall(r"^ARG RAY_VERSION=(\S+)", dockerfile, flags=re.M)
+    assert ray["spec"]["rayVersion"] == version
+
+
+def test_ray_groups_and_gpus(objects: Objects, overlay: str) -> None:
+    (ray,) = objects.of("RayCluster")
+    head_params = ray["spec"]["headGroupSpec"]["rayStartParams"]
+    assert head_params.get("num-cpus") == "0", "the head schedules; jobs run on workers"
+    groups = {g["groupName"]: g for g in ray["spec"]["workerGroupSpecs"]}
+    assert "cpu" in groups and groups["cpu"]["minReplicas"] >= 1
+    for group in groups.values():
+        assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+
+    def gpus(container: dict[str, Any]) -> int:
+        return int(container.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0))
+
+    if overlay == "gpu":
+        assert "gpu" in groups and gpus(groups["gpu"]["template"]["spec"]["containers"][0]) >= 1
+        assert gpus(gateway_container(objects, INFERENCE)) == 1
+    else:
+        assert all(gpus(c) == 0 for _, pod in all_pod_specs(objects) for c in containers(pod))
+
+
+def test_images_are_one_release_and_cuda_where_gpus_are(objects: Objects, overlay: str) -> None:
+    images = {}
+    for owner, pod in all_pod_specs(objects):
+        for container in containers(pod):
+            images[f"{owner}/{container['name']}"] = (container["image"], container)
+    repos, versions = set(), set()
+    for where, (image, container) in images.items():
+        match = re.fullmatch(r"(?P<repo>[^@]+):(?P<version>[0-9][^-]*)-(?P<flavor>cpu|cuda)", image)
+        assert match, f"{where}: image {image!r} is not <repo>:<version>-cpu|cuda (never :latest)"
+        repos.add(match["repo"])
+        versions.add(match["version"])
+        wants_gpu = int(container.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0)) > 0
+        assert (match["flavor"] == "cuda") == wants_gpu, f"{where}: {image} with GPUs={wants_gpu}"
+    assert len(repos) == 1 and len(versions) == 1, f"one image release per overlay, got {sorted(images)}"
+    if overlay == "cpu":
+        assert all(image.endswith("-cpu") for image, _ in images.values())
+
+
+# ------------------------------------------------------------------ dashboard
+
+def test_grafana_dashboard_configmap_is_the_json_file(objects: Objects) -> None:
+    board = objects.one("ConfigMap", "adaptgate-grafana-dashboard")
+    assert board["metadata"]["labels"].get("grafana_dashboard") == "1"
+    assert json.loads(board["data"]["adaptgate.json"]) == json.loads(Path(DASHBOARD).read_text())
+
+
+# ------------------------------------------------------------------ the operator's own overlay
+
+def test_an_operators_overlay_replaces_the_tokens_and_the_registry(tmp_path: Path, overlay: str, objects: Objects) -> None:
+    """deploy/README.md step 3, as written: a kustomization outside the repo that uses an overlay,
+    replaces the token Secret and points the images at a registry."""
+    import os
+    import subprocess
+
+    import yaml
+
+    from tests.deploy.manifests import KUSTOMIZE, kubectl
+
+    tokens = {"tokens": {"s3cr3t": {"tenant": "acme", "admin": False}, "4dm1n": {"tenant": "ops", "admin": True}}}
+    (tmp_path / "tokens.json").write_text(json.dumps(tokens))
+    base = os.path.relpath(KUSTOMIZE / "overlays" / overlay, tmp_path)
+    (tmp_path / "kustomization.yaml").write_text(f"""apiVersion: kustomize.config.k8s.io/v1beta1
+kind: Kustomization
+resources:
+  - {base}
+secretGenerator:
+  - name: adaptgate-tokens
+    namespace: adaptgate
+    behavior: replace
+    files:
+      - tokens.json
+images:
+  - name: adaptgate
+    newName: registry.example.com/team/adaptgate
+""")
+    out = subprocess.run([kubectl(), "kustomize", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    mine = Objects(tuple(d for d in yaml.safe_load_all(out.stdout) if d))
+    (secret,) = mine.of("Secret")
+    assert json.loads(base64.b64decode(secret["data"]["tokens.json"])) == tokens
+    for name in GATEWAYS:
+        volumes = gateway(mine, name)["spec"]["template"]["spec"]["volumes"]
+        assert any(v.get("secret", {}).get("secretName") == secret["metadata"]["name"] for v in volumes), (
+            f"{name} must mount the replaced Secret (its new hashed name rolls the pods)"
+        )
+    images = {c["image"] for _, pod in all_pod_specs(mine) for c in containers(pod)}
+    assert all(i.startswith("registry.example.com/team/adaptgate:0.1.0-") for i in images), images
