@@ -80,3 +80,56 @@ def head_only_files(
         LABELS_FILE: json.dumps(labels).encode(),
         META_FILE: json.dumps(meta, indent=2).encode(),
     }
+
+
+def lora_files(
+    lora: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    rank: int,
+    alpha: float,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    labels: list[str],
+    base_fingerprint: str,
+    source: str,
+    base_prefix: str = "",
+    head_input: str = "mean",
+    normalize: bool = False,
+) -> dict[str, bytes]:
+    """Files of a LoRA adapter with its task head, as PEFT saves a SEQ_CLS model (the `lora` job),
+    or of a LoRA-only adapter for `Embed` when `weight` is None (the `embed` job: no head, no labels).
+
+    `lora` maps base-model module names (`encoder.layer.5.attention.self.query`) to (A [r, in],
+    B [out, r]). Keys carry the task model's prefix (`bert.` for BERT) as PEFT writes them, and
+    `target_modules` lists the exact module names, so PEFT's own loader adapts the same layers.
+    """
+    prefix = f"base_model.model.{base_prefix}." if base_prefix else "base_model.model."
+    config = {
+        "peft_type": "LORA",
+        "task_type": "SEQ_CLS",
+        "r": int(rank),
+        "lora_alpha": int(alpha) if float(alpha).is_integer() else float(alpha),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "target_modules": sorted(lora),
+        "modules_to_save": ["classifier"] if weight is not None else None,
+        "base_model_name_or_path": None,
+    }
+    if weight is None:
+        config["task_type"] = "FEATURE_EXTRACTION"
+    tensors = {}
+    for module, (a, b) in lora.items():
+        tensors[f"{prefix}{module}.lora_A.weight"] = a.detach().float().contiguous()
+        tensors[f"{prefix}{module}.lora_B.weight"] = b.detach().float().contiguous()
+    if weight is not None:
+        tensors["base_model.model.classifier.weight"] = weight.detach().float().contiguous()
+        head_bias = bias if bias is not None else torch.zeros(weight.shape[0])
+        tensors["base_model.model.classifier.bias"] = head_bias.detach().float().contiguous()
+    meta = {"head_input": head_input, "normalize": normalize, "base_fingerprint": base_fingerprint, "source": source}
+    files = {
+        CONFIG_FILE: json.dumps(config, indent=2).encode(),
+        WEIGHTS_FILE: save(tensors),
+        META_FILE: json.dumps(meta, indent=2).encode(),
+    }
+    if weight is not None:
+        files[LABELS_FILE] = json.dumps(labels).encode()
+    return files

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 
@@ -19,11 +20,28 @@ def metrics_proto(metrics: dict[str, float]) -> pb.JobMetrics:
     return pb.JobMetrics(accuracy=metrics.get("accuracy", 0.0), macro_f1=metrics.get("macro_f1", 0.0), loss=metrics.get("loss", 0.0))
 
 
+def details_proto(details: dict[str, Any]) -> pb.JobDetails:
+    """The JSON-shaped details of a job or event (see training/updates.py) as a JobDetails message."""
+    out = pb.JobDetails()
+    if confusion := details.get("confusion"):
+        out.confusion.labels.extend(str(label) for label in confusion.get("labels", []))
+        out.confusion.rows.extend(pb.ConfusionRow(counts=[int(c) for c in row]) for row in confusion.get("matrix", []))
+    for block in details.get("blocks", []):
+        out.blocks.append(pb.BlockLearningRate(
+            block=int(block.get("block", 0)), alpha=float(block.get("alpha", 0.0)),
+            multiplier=float(block.get("multiplier", 0.0)), learning_rate=float(block.get("learning_rate", 0.0)),
+        ))
+    if method := details.get("method"):
+        out.method.chosen, out.method.reason = str(method.get("chosen", "")), str(method.get("reason", ""))
+    return out
+
+
 def job_proto(job: JobRecord) -> pb.Job:
     return pb.Job(
         id=job.id, state=STATES[job.state], adapter=job.adapter_ref or "", tenant=job.tenant,
         dataset_id=job.dataset_id, adapter_name=job.adapter_name, method=job.method, error=job.error or "",
         progress=job.progress, metrics=metrics_proto(job.metrics), created_at=job.created_at, updated_at=job.updated_at,
+        details=details_proto(job.details), auto=job.auto,
     )
 
 
@@ -31,6 +49,7 @@ def event_proto(event: JobEvent) -> pb.JobEvent:
     return pb.JobEvent(
         job_id=event.job_id, seq=event.seq, time=event.time, state=STATES[event.state], kind=event.kind,
         message=event.message, progress=event.progress, metrics=metrics_proto(event.metrics), eta_seconds=event.eta_seconds,
+        details=details_proto(event.details),
     )
 
 
@@ -44,7 +63,8 @@ class FinetuneServicer(finetune_pb2_grpc.FinetuneServicer):
         spec = JobSpec(
             dataset_id=request.dataset_id, adapter_name=request.adapter_name, method=request.method or "auto",
             alias=request.alias, validation_fraction=request.validation_fraction or 0.1, epochs=request.epochs,
-            learning_rate=request.learning_rate, seed=request.seed,
+            learning_rate=request.learning_rate, seed=request.seed, lora_rank=request.lora_rank,
+            batch_size=request.batch_size, max_tokens=request.max_tokens, max_steps=request.max_steps,
         )
         return job_proto(await self.jobs.submit(principal.tenant, spec))
 

@@ -44,7 +44,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     progress REAL NOT NULL,
     metrics TEXT NOT NULL,
     created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    options TEXT NOT NULL DEFAULT '{}',
+    details TEXT NOT NULL DEFAULT '{}'
 );
 CREATE INDEX IF NOT EXISTS jobs_tenant ON jobs (tenant, state);
 CREATE TABLE IF NOT EXISTS job_events (
@@ -57,9 +59,15 @@ CREATE TABLE IF NOT EXISTS job_events (
     progress REAL NOT NULL,
     metrics TEXT NOT NULL,
     eta_seconds REAL NOT NULL,
+    details TEXT NOT NULL DEFAULT '{}',
     PRIMARY KEY (job_id, seq)
 );
 """
+# Columns added after the first release: databases made by an older gateway get them on open.
+ADDED_COLUMNS = {
+    "jobs": {"options": "TEXT NOT NULL DEFAULT '{}'", "details": "TEXT NOT NULL DEFAULT '{}'"},
+    "job_events": {"details": "TEXT NOT NULL DEFAULT '{}'"},
+}
 
 Params = Sequence[Any]
 
@@ -77,6 +85,14 @@ class Database:
         self._conn.execute("PRAGMA synchronous=NORMAL")
         self._conn.execute("PRAGMA busy_timeout=5000")
         self._conn.executescript(SCHEMA)
+        self._add_columns()
+
+    def _add_columns(self) -> None:
+        for table, columns in ADDED_COLUMNS.items():
+            present = {row[1] for row in self._conn.execute(f"PRAGMA table_info({table})")}
+            for name, declaration in columns.items():
+                if name not in present:
+                    self._conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {declaration}")
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:

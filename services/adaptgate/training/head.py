@@ -7,12 +7,13 @@ compute for it (same pooling, same normalization, same dtype choice).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from adaptgate.engine.model import BaseModel, load_base_model
+from adaptgate.training.evaluation import confusion_matrix
 from adaptgate.training.head_embed import embed_texts
 from adaptgate.training.head_fit import Evaluation, FitConfig, FittedHead, TrainingDiverged, fit_linear_head
 from adaptgate.training.head_split import Split, stratified_split
@@ -55,6 +56,8 @@ class HeadResult:
     fingerprint: str
     head_input: str = "mean"
     normalize: bool = True
+    # confusion[t][p] on the validation rows with the kept weights (label ids in `labels` order)
+    confusion: list[list[int]] = field(default_factory=list)
 
 
 def label_order(labels: list[str]) -> list[str]:
@@ -83,10 +86,14 @@ def _embed(base: BaseModel, texts: list[str], params: HeadParams, report: Report
     return embed_texts(base, texts, params.batch_size, on_chunk)
 
 
+def _validation(split: Split) -> list[int]:
+    return split.validation or split.train  # only when no class has two distinct texts
+
+
 def _fit(features: torch.Tensor, y: torch.Tensor, split: Split, params: HeadParams, report: Report) -> FittedHead:
     config = params.fit_config()
     started = time.monotonic()
-    validation = split.validation or split.train  # only when no class has two distinct texts
+    validation = _validation(split)
 
     def on_eval(ev: Evaluation) -> None:
         eta = (time.monotonic() - started) / ev.step * (config.steps - ev.step)
@@ -110,7 +117,17 @@ def train_head(
     report(make_update("started", f"training a head on {len(texts)} rows ({len(split.train)} train, "
                        f"{len(split.validation)} validation), {len(names)} labels", 0.0))
     base = _load(model_dir, params, report)
-    fitted = _fit(_embed(base, texts, params, report), y, split, params, report)
+    features = _embed(base, texts, params, report)
+    fitted = _fit(features, y, split, params, report)
     best = fitted.best
-    report(make_update("log", f"kept the weights of step {best.step} (lowest validation loss {best.loss:.4f})", FITTED, 0.0, best.metrics))
-    return HeadResult(fitted.weight, fitted.bias, names, best.metrics, base.spec.fingerprint, base.spec.default_pooling.value)
+    held = _validation(split)
+    predicted = (features[held] @ fitted.weight.t() + fitted.bias).argmax(dim=1)
+    confusion = confusion_matrix(predicted, y[held], len(names))
+    report(make_update(
+        "log", f"kept the weights of step {best.step} (lowest validation loss {best.loss:.4f})", FITTED, 0.0, best.metrics,
+        details={"confusion": {"labels": names, "matrix": confusion}},
+    ))
+    return HeadResult(
+        fitted.weight, fitted.bias, names, best.metrics, base.spec.fingerprint, base.spec.default_pooling.value,
+        confusion=confusion,
+    )

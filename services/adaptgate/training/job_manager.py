@@ -2,7 +2,8 @@
 
 One asyncio task per live job drives it from QUEUED to a terminal state; every change is a
 job-row update plus an event in one SQLite transaction, so `WatchJob` can replay a job's whole
-history and a restarted gateway finds its unfinished jobs and runs them again (`start()`).
+history and a restarted gateway finds its unfinished jobs and runs them again (`start()`; LoRA jobs
+continue from their checkpoint, see TRAINING.md).
 Publishing is the commit point: a cancel that arrives while the adapter is being written
 waits for it and returns the SUCCEEDED job, so a cancelled job never leaves a version behind.
 """
@@ -20,15 +21,19 @@ from pathlib import Path
 
 import torch
 
-from adaptgate.adapters.format import head_only_files
+from adaptgate.adapters.format import head_only_files, lora_files
 from adaptgate.errors import AdaptgateError, JobNotFound, ResourceExhausted, Unavailable
-from adaptgate.training.datasets import DatasetRecord, DatasetStore
+from adaptgate.training.datasets import DatasetStore
 from adaptgate.training.database import Database
-from adaptgate.training.head import HeadParams, HeadResult
+from adaptgate.training.embed import EmbedParams, EmbedResult
+from adaptgate.training.evaluation import describe_confusion
+from adaptgate.training.head import HeadParams
 from adaptgate.training.job_records import EVENT_KINDS, JobEvent, JobRecord, JobSpec, JobState, Publish, PublishRequest
 from adaptgate.training.job_signals import JobSignals
 from adaptgate.training.job_store import JobStore
 from adaptgate.training.job_validation import normalized_spec
+from adaptgate.training.lora import LoraParams, LoraResult
+from adaptgate.training.methods import TrainParams, TrainResult, choose_method
 from adaptgate.training.runner import Runner, TrainingFailed
 from adaptgate.training.updates import Update
 
@@ -56,12 +61,42 @@ def failure_message(exc: Exception) -> str:
     return f"internal error: {type(exc).__name__}: {exc}"
 
 
-def auto_note(spec: JobSpec, requested: str, dataset: DatasetRecord) -> str:
-    if requested.strip().lower() not in ("", "auto"):
-        return ""
-    return (
-        f"method 'auto' chose 'head' for {dataset.rows} rows and {len(dataset.label_counts)} labels: frozen "
-        "embeddings and a linear head ('lora' and 'embed' are not available in this version)"
+def training_params(record: JobRecord) -> TrainParams:
+    """The runner's parameters for a job record (the record keeps what the tenant asked for)."""
+    if record.method in ("lora", "embed"):
+        kind = EmbedParams if record.method == "embed" else LoraParams
+        return kind(
+            validation_fraction=record.validation_fraction, epochs=record.epochs, learning_rate=record.learning_rate,
+            seed=record.seed, batch_size=record.batch_size, rank=record.lora_rank, max_tokens=record.max_tokens,
+            max_steps=record.max_steps, auto=record.auto,
+        )
+    return HeadParams(
+        validation_fraction=record.validation_fraction, epochs=record.epochs,
+        learning_rate=record.learning_rate, seed=record.seed,
+    )
+
+
+def result_files(record: JobRecord, result: TrainResult) -> dict[str, bytes]:
+    """The adapter directory a finished job publishes; refuses non-finite weights."""
+    tensors = [] if isinstance(result, EmbedResult) else [result.weight, result.bias]
+    if isinstance(result, (LoraResult, EmbedResult)):
+        tensors += [t for pair in result.lora.values() for t in pair]
+    if not all(torch.isfinite(t).all() for t in tensors):
+        raise TrainingFailed("training diverged: the trained weights are not finite")
+    source = f"job:{record.id}"
+    if isinstance(result, EmbedResult):
+        return lora_files(
+            result.lora, result.rank, result.alpha, None, None, result.labels, result.fingerprint, source,
+            base_prefix=result.base_prefix, head_input=result.pooling, normalize=result.normalize,
+        )
+    if isinstance(result, LoraResult):
+        return lora_files(
+            result.lora, result.rank, result.alpha, result.weight, result.bias, result.labels, result.fingerprint, source,
+            base_prefix=result.base_prefix, head_input=result.head_input, normalize=result.normalize,
+        )
+    return head_only_files(
+        result.weight, result.bias, result.labels, result.fingerprint, source,
+        head_input=result.head_input, normalize=result.normalize,
     )
 
 
@@ -96,10 +131,16 @@ class JobManager:
         resolved = normalized_spec(spec)
         dataset = self._datasets.get(tenant, resolved.dataset_id)
         self._check_quota(tenant)
+        note = ""
+        if resolved.method == "auto":
+            method, note = choose_method(dataset.rows, len(dataset.label_counts))
+            resolved = dataclasses.replace(resolved, method=method, auto=True)
         record = JobRecord.new(tenant, resolved)
+        if note:
+            record.details["method"] = {"chosen": resolved.method, "reason": note}
         self._store.insert(record, self._event(record, "state", f"queued: {resolved.method} on dataset {dataset.id}"))
-        if note := auto_note(resolved, spec.method, dataset):
-            self._emit(record, "log", note)
+        if note:
+            self._emit(record, "log", note, details={"method": record.details["method"]})
         self._launch(record)
         return dataclasses.replace(record)  # the running task keeps mutating its own copy
 
@@ -117,6 +158,7 @@ class JobManager:
         run = self._runs.get(job_id)
         if run is None or run.task is None:
             self._set_state(record, JobState.CANCELLED, "cancelled")
+            self._discard(job_id)
             return record
         if not run.publishing:
             run.cancel_requested = True
@@ -181,21 +223,28 @@ class JobManager:
 
     @staticmethod
     def _event(
-        record: JobRecord, kind: str, message: str, metrics: dict[str, float] | None = None, eta: float = 0.0
+        record: JobRecord, kind: str, message: str, metrics: dict[str, float] | None = None, eta: float = 0.0,
+        details: dict[str, object] | None = None,
     ) -> JobEvent:
         record.updated_at = time.time()
-        return JobEvent(record.id, 0, record.updated_at, record.state, kind, message, record.progress, dict(metrics or {}), eta)
+        return JobEvent(
+            record.id, 0, record.updated_at, record.state, kind, message, record.progress, dict(metrics or {}), eta,
+            dict(details or {}),
+        )
 
     def _emit(
-        self, record: JobRecord, kind: str, message: str, metrics: dict[str, float] | None = None, eta: float = 0.0
+        self, record: JobRecord, kind: str, message: str, metrics: dict[str, float] | None = None, eta: float = 0.0,
+        details: dict[str, object] | None = None,
     ) -> JobEvent:
-        event = self._store.save(record, self._event(record, kind, message, metrics, eta))
+        event = self._store.save(record, self._event(record, kind, message, metrics, eta, details))
         self._signals.notify(record.id)
         return event
 
-    def _set_state(self, record: JobRecord, state: JobState, message: str, error: str = "") -> None:
+    def _set_state(
+        self, record: JobRecord, state: JobState, message: str, error: str = "", details: dict[str, object] | None = None
+    ) -> None:
         record.state, record.error = state, error
-        self._emit(record, "state", message, record.metrics)
+        self._emit(record, "state", message, record.metrics, details=details)
 
     # ----- running a job ----------------------------------------------------------------------
 
@@ -217,16 +266,23 @@ class JobManager:
             self._fail(record, run, exc)
         finally:
             self._runs.pop(record.id, None)
+            if record.state.terminal:
+                self._discard(record.id)
 
-    async def _train(self, record: JobRecord, run: _Run) -> HeadResult:
+    def _discard(self, job_id: str) -> None:
+        discard = getattr(self._runner, "discard", None)
+        if discard is None:
+            return
+        try:
+            discard(job_id)
+        except Exception:  # noqa: BLE001 - a leftover checkpoint directory is harmless
+            log.warning("could not remove the checkpoints of job %s", job_id, exc_info=True)
+
+    async def _train(self, record: JobRecord, run: _Run) -> TrainResult:
         dataset = self._datasets.get(None, record.dataset_id)
         texts, labels = await asyncio.to_thread(self._datasets.load, dataset)
-        params = HeadParams(
-            validation_fraction=record.validation_fraction, epochs=record.epochs,
-            learning_rate=record.learning_rate, seed=record.seed,
-        )
         return await self._runner.run(
-            record.id, texts, labels, str(self._model_dir), params, lambda u: self._on_update(record, run, u)
+            record.id, texts, labels, str(self._model_dir), training_params(record), lambda u: self._on_update(record, run, u)
         )
 
     def _on_update(self, record: JobRecord, run: _Run, update: Update) -> None:
@@ -234,6 +290,8 @@ class JobManager:
         if record.state.terminal or run.cancel_requested:
             return
         kind, message = str(update.get("kind", "log")), str(update.get("message", ""))
+        if kind == "skip":
+            return
         if record.state is JobState.QUEUED:
             self._set_state(record, JobState.RUNNING, message if kind == "started" else "running")
             if kind == "started":
@@ -242,24 +300,30 @@ class JobManager:
         metrics = {k: float(v) for k, v in dict(update.get("metrics") or {}).items()}
         if kind == "eval" and metrics:
             record.metrics = metrics
-        self._emit(record, kind if kind in EVENT_KINDS else "log", message, metrics, float(update.get("eta_seconds", 0.0)))
+        details = dict(update.get("details") or {})
+        for key in ("confusion", "blocks"):
+            if key in details:
+                record.details[key] = details[key]
+        event_kind = kind if kind in EVENT_KINDS else "log"
+        self._emit(record, event_kind, message, metrics, float(update.get("eta_seconds", 0.0)), details)
 
-    async def _publish_result(self, record: JobRecord, result: HeadResult) -> str:
-        if not (torch.isfinite(result.weight).all() and torch.isfinite(result.bias).all()):
-            raise TrainingFailed("training diverged: the head's weights are not finite")
-        source = f"job:{record.id}"
-        files = head_only_files(
-            result.weight, result.bias, result.labels, result.fingerprint, source,
-            head_input=result.head_input, normalize=result.normalize,
-        )
-        request = PublishRequest(record.tenant, record.adapter_name, files, record.alias, source)
+    async def _publish_result(self, record: JobRecord, result: TrainResult) -> str:
+        files = result_files(record, result)
+        request = PublishRequest(record.tenant, record.adapter_name, files, record.alias, f"job:{record.id}")
         return await asyncio.to_thread(self._publish, request)
 
-    def _succeed(self, record: JobRecord, result: HeadResult, ref: str) -> None:
+    def _succeed(self, record: JobRecord, result: TrainResult, ref: str) -> None:
         record.adapter_ref, record.metrics, record.progress = ref, dict(result.metrics), 1.0
         alias = f" and moved alias {record.alias!r}" if record.alias else ""
         summary = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
-        self._set_state(record, JobState.SUCCEEDED, f"published {ref}{alias} (validation {summary})")
+        details: dict[str, object] = {}
+        confusion = ""
+        if result.confusion:
+            details["confusion"] = record.details["confusion"] = {"labels": result.labels, "matrix": result.confusion}
+            if text := describe_confusion(result.labels, result.confusion):
+                confusion = f"; {text}"
+        message = f"published {ref}{alias} (validation {summary}){confusion}"
+        self._set_state(record, JobState.SUCCEEDED, message, details=details)
 
     def _fail(self, record: JobRecord, run: _Run, exc: Exception) -> None:
         if run.cancel_requested:

@@ -7,6 +7,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class JobState(enum.Enum):
@@ -36,6 +37,16 @@ class JobSpec:
     epochs: int = 0
     learning_rate: float = 0.0
     seed: int = 0
+    # LoRA options (0 = the method's default) and whether 'auto' chose the method.
+    lora_rank: int = 0
+    batch_size: int = 0
+    max_tokens: int = 0
+    max_steps: int = 0
+    auto: bool = False
+
+
+# Spec fields stored together as JSON in the jobs table's `options` column.
+OPTION_FIELDS = ("lora_rank", "batch_size", "max_tokens", "max_steps", "auto")
 
 
 @dataclass
@@ -52,6 +63,11 @@ class JobRecord:
     epochs: int
     learning_rate: float
     seed: int
+    lora_rank: int = 0
+    batch_size: int = 0
+    max_tokens: int = 0
+    max_steps: int = 0
+    auto: bool = False
     state: JobState = JobState.QUEUED
     error: str = ""
     adapter_ref: str = ""
@@ -59,6 +75,8 @@ class JobRecord:
     metrics: dict[str, float] = field(default_factory=dict)
     created_at: float = 0.0
     updated_at: float = 0.0
+    # What the job learnt beyond the scalar metrics: {"confusion": {"labels", "matrix"}, "blocks": [...]}.
+    details: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def new(cls, tenant: str, spec: JobSpec) -> JobRecord:
@@ -67,7 +85,8 @@ class JobRecord:
             id="job-" + secrets.token_hex(6), tenant=tenant, dataset_id=spec.dataset_id,
             adapter_name=spec.adapter_name, method=spec.method, alias=spec.alias,
             validation_fraction=spec.validation_fraction, epochs=spec.epochs,
-            learning_rate=spec.learning_rate, seed=spec.seed, created_at=now, updated_at=now,
+            learning_rate=spec.learning_rate, seed=spec.seed, lora_rank=spec.lora_rank, batch_size=spec.batch_size,
+            max_tokens=spec.max_tokens, max_steps=spec.max_steps, auto=spec.auto, created_at=now, updated_at=now,
         )
 
     @property
@@ -75,8 +94,13 @@ class JobRecord:
         return JobSpec(
             dataset_id=self.dataset_id, adapter_name=self.adapter_name, method=self.method, alias=self.alias,
             validation_fraction=self.validation_fraction, epochs=self.epochs,
-            learning_rate=self.learning_rate, seed=self.seed,
+            learning_rate=self.learning_rate, seed=self.seed, lora_rank=self.lora_rank, batch_size=self.batch_size,
+            max_tokens=self.max_tokens, max_steps=self.max_steps, auto=self.auto,
         )
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in OPTION_FIELDS}
 
 
 EVENT_KINDS = ("state", "progress", "eval", "log")
@@ -95,6 +119,7 @@ class JobEvent:
     progress: float = 0.0
     metrics: dict[str, float] = field(default_factory=dict)
     eta_seconds: float = 0.0
+    details: dict[str, Any] = field(default_factory=dict)
 
     @property
     def final(self) -> bool:

@@ -7,24 +7,31 @@ import sqlite3
 from collections.abc import Sequence
 
 from adaptgate.training.database import Database
-from adaptgate.training.job_records import ACTIVE_STATES, JobEvent, JobRecord, JobState
+from adaptgate.training.job_records import ACTIVE_STATES, OPTION_FIELDS, JobEvent, JobRecord, JobState
 
 JOB_COLUMNS = (
     "id", "tenant", "dataset_id", "adapter_name", "method", "alias", "validation_fraction", "epochs",
     "learning_rate", "seed", "state", "error", "adapter_ref", "progress", "metrics", "created_at", "updated_at",
+    "options", "details",
 )
-MUTABLE_COLUMNS = ("state", "error", "adapter_ref", "progress", "metrics", "updated_at")
+MUTABLE_COLUMNS = ("state", "error", "adapter_ref", "progress", "metrics", "updated_at", "details")
 
 
 def _job_values(record: JobRecord, columns: Sequence[str]) -> list[object]:
-    values = {**record.__dict__, "state": record.state.value, "metrics": json.dumps(record.metrics)}
+    values = {
+        **record.__dict__, "state": record.state.value, "metrics": json.dumps(record.metrics),
+        "options": json.dumps(record.options), "details": json.dumps(record.details),
+    }
     return [values[c] for c in columns]
 
 
 def _job(row: sqlite3.Row) -> JobRecord:
-    fields = {c: row[c] for c in JOB_COLUMNS}
+    fields = {c: row[c] for c in JOB_COLUMNS if c not in ("options", "details")}
     fields["state"] = JobState(row["state"])
     fields["metrics"] = json.loads(row["metrics"])
+    options = json.loads(row["options"] or "{}")
+    fields.update({name: options[name] for name in OPTION_FIELDS if name in options})
+    fields["details"] = json.loads(row["details"] or "{}")
     return JobRecord(**fields)
 
 
@@ -32,13 +39,13 @@ def _event(row: sqlite3.Row) -> JobEvent:
     return JobEvent(
         job_id=row["job_id"], seq=row["seq"], time=row["time"], state=JobState(row["state"]), kind=row["kind"],
         message=row["message"], progress=row["progress"], metrics=json.loads(row["metrics"]),
-        eta_seconds=row["eta_seconds"],
+        eta_seconds=row["eta_seconds"], details=json.loads(row["details"] or "{}"),
     )
 
 
 INSERT_EVENT = (
-    "INSERT INTO job_events (job_id, seq, time, state, kind, message, progress, metrics, eta_seconds)"
-    " SELECT ?, COALESCE(MAX(seq), 0) + 1, ?, ?, ?, ?, ?, ?, ? FROM job_events WHERE job_id = ? RETURNING seq"
+    "INSERT INTO job_events (job_id, seq, time, state, kind, message, progress, metrics, eta_seconds, details)"
+    " SELECT ?, COALESCE(MAX(seq), 0) + 1, ?, ?, ?, ?, ?, ?, ?, ? FROM job_events WHERE job_id = ? RETURNING seq"
 )
 
 
@@ -62,7 +69,7 @@ class JobStore:
     @staticmethod
     def _append(conn: sqlite3.Connection, event: JobEvent) -> JobEvent:
         params = (event.job_id, event.time, event.state.value, event.kind, event.message, event.progress,
-                  json.dumps(event.metrics), event.eta_seconds, event.job_id)
+                  json.dumps(event.metrics), event.eta_seconds, json.dumps(event.details), event.job_id)
         event.seq = int(conn.execute(INSERT_EVENT, params).fetchone()[0])
         return event
 

@@ -2,23 +2,38 @@
 
 Each job is one Ray *generator* task: it yields training updates as they happen and the
 result last, so progress streams back without an extra queue actor. Ray retries the task
-when its worker dies (max_retries) and skips the updates the caller already consumed; that
-is only sound because training yields the same number of updates on every attempt.
+when its worker dies (max_retries) and keeps only the stream items whose index it has not
+seen yet, so a retried attempt must line its stream up with the first one:
+- `head` jobs restart from scratch (they take seconds) and yield the same number of updates
+  on every attempt, so the retry's first items are exactly the ones already delivered.
+- `lora` jobs resume from their last checkpoint (`<checkpoint_root>/<job id>/`), so they
+  yield fewer updates than a fresh run. Their journal records how many items the stream has
+  carried; a resumed attempt first yields that many "skip" placeholders (Ray drops those it
+  already has, the caller drops the rest) and then its real updates, so none of them, nor the
+  result, lands on an index Ray already filled.
+Why task retries and not Ray Train: a job is one process on one CPU slot; Ray Train's
+FailureConfig restarts a whole worker group with a TorchTrainer and its own storage layer,
+which costs seconds per job and a second checkpoint format for no gain at this size.
 Ray is imported lazily so the engine and the server import fine where Ray is not installed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import queue
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
-from adaptgate.training.head import HeadParams, HeadResult
+from adaptgate.training.checkpoints import CheckpointDir
+from adaptgate.training.lora import LoraParams
+from adaptgate.training.methods import TrainParams, TrainResult
 from adaptgate.training.runner import TrainingFailed
 from adaptgate.training.updates import Report, Update, make_update
 
@@ -27,33 +42,48 @@ log = logging.getLogger(__name__)
 LOCAL_OBJECT_STORE_BYTES = 256 * 1024 * 1024
 TASK_RETRIES = 2
 _DONE = object()
+SKIP: Update = {"kind": "skip"}
+
+
+def default_checkpoint_root() -> Path:
+    return Path(tempfile.gettempdir()) / "adaptgate-checkpoints"
 
 
 def _train_in_thread(args: tuple[Any, ...], updates: queue.Queue[Any]) -> None:
-    """Runs train_head, putting each update, then the result (or the exception), on `updates`."""
-    from adaptgate.training.head import train_head
+    """Runs the job's method, putting each update, then the result (or the exception), on `updates`."""
+    from adaptgate.training.methods import train
 
     try:
-        updates.put({"kind": "result", "result": train_head(*args, updates.put)})
+        updates.put({"kind": "result", "result": train(*args, updates.put)})
     except BaseException as exc:  # noqa: BLE001 - handed to the generator, which re-raises it
         updates.put(exc)
     updates.put(_DONE)
 
 
-def train_task(texts: list[str], labels: list[str], model_dir: str, params: HeadParams, threads: int) -> Iterator[Update]:
+def train_task(texts: list[str], labels: list[str], model_dir: str, params: TrainParams, threads: int) -> Iterator[Update]:
     """The Ray task body: training runs in a thread while this generator yields its updates."""
     import torch
 
     torch.set_num_threads(threads)
+    directory = getattr(params, "checkpoint_dir", "")
+    journal = CheckpointDir(directory) if directory else None
+    sent = journal.journal() if journal else 0
+    for _ in range(sent):
+        yield SKIP
     updates: queue.Queue[Any] = queue.Queue()
     worker = threading.Thread(target=_train_in_thread, args=((texts, labels, model_dir, params), updates), daemon=True)
     worker.start()
-    started = make_update("started", f"running on Ray worker pid {os.getpid()} with {threads} thread(s)", 0.0)
-    yield {**started, "worker_pid": os.getpid()}
-    while (item := updates.get()) is not _DONE:
+    again = "; an earlier attempt stopped, continuing from its checkpoint" if sent else ""
+    started = make_update("started", f"running on Ray worker pid {os.getpid()} with {threads} thread(s){again}", 0.0)
+    item: Any = {**started, "worker_pid": os.getpid()}
+    while item is not _DONE:
         if isinstance(item, BaseException):
             raise item
+        if journal is not None:  # counted before it leaves: a lost item costs one event, never the result
+            sent += 1
+            journal.set_journal(sent)
         yield item
+        item = updates.get()
     worker.join()
 
 
@@ -78,10 +108,17 @@ def failure_reason(exc: BaseException) -> str:
 class RayRunner:
     """Starts (or joins) Ray on first use and runs each job as one retried generator task."""
 
-    def __init__(self, address: str | None, num_cpus: int = 0, task_cpus: float = 1.0) -> None:
+    def __init__(
+        self, address: str | None, num_cpus: int = 0, task_cpus: float = 1.0, checkpoint_root: Path | None = None,
+        task_gpus: float = 0.0,
+    ) -> None:
+        """checkpoint_root must be reachable by every Ray worker (the data dir locally, a shared volume on a cluster).
+        task_gpus > 0 makes each job reserve that share of a GPU; its worker then trains on CUDA (device "auto")."""
         self.address = address or os.environ.get("RAY_ADDRESS") or None
         self.num_cpus = num_cpus
         self.task_cpus = task_cpus
+        self.task_gpus = task_gpus
+        self.checkpoint_root = Path(checkpoint_root) if checkpoint_root else default_checkpoint_root()
         self.init_seconds = 0.0
         self._remote: Any = None
         self._owns_ray = False
@@ -107,13 +144,20 @@ class RayRunner:
             began = time.monotonic()
             ray.init(**self._init_args())
             self.init_seconds = time.monotonic() - began
-            self._remote = ray.remote(train_task).options(num_cpus=self.task_cpus, max_retries=TASK_RETRIES)
+            self._remote = ray.remote(train_task).options(
+                num_cpus=self.task_cpus, num_gpus=self.task_gpus, max_retries=TASK_RETRIES
+            )
             log.info("Ray ready in %.1f s (%s)", self.init_seconds, self.address or "local")
 
+    def checkpoint_dir(self, job_id: str) -> Path:
+        return self.checkpoint_root / job_id
+
     async def run(
-        self, job_id: str, texts: list[str], labels: list[str], model_dir: str, params: HeadParams, on_event: Report
-    ) -> HeadResult:
+        self, job_id: str, texts: list[str], labels: list[str], model_dir: str, params: TrainParams, on_event: Report
+    ) -> TrainResult:
         await asyncio.to_thread(self.start)
+        if isinstance(params, LoraParams) and not params.checkpoint_dir:
+            params = dataclasses.replace(params, checkpoint_dir=str(self.checkpoint_dir(job_id)))
         stream = self._submit(texts, labels, model_dir, params)
         self._active[job_id] = stream
         try:
@@ -124,7 +168,7 @@ class RayRunner:
         finally:
             self._active.pop(job_id, None)
 
-    def _submit(self, texts: list[str], labels: list[str], model_dir: str, params: HeadParams) -> Any:
+    def _submit(self, texts: list[str], labels: list[str], model_dir: str, params: TrainParams) -> Any:
         from ray.exceptions import RayError
 
         try:
@@ -133,18 +177,23 @@ class RayRunner:
             raise TrainingFailed(failure_reason(exc)) from None
 
     @staticmethod
-    async def _drain(stream: Any, on_event: Report) -> HeadResult:
+    async def _drain(stream: Any, on_event: Report) -> TrainResult:
         from ray.exceptions import RayError
 
         try:
             async for ref in stream:
                 item = await ref
-                if item.get("kind") == "result":
+                kind = item.get("kind")
+                if kind == "result":
                     return item["result"]
-                on_event(item)
+                if kind != "skip":
+                    on_event(item)
         except RayError as exc:
             raise TrainingFailed(failure_reason(exc)) from None
         raise TrainingFailed("the training task ended without a result")
+
+    def discard(self, job_id: str) -> None:
+        CheckpointDir(self.checkpoint_dir(job_id)).remove()
 
     def cancel(self, job_id: str) -> None:
         stream = self._active.get(job_id)

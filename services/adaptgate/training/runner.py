@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from adaptgate.training.head import HeadParams, HeadResult
+from adaptgate.training.methods import TrainParams, TrainResult
 from adaptgate.training.updates import Report
 
 
@@ -14,13 +14,18 @@ class TrainingFailed(RuntimeError):
 
 class Runner(Protocol):
     async def run(
-        self, job_id: str, texts: list[str], labels: list[str], model_dir: str, params: HeadParams, on_event: Report
-    ) -> HeadResult:
-        """Train and return the head. Calls `on_event(update)` on the event loop's thread for each
-        update (see `updates.py`); raises TrainingFailed with a readable reason; cancelling the
-        awaiting task must cancel the underlying work."""
+        self, job_id: str, texts: list[str], labels: list[str], model_dir: str, params: TrainParams, on_event: Report
+    ) -> TrainResult:
+        """Train and return the result (HeadResult or LoraResult, by the params' type). Calls
+        `on_event(update)` on the event loop's thread for each update (see `updates.py`); raises
+        TrainingFailed with a readable reason; cancelling the awaiting task must cancel the
+        underlying work. A job run again under the same id resumes from its checkpoint, if any."""
         ...
 
     def cancel(self, job_id: str) -> None:
         """Stop the job's work if it is running; a no-op for unknown or finished jobs."""
+        ...
+
+    def discard(self, job_id: str) -> None:
+        """Forget the job's checkpoints: it reached a terminal state and will never resume."""
         ...

@@ -7,6 +7,11 @@ unpickle in a gateway that may run another version of this package. Keys:
   progress     0..1 over the whole run
   eta_seconds  estimated seconds left (0 when unknown)
   metrics      {"accuracy", "macro_f1", "loss"} for "eval"
+  details      optional, JSON-able: {"confusion": {"labels", "matrix"}} on the final evaluation,
+               {"blocks": [...]} for per-block learning rates, {"method": ...} for auto's choice
+  worker_pid   optional, on "started": the Ray worker running the job
+Kind "skip" is a placeholder a resumed Ray attempt yields to keep its stream aligned; it carries
+nothing and consumers drop it (see ray_runner.py).
 """
 
 from __future__ import annotations
@@ -19,12 +24,16 @@ Report = Callable[[Update], None]
 
 
 def make_update(
-    kind: str, message: str, progress: float, eta_seconds: float = 0.0, metrics: dict[str, float] | None = None
+    kind: str, message: str, progress: float, eta_seconds: float = 0.0, metrics: dict[str, float] | None = None,
+    details: dict[str, Any] | None = None,
 ) -> Update:
-    return {
+    update: Update = {
         "kind": kind,
         "message": message,
         "progress": float(progress),
         "eta_seconds": float(eta_seconds),
         "metrics": dict(metrics or {}),
     }
+    if details:
+        update["details"] = details
+    return update

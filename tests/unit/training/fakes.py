@@ -9,9 +9,12 @@ import torch
 
 from adaptgate.training.head import HeadParams, HeadResult
 from adaptgate.training.job_records import PublishRequest
+from adaptgate.training.lora import LoraParams, LoraResult
+from adaptgate.training.methods import TrainParams, TrainResult
 from adaptgate.training.updates import Report, make_update
 
 METRICS = {"accuracy": 0.95, "macro_f1": 0.9, "loss": 0.2}
+LORA_MODULE = "encoder.layer.1.attention.self.query"
 
 
 @dataclass
@@ -21,28 +24,42 @@ class FakeRunner:
     gate: asyncio.Event | None = None
     error: Exception | None = None
     calls: list[str] = field(default_factory=list)
-    params: list[HeadParams] = field(default_factory=list)
+    params: list[TrainParams] = field(default_factory=list)
     cancelled: list[str] = field(default_factory=list)
+    discarded: list[str] = field(default_factory=list)
     mid_training: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def run(
-        self, job_id: str, texts: list[str], labels: list[str], model_dir: str, params: HeadParams, on_event: Report
-    ) -> HeadResult:
+        self, job_id: str, texts: list[str], labels: list[str], model_dir: str, params: TrainParams, on_event: Report
+    ) -> TrainResult:
         self.calls.append(job_id)
         self.params.append(params)
         on_event(make_update("started", "fake worker started", 0.0))
+        on_event({"kind": "skip"})
         on_event(make_update("progress", f"embedded {len(texts)}/{len(texts)} texts", 0.8, 1.5))
         self.mid_training.set()
         if self.gate is not None:
             await self.gate.wait()
         if self.error is not None:
             raise self.error
-        on_event(make_update("eval", "step 25/25", 0.99, 0.0, METRICS))
         names = sorted(set(labels))
-        return HeadResult(torch.randn(len(names), 8), torch.zeros(len(names)), names, dict(METRICS), "fp-test")
+        confusion = [[5 if i == j else 1 for j in range(len(names))] for i in range(len(names))]
+        details = {"confusion": {"labels": names, "matrix": confusion}}
+        on_event(make_update("eval", "step 25/25", 0.99, 0.0, METRICS, details=details))
+        if isinstance(params, LoraParams):
+            lora = {LORA_MODULE: (torch.randn(4, 8), torch.randn(8, 4))}
+            return LoraResult(
+                lora, 4, 8.0, torch.randn(len(names), 8), torch.zeros(len(names)), names, dict(METRICS), "fp-test",
+                "bert", "mean", False, confusion=confusion,
+            )
+        assert isinstance(params, HeadParams)
+        return HeadResult(torch.randn(len(names), 8), torch.zeros(len(names)), names, dict(METRICS), "fp-test", confusion=confusion)
 
     def cancel(self, job_id: str) -> None:
         self.cancelled.append(job_id)
+
+    def discard(self, job_id: str) -> None:
+        self.discarded.append(job_id)
 
 
 @dataclass

@@ -37,7 +37,7 @@ def test_failed_transaction_rolls_back(tmp_path: Path) -> None:
     db = Database(tmp_path / "a.db")
     with pytest.raises(RuntimeError):
         with db.transaction() as conn:
-            conn.execute("INSERT INTO job_events VALUES ('j', 1, 0, 'QUEUED', 'state', '', 0, '{}', 0)")
+            conn.execute("INSERT INTO job_events VALUES ('j', 1, 0, 'QUEUED', 'state', '', 0, '{}', 0, '{}')")
             raise RuntimeError("boom")
     assert db.query("SELECT * FROM job_events") == []
 

@@ -125,8 +125,10 @@ async def test_other_tenant_sees_not_found(world: World) -> None:
 
 
 async def test_submit_checks(world: World) -> None:
-    with pytest.raises(InvalidArgument, match="method 'lora' is not available yet; use 'head' or 'auto'"):
-        await world.manager.submit("acme", world.spec(method="lora"))
+    with pytest.raises(InvalidArgument, match="unknown method 'bogus'; use 'head', 'lora', 'embed' or 'auto'"):
+        await world.manager.submit("acme", world.spec(method="bogus"))
+    with pytest.raises(InvalidArgument, match="lora_rank must be between 0"):
+        await world.manager.submit("acme", world.spec(method="lora", lora_rank=65))
     with pytest.raises(InvalidArgument, match="adapter_name"):
         await world.manager.submit("acme", world.spec(adapter_name="Bad Name"))
     with pytest.raises(InvalidArgument, match="validation_fraction"):

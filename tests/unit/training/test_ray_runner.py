@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 from collections.abc import Iterator
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from adaptgate.training.head import HeadParams
+from adaptgate.training.lora import LoraParams, LoraResult
 from adaptgate.training.ray_runner import RayRunner
 from adaptgate.training.runner import TrainingFailed
 from adaptgate.training.updates import Update
@@ -24,8 +26,8 @@ TEXTS, LABELS = [r["text"] for r in ROWS], [r["label"] for r in ROWS]
 
 
 @pytest.fixture(scope="module")
-def runner() -> Iterator[RayRunner]:
-    ray_runner = RayRunner(None, num_cpus=2, task_cpus=1.0)
+def runner(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayRunner]:
+    ray_runner = RayRunner(None, num_cpus=2, task_cpus=1.0, checkpoint_root=tmp_path_factory.mktemp("checkpoints"))
     ray_runner.start()
     yield ray_runner
     ray_runner.stop()
@@ -80,3 +82,70 @@ async def test_a_killed_worker_is_retried_and_the_job_finishes(runner: RayRunner
     result = await asyncio.wait_for(runner.run("job-e", TEXTS, LABELS, str(tiny_model_dir), params, on_event), 120)
     assert pids and result.labels == ["animal", "money"]
     assert [u["kind"] for u in updates].count("eval") == 2  # the retry's updates continue, none repeated
+
+
+LORA = LoraParams(dtype="float32", device="cpu", learning_rate=1e-2, batch_size=16, max_tokens=32, seed=1,
+                  validation_fraction=0.25, epochs=200, max_steps=600, eval_every=100)
+
+
+async def test_a_killed_lora_worker_resumes_from_its_checkpoint(runner: RayRunner, tiny_model_dir: Path) -> None:
+    """RELIABILITY 23: SIGKILL the worker after its first checkpoint; Ray's retry resumes there and finishes."""
+    pids: list[int] = []
+    updates: list[Update] = []
+
+    def on_event(update: Update) -> None:
+        updates.append(update)
+        if "worker_pid" in update and not pids:
+            pids.append(update["worker_pid"])
+        elif update["kind"] == "eval" and len(pids) == 1:
+            pids.append(-1)
+            os.kill(pids[0], signal.SIGKILL)  # the step-100 checkpoint is on disk before its eval event leaves
+
+    result = await asyncio.wait_for(runner.run("job-lora-kill", TEXTS, LABELS, str(tiny_model_dir), LORA, on_event), 180)
+    assert isinstance(result, LoraResult) and result.steps == 600 and result.resumed_from >= 100
+    messages = [u["message"] for u in updates]
+    assert any("an earlier attempt stopped, continuing from its checkpoint" in m for m in messages)
+    assert any(f"resumed from the checkpoint at step {result.resumed_from}/600" in m for m in messages)
+    assert all(u["kind"] != "skip" for u in updates)
+    assert runner.checkpoint_dir("job-lora-kill").exists()
+    runner.discard("job-lora-kill")
+    assert not runner.checkpoint_dir("job-lora-kill").exists()
+
+    straight = await asyncio.wait_for(runner.run("job-lora-straight", TEXTS, LABELS, str(tiny_model_dir), LORA, lambda u: None), 180)
+    runner.discard("job-lora-straight")
+    assert straight.metrics["accuracy"] >= 0.9
+    assert result.metrics["accuracy"] == pytest.approx(straight.metrics["accuracy"], abs=0.05)
+
+
+async def test_a_diverging_lora_job_fails_with_the_reason(runner: RayRunner, tiny_model_dir: Path) -> None:
+    params = dataclasses.replace(LORA, learning_rate=1e4, max_steps=50, eval_every=25)
+    with pytest.raises(TrainingFailed, match="training diverged: loss became NaN at step"):
+        await asyncio.wait_for(runner.run("job-lora-nan", TEXTS, LABELS, str(tiny_model_dir), params, lambda u: None), 120)
+    runner.discard("job-lora-nan")
+
+
+async def test_a_job_run_again_after_a_gateway_restart_resumes_from_its_checkpoint(
+    runner: RayRunner, tiny_model_dir: Path
+) -> None:
+    """RELIABILITY 24: the gateway went away mid-job (its task cancelled, the worker killed); the next
+    gateway runs the job again under the same id and it continues from the checkpoint, not from step 0."""
+    first_eval = asyncio.Event()
+
+    def on_event(update: Update) -> None:
+        if update["kind"] == "eval":
+            first_eval.set()
+
+    task = asyncio.create_task(runner.run("job-restart", TEXTS, LABELS, str(tiny_model_dir), LORA, on_event))
+    await asyncio.wait_for(first_eval.wait(), 120)
+    runner.cancel("job-restart")  # what JobManager.close() does at shutdown
+    task.cancel()
+    with pytest.raises((TrainingFailed, asyncio.CancelledError)):
+        await task
+    assert runner.checkpoint_dir("job-restart").exists()
+
+    updates: list[Update] = []
+    result = await asyncio.wait_for(runner.run("job-restart", TEXTS, LABELS, str(tiny_model_dir), LORA, updates.append), 180)
+    assert result.resumed_from >= 100 and result.steps == 600
+    assert updates[0]["kind"] == "started" and "continuing from its checkpoint" in updates[0]["message"]
+    assert all(u["kind"] != "skip" for u in updates)
+    runner.discard("job-restart")

@@ -1,0 +1,50 @@
+"""The training methods behind one call: what each takes and returns, and how `auto` chooses.
+
+`auto` picks `head` (frozen embeddings + a linear head, seconds of CPU) when the data is small
+or thin per class, where a head is as accurate as finetuning and cannot overfit the base; and
+`lora` with per-block HTSR learning rates and early stopping otherwise. `auto` trains
+classifiers; `embed` (contrastive LoRA for `Embed`) is only ever asked for by name. Thresholds: fewer than
+HEAD_MAX_ROWS rows, or fewer than HEAD_MAX_ROWS_PER_LABEL rows per label on average -> head.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+from adaptgate.training.embed import EmbedParams, EmbedResult, train_embed
+from adaptgate.training.head import HeadParams, HeadResult, train_head
+from adaptgate.training.lora import LoraParams, LoraResult, train_lora
+from adaptgate.training.updates import Report
+
+TrainParams = Union[HeadParams, LoraParams, EmbedParams]
+TrainResult = Union[HeadResult, LoraResult, EmbedResult]
+
+HEAD_MAX_ROWS = 1000
+HEAD_MAX_ROWS_PER_LABEL = 50
+
+
+def choose_method(rows: int, labels: int) -> tuple[str, str]:
+    """(method, the reason in a sentence) for a dataset of `rows` rows and `labels` labels."""
+    per_label = rows / max(1, labels)
+    if rows < HEAD_MAX_ROWS:
+        return "head", (
+            f"method 'auto' chose 'head' for {rows} rows and {labels} labels: under {HEAD_MAX_ROWS} rows a linear head "
+            "on frozen embeddings is as accurate as finetuning, and takes seconds"
+        )
+    if per_label < HEAD_MAX_ROWS_PER_LABEL:
+        return "head", (
+            f"method 'auto' chose 'head' for {rows} rows and {labels} labels: {per_label:.0f} rows per label are too few "
+            "to finetune the base without overfitting it"
+        )
+    return "lora", (
+        f"method 'auto' chose 'lora' for {rows} rows and {labels} labels ({per_label:.0f} per label): LoRA on the upper "
+        "blocks with per-block learning rates from HTSR alpha, and early stopping on validation"
+    )
+
+
+def train(texts: list[str], labels: list[str], model_dir: str, params: TrainParams, report: Report) -> TrainResult:
+    if isinstance(params, EmbedParams):  # before LoraParams: EmbedParams is one
+        return train_embed(texts, labels, model_dir, params, report)
+    if isinstance(params, LoraParams):
+        return train_lora(texts, labels, model_dir, params, report)
+    return train_head(texts, labels, model_dir, params, report)
