@@ -127,7 +127,9 @@ async def build(settings: Settings) -> Gateway:
         torch.set_num_threads(settings.torch_threads)
     metrics = Metrics(max_adapter_labels=settings.metrics_max_adapter_labels)
     runtime = RpcRuntime(_tokens(settings), metrics, TenantAdmission(settings.max_inflight_per_tenant))
-    runner = RayRunner(settings.ray_address, settings.ray_num_cpus, settings.training_cpus)
+    runner = RayRunner(
+        settings.ray_address, settings.ray_num_cpus, settings.training_cpus, checkpoint_root=settings.checkpoints_dir
+    )
     base, _ = await asyncio.gather(
         asyncio.to_thread(load_base_model, settings.base_model, settings.dtype, settings.device),
         asyncio.to_thread(runner.start),

@@ -69,5 +69,10 @@ class Settings(BaseSettings):
         return self.data_dir / "datasets"
 
     @property
+    def checkpoints_dir(self) -> Path:
+        """Training checkpoints, one folder per unfinished job; Ray workers must see it (a shared volume on a cluster)."""
+        return self.data_dir / "checkpoints"
+
+    @property
     def database_path(self) -> Path:
         return self.data_dir / "adaptgate.db"
