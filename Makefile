@@ -9,7 +9,7 @@ PROTOS     := $(wildcard protos/adaptgate/v1/*.proto)
 GEN_DIR    := services/adaptgate/v1
 GEN_STAMP  := $(GEN_DIR)/.generated
 
-.PHONY: setup proto serve test test-unit test-integration demo bench clean
+.PHONY: setup proto serve test test-unit test-integration demo bench bench-serving clean
 
 setup: $(STAMP) $(GEN_STAMP)
 
@@ -46,8 +46,16 @@ test-integration: setup
 demo: setup
 	$(VENV)/bin/adaptgate demo --data examples/data/sms_spam
 
+# Every section in one run (about an hour on 2 cores: the training section dominates); see README "Benchmarks".
 bench: setup
 	$(PY) bench/run.py
+	$(PY) bench/multi_adapter.py
+	$(PY) bench/training.py $(BENCH_TRAINING_ARGS)
+
+# The serving sections only (a few minutes).
+bench-serving: setup
+	$(PY) bench/run.py
+	$(PY) bench/multi_adapter.py
 
 clean:
 	rm -rf $(VENV) $(GEN_DIR)/*_pb2*.py $(GEN_DIR)/*_pb2*.pyi $(GEN_STAMP)

@@ -7,6 +7,7 @@ import torch
 from adaptgate.engine.heads import HEAD_INPUT_POOLING, HeadPool
 from adaptgate.engine.lora import LoraLayers
 from adaptgate.engine.model import BaseModel
+from adaptgate.engine.packed import Packing, PackedBertEncoder, supports_packing
 from adaptgate.engine.pooling import Pooling, normalize, pool, without_pad_tokens
 from adaptgate.engine.rows import Row, RowResult
 
@@ -14,8 +15,9 @@ from adaptgate.engine.rows import Row, RowResult
 class BatchForward:
     """Holds the base model with its LoRA layers and head pool; runs on the engine's one thread."""
 
-    def __init__(self, base: BaseModel, n_slots: int, max_rank: int, max_labels: int) -> None:
+    def __init__(self, base: BaseModel, n_slots: int, max_rank: int, max_labels: int, padding_free: bool = True) -> None:
         self.base = base
+        self.packed = PackedBertEncoder(base.model) if padding_free and supports_packing(base.model) else None
         self.lora = LoraLayers(base.model, n_slots, max_rank)
         self.heads = HeadPool(n_slots, base.spec.hidden_size, max_labels, base.device)
         self.pad_id = int(base.tokenizer.pad_token_id or 0)
@@ -34,13 +36,23 @@ class BatchForward:
         ids, mask = self._pad(rows)
         self.lora.bind([r.lora_slot for r in rows], self.base.device)
         try:
-            out = self.base.model(input_ids=ids, attention_mask=mask)
+            out = self._encode(ids, mask)
         finally:
             self.lora.bind([], self.base.device)
         results = [RowResult() for _ in rows]
         self._embeddings(rows, out.last_hidden_state, mask, results)
         self._classify(rows, out, ids, mask, results)
         return results
+
+    def _encode(self, ids: torch.Tensor, mask: torch.Tensor) -> object:
+        if self.packed is None:
+            return self.base.model(input_ids=ids, attention_mask=mask)
+        batch = self.lora.batch
+        batch.packing = Packing.from_mask(mask)
+        try:
+            return self.packed(ids, mask, batch.packing, before_pooler=lambda: setattr(batch, "packing", None))
+        finally:
+            batch.packing = None
 
     def _embeddings(self, rows: list[Row], hidden: torch.Tensor, mask: torch.Tensor, results: list[RowResult]) -> None:
         for mode in {r.pooling for r in rows if r.pooling is not None}:

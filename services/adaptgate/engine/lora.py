@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from adaptgate.engine.packed import Packing
+
 
 def linear_in_out(module: nn.Module) -> tuple[int, int] | None:
     """(in, out) of a LoRA-targetable module (the types PEFT's `all-linear` picks), None for anything else.
@@ -38,6 +40,7 @@ class LoraBatch:
     rows: torch.Tensor | None = None  # [n] row indices into the batch
     slots: torch.Tensor | None = None  # [n] engine slot per such row
     every_row: bool = False  # n == batch size: no row gather/scatter needed
+    packing: Packing | None = None  # set while inputs are packed tokens [T, in] (the padding-free encoder)
 
 
 class BatchedLoraLinear(nn.Module):
@@ -77,6 +80,8 @@ class BatchedLoraLinear(nn.Module):
         rows, slots = self.batch.rows, self.batch.slots
         if rows is None or slots is None:
             return y
+        if self.batch.packing is not None:
+            return self._packed(x, y, rows, slots, self.batch.packing)
         if self.batch.every_row:  # the common mixed-traffic case: accumulate in place, no gather/scatter
             shrunk = torch.bmm(x.reshape(len(rows), -1, x.shape[-1]), self.lora_a[slots])  # [B, T, r]
             y.view(len(rows), -1, y.shape[-1]).baddbmm_(shrunk, self.lora_b[slots])  # y as [B, T, out], in place
@@ -84,6 +89,16 @@ class BatchedLoraLinear(nn.Module):
         xs = x.index_select(0, rows).reshape(len(rows), -1, x.shape[-1])  # [n, T, in]; T=1 for BERT's pooler
         delta = torch.bmm(torch.bmm(xs, self.lora_a[slots]), self.lora_b[slots])  # [n, T, out]
         return y.index_add_(0, rows, delta.reshape(len(rows), *y.shape[1:]).to(y.dtype))
+
+    def _packed(self, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, packing: Packing) -> torch.Tensor:
+        """x: [T, in], y: [T, out] packed tokens; each row's delta runs on the padded grid (rank-sized work only)."""
+        grid = packing.unpack(x)  # [B, L, in]
+        if not self.batch.every_row:
+            grid = grid.index_select(0, rows)  # [n, L, in]
+        delta = torch.bmm(torch.bmm(grid, self.lora_a[slots]), self.lora_b[slots])  # [n, L, out]
+        if not self.batch.every_row:
+            delta = delta.new_zeros(packing.rows, *delta.shape[1:]).index_copy_(0, rows, delta)
+        return y.add_(packing.pack(delta))
 
     @property
     def weight(self) -> torch.Tensor:

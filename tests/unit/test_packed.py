@@ -1,0 +1,62 @@
+"""The padding-free encoder gives transformers' own answers, with and without LoRA on some rows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from adaptgate.adapters.validation import AdapterValidator
+from adaptgate.engine.forward import BatchForward
+from adaptgate.engine.model import load_base_model
+from adaptgate.engine.packed import Packing, supports_packing
+from adaptgate.engine.pooling import Pooling
+from adaptgate.engine.rows import Row
+from tests.unit.peft_adapters import adapter_files, make_peft_adapter
+
+TEXTS = ["hi", "a much longer message about the weekly competition entry", "URGENT! you have won", "ok"]
+
+
+def test_pack_and_unpack_keep_rows_contiguous() -> None:
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]])
+    packing = Packing.from_mask(mask)
+    grid = torch.arange(12.0).view(3, 4, 1)
+    packed = packing.pack(grid)
+    assert packed.squeeze(1).tolist() == [0, 1, 2, 4, 8, 9, 10, 11]
+    back = packing.unpack(packed)
+    assert torch.equal(back, grid * mask.unsqueeze(-1))
+
+
+def test_only_bert_encoders_are_packed(tiny_bert_dir: Path) -> None:
+    from transformers import GPT2Config, GPT2Model
+
+    assert supports_packing(load_base_model(tiny_bert_dir, dtype="float32", device="cpu").model)
+    assert not supports_packing(GPT2Model(GPT2Config(n_layer=1, n_embd=16, n_head=2)))
+
+
+def _forward(tiny_bert_dir: Path, padding_free: bool, weights, rows_spec: list[tuple[list[int], int]]):
+    base = load_base_model(tiny_bert_dir, dtype="float32", device="cpu")
+    forward = BatchForward(base, n_slots=2, max_rank=8, max_labels=4, padding_free=padding_free)
+    assert (forward.packed is not None) == padding_free
+    forward.lora.install(0, weights.lora, weights.scaling)
+    forward.heads.install(0, weights.head_weight, weights.head_bias, weights.head_input, weights.normalize_head_input)
+    rows = [Row(ids, lora_slot=slot, head_slots=(slot,) if slot >= 0 else (), pooling=Pooling.MEAN) for ids, slot in rows_spec]
+    return forward(rows)
+
+
+@pytest.mark.parametrize("targets", [None, ["query", "value", "dense"]])
+def test_padding_free_matches_the_padded_forward(tiny_bert_dir: Path, tmp_path: Path, targets: list[str] | None) -> None:
+    base = load_base_model(tiny_bert_dir, dtype="float32", device="cpu")
+    make_peft_adapter(tiny_bert_dir, tmp_path, 3, 4, seed=7, targets=targets)
+    weights = AdapterValidator(base.spec, max_rank=8, max_labels=4).parse(adapter_files(tmp_path))
+    ids = base.tokenizer(TEXTS)["input_ids"]
+    spec = [(ids[0], 0), (ids[1], -1), (ids[2], 0), (ids[3], -1), (ids[1], 0)]  # LoRA on some rows only
+    packed = _forward(tiny_bert_dir, True, weights, spec)
+    padded = _forward(tiny_bert_dir, False, weights, spec)
+    for ours, theirs in zip(packed, padded):
+        np.testing.assert_allclose(ours.embedding, theirs.embedding, atol=1e-5)
+        for p, q in zip(ours.probabilities, theirs.probabilities):
+            np.testing.assert_allclose(p, q, atol=1e-5)
+    assert not np.allclose(packed[1].embedding, packed[4].embedding, atol=1e-3)  # the adapter changes the row
