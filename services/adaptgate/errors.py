@@ -78,6 +78,10 @@ class QueueFull(ResourceExhausted):
     """The batcher's queue is at its bound; the caller should retry later."""
 
 
+class OutOfDeviceMemory(ResourceExhausted):
+    """One input needs more accelerator (or host) memory than is free; its batch mates still run."""
+
+
 class AdapterNotFound(NotFound):
     """Unknown adapter, or another tenant's: both give the same answer on purpose."""
 

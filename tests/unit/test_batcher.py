@@ -8,10 +8,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import torch
 
-from adaptgate.engine.batcher import Batcher, BatcherLimits, _Pending, plan_batches
+from adaptgate.engine.batcher import Batcher, BatcherLimits, _Pending, is_out_of_memory, plan_batches
 from adaptgate.engine.rows import Row, RowResult
-from adaptgate.errors import DeadlineExceeded, QueueFull
+from adaptgate.errors import DeadlineExceeded, OutOfDeviceMemory, QueueFull
 
 
 def pending(lengths: list[int]) -> list[_Pending]:
@@ -132,3 +133,37 @@ def test_engine_refuses_to_start_when_one_max_length_input_cannot_fit(tiny_bert_
     base = load_base_model(tiny_bert_dir, dtype="float32", device="cpu")
     with pytest.raises(ValueError, match="cannot hold one 128-token input"):
         Engine(base, EngineConfig(max_batch_tokens=64))
+
+
+class RunsOutOfMemory(Recorder):
+    """A fake forward whose device has room for rows of up to `fits` tokens only, as a GPU would."""
+
+    def __init__(self, fits: int) -> None:
+        super().__init__()
+        self.fits = fits
+
+    def __call__(self, rows: list[Row]) -> list[RowResult]:
+        if any(len(r.input_ids) > self.fits for r in rows):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return super().__call__(rows)
+
+
+def test_out_of_memory_fails_only_the_request_that_cannot_fit() -> None:
+    """RELIABILITY 29: the batch is retried in halves; its mates are answered and the next request runs."""
+    forward = RunsOutOfMemory(fits=8)
+
+    async def body(batcher: Batcher) -> None:
+        small = [batcher.submit([Row([1] * 3), Row([1] * 5)]) for _ in range(3)]
+        huge = batcher.submit([Row([1] * 4), Row([1] * 40)])
+        results = await asyncio.gather(*small, huge, return_exceptions=True)
+        assert all(isinstance(r, list) and len(r) == 2 for r in results[:3]), results
+        assert isinstance(results[3], OutOfDeviceMemory) and "40-token input" in str(results[3])
+        assert len(await batcher.submit([Row([1] * 6)])) == 1
+
+    asyncio.run(with_batcher(forward, BatcherLimits(10_000, 0.01, 100), body))
+    assert sum(forward.sizes) == 3 * 2 + 1 + 1  # every row that fits ran exactly once
+
+
+def test_a_cpu_allocation_failure_counts_as_out_of_memory() -> None:
+    assert is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:118] DefaultCPUAllocator: can't allocate memory"))
+    assert not is_out_of_memory(RuntimeError("boom"))

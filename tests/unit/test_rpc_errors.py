@@ -165,3 +165,26 @@ def test_malformed_messages_are_invalid_argument_in_unary_and_client_streams() -
     with pytest.raises(Aborted) as aborted:
         asyncio.run(StreamServicer(None).Upload(chunks(), FakeContext()))
     assert aborted.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_tokens_are_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """RELIABILITY 32: every known token goes through hmac.compare_digest, matched or not (no early exit)."""
+    import hmac
+
+    from adaptgate.api import auth
+
+    calls: list[bytes] = []
+    original = hmac.compare_digest
+
+    def counting(a: bytes, b: bytes) -> bool:
+        calls.append(a)
+        return original(a, b)
+
+    monkeypatch.setattr(auth.hmac, "compare_digest", counting)
+    principals = {f"token-{i}": auth.Principal(f"tenant-{i}") for i in range(5)}
+    authenticator = auth.TokenAuthenticator(principals)
+    assert authenticator.authenticate((("authorization", "Bearer token-0"),)).tenant == "tenant-0"
+    assert len(calls) == 5
+    with pytest.raises(Unauthenticated):
+        authenticator.authenticate((("authorization", "Bearer token-9"),))
+    assert len(calls) == 10

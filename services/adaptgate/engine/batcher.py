@@ -2,7 +2,9 @@
 
 Bounded by padded tokens per batch and by how long the first row waits; rows are grouped by
 length to cut padding. A full queue answers at once (QueueFull) instead of queueing forever;
-rows whose caller went away or whose deadline passed are dropped before compute.
+rows whose caller went away or whose deadline passed are dropped before compute. A batch that
+runs out of device memory is retried in halves, so only the rows that cannot fit on their own
+fail (RESOURCE_EXHAUSTED) and their batch mates are answered.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
+import torch
+
 from adaptgate.engine.rows import Row, RowResult
-from adaptgate.errors import DeadlineExceeded, QueueFull
+from adaptgate.errors import DeadlineExceeded, OutOfDeviceMemory, QueueFull
 
 RunBatch = Callable[[list[Row]], list[RowResult]]
 
@@ -32,6 +36,29 @@ class BatchStats:
         slots = {r.lora_slot for r in rows if r.lora_slot >= 0} | {s for r in rows for s in r.head_slots}
         tokens = sum(len(r.input_ids) for r in rows)
         return cls(len(rows), tokens, len(rows) * max(len(r.input_ids) for r in rows), len(slots))
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA raises torch.OutOfMemoryError; the CPU allocator raises a RuntimeError that says so."""
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+    )
+
+
+def run_splitting_on_oom(run_batch: RunBatch, rows: list[Row]) -> list[RowResult | Exception]:
+    """Each row's result, or OutOfDeviceMemory for the rows that do not fit even alone."""
+    try:
+        return list(run_batch(rows))
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if len(rows) == 1:
+        tokens = len(rows[0].input_ids)
+        return [OutOfDeviceMemory(f"the model ran out of device memory on one {tokens}-token input; send a shorter text")]
+    half = len(rows) // 2
+    return run_splitting_on_oom(run_batch, rows[:half]) + run_splitting_on_oom(run_batch, rows[half:])
 
 
 @dataclass
@@ -139,7 +166,7 @@ class Batcher:
             return
         rows = [p.row for p in batch]
         try:
-            results = await loop.run_in_executor(self._executor, self._run_batch, rows)
+            results = await loop.run_in_executor(self._executor, run_splitting_on_oom, self._run_batch, rows)
         except Exception as exc:  # a failed batch fails its requests, never the batcher
             for p in batch:
                 if not p.future.done():
@@ -147,5 +174,9 @@ class Batcher:
             return
         self._on_batch(BatchStats.of(rows))
         for p, result in zip(batch, results):
-            if not p.future.done():
+            if p.future.done():
+                continue
+            if isinstance(result, Exception):
+                p.future.set_exception(result)
+            else:
                 p.future.set_result(result)
