@@ -122,4 +122,5 @@ def test_memory_stays_flat_across_1000_load_unload_cycles(tiny_bert_dir: Path, t
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
 
     grown_kib = asyncio.run(body())
+    print(f"resident memory growth over 1,000 load/unload cycles after warm-up: {grown_kib / 1024:.1f} MiB")
     assert grown_kib < 100 * 1024, f"resident memory grew {grown_kib / 1024:.1f} MiB"
