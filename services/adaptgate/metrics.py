@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -30,6 +30,8 @@ class _JobsCollector(Collector):
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None, max_adapter_labels: int = 100) -> None:
         self.registry = registry or CollectorRegistry()
+        if registry is None:  # process_resident_memory_bytes and friends, as every Prometheus exporter has them
+            ProcessCollector(registry=self.registry)
         self.max_adapter_labels = max_adapter_labels
         self._adapter_labels: set[str] = set()
         r = self.registry

@@ -16,7 +16,7 @@ class Settings(BaseSettings):
 
     host: str = Field("0.0.0.0", description="Interface the gRPC server binds.")
     port: int = Field(50051, description="gRPC port.")
-    metrics_port: int = Field(9464, description="Prometheus /metrics port (0 disables it).")
+    metrics_port: int = Field(9464, description="Prometheus /metrics port (0 = any free port, -1 disables it).")
     data_dir: Path = Field(Path("data"), description="Adapter store, datasets and the job database.")
     tokens_file: Path | None = Field(
         None, description="JSON token file; without one a dev token file is created in data_dir."
