@@ -11,7 +11,7 @@ import torch
 from adaptgate.adapters.validation import AdapterValidator
 from adaptgate.engine.forward import BatchForward
 from adaptgate.engine.model import load_base_model
-from adaptgate.engine.packed import Packing, supports_packing
+from adaptgate.engine.packed import Packing, PackedBertEncoder, attention_groups, supports_packing
 from adaptgate.engine.pooling import Pooling
 from adaptgate.engine.rows import Row
 from tests.unit.peft_adapters import adapter_files, make_peft_adapter
@@ -60,3 +60,28 @@ def test_padding_free_matches_the_padded_forward(tiny_bert_dir: Path, tmp_path: 
         for p, q in zip(ours.probabilities, theirs.probabilities):
             np.testing.assert_allclose(p, q, atol=1e-5)
     assert not np.allclose(packed[1].embedding, packed[4].embedding, atol=1e-3)  # the adapter changes the row
+
+
+def test_attention_groups_cover_every_token_once_and_only_when_they_pay() -> None:
+    lengths = [3, 40, 4, 5, 38, 6, 3, 4]
+    mask = torch.tensor([[1] * n + [0] * (40 - n) for n in lengths])
+    groups = attention_groups(mask)
+    assert groups is not None and 1 < len(groups) <= 4
+    tokens = torch.cat([g.tokens for g in groups]).sort().values
+    assert torch.equal(tokens, torch.arange(sum(lengths)))
+    assert sum(g.rows for g in groups) == len(lengths)
+    assert all(g.positions.max() < g.rows * g.width for g in groups)
+    assert attention_groups(torch.ones(8, 12, dtype=torch.long)) is None  # equal lengths: one grid
+
+
+def test_grouped_attention_matches_transformers(tiny_bert_dir: Path) -> None:
+    base = load_base_model(tiny_bert_dir, dtype="float32", device="cpu")
+    texts = ["hi", "ok", "a much longer message about the weekly competition entry and its many rules", "yes", "no", "fine"]
+    batch = base.tokenizer(texts, padding=True, return_tensors="pt")
+    assert attention_groups(batch["attention_mask"]) is not None
+    with torch.inference_mode():
+        expected = base.model(**batch)
+        got = PackedBertEncoder(base.model)(batch["input_ids"], batch["attention_mask"], Packing.from_mask(batch["attention_mask"]))
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(got.last_hidden_state[real], expected.last_hidden_state[real], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got.pooler_output, expected.pooler_output, atol=1e-5, rtol=1e-4)

@@ -51,6 +51,57 @@ class Packing:
         return grid
 
 
+@dataclass(frozen=True)
+class AttentionGroup:
+    """Rows of similar length whose attention runs on their own `[rows, width]` grid."""
+
+    tokens: torch.Tensor  # [t] the group's packed token indices, row by row
+    positions: torch.Tensor  # [t] where those tokens sit in the group's grid
+    rows: int
+    width: int
+    key_mask: torch.Tensor  # [rows, 1, 1, width]
+
+
+MAX_ATTENTION_GROUPS = 4
+GROUPING_MIN_GAIN = 0.7  # group only when it cuts attention work (rows x width^2) to below this share
+
+
+def _split_cost(lengths: list[int], groups: int) -> int:
+    """Attention work of `groups` equal-count groups of the sorted lengths: sum of rows x longest^2."""
+    size = -(-len(lengths) // groups)
+    return sum(len(part) * max(part) ** 2 for part in (lengths[i : i + size] for i in range(0, len(lengths), size)))
+
+
+def attention_groups(mask: torch.Tensor) -> list[AttentionGroup] | None:
+    """Length groups for attention, or None when one padded grid is about as cheap.
+
+    Attention on the CPU costs far more than its FLOPs at short lengths, and a batch padded to its
+    longest row pays rows x longest^2: rows sorted by length and cut into up to four groups of equal
+    count pay only each group's own longest.
+    """
+    lengths = mask.sum(dim=1).tolist()
+    ordered = sorted(lengths)
+    costs = {k: _split_cost(ordered, k) for k in range(1, min(MAX_ATTENTION_GROUPS, len(lengths)) + 1)}
+    floor = min(costs.values())
+    best = min(k for k, cost in costs.items() if cost <= 1.15 * floor)  # fewer groups unless more pay clearly
+    if best == 1 or costs[best] > GROUPING_MIN_GAIN * costs[1]:
+        return None
+    starts = [0]
+    for n in lengths[:-1]:
+        starts.append(starts[-1] + n)
+    order = sorted(range(len(lengths)), key=lambda r: lengths[r])
+    size = -(-len(order) // best)
+    return [_group(order[i : i + size], lengths, starts, mask) for i in range(0, len(order), size)]
+
+
+def _group(rows: list[int], lengths: list[int], starts: list[int], mask: torch.Tensor) -> AttentionGroup:
+    width = max(lengths[r] for r in rows)
+    tokens = torch.cat([torch.arange(starts[r], starts[r] + lengths[r]) for r in rows])
+    positions = torch.cat([torch.arange(lengths[r]) + i * width for i, r in enumerate(rows)])
+    key_mask = mask[rows, :width].bool()[:, None, None, :]
+    return AttentionGroup(tokens.to(mask.device), positions.to(mask.device), len(rows), width, key_mask)
+
+
 @dataclass
 class EncoderOutput:
     """The two fields the engine reads from a transformers output; pads of `last_hidden_state` are zero."""
@@ -90,8 +141,28 @@ class PackedBertEncoder:
         context = F.scaled_dot_product_attention(grid(attn.query(h)), grid(attn.key(h)), grid(attn.value(h)), attn_mask=key_mask)
         return packing.pack(context.transpose(1, 2)).reshape(-1, h.shape[-1])
 
-    def _layer(self, layer: nn.Module, h: torch.Tensor, packing: Packing, key_mask: torch.Tensor) -> torch.Tensor:
-        context = self._attention(layer, h, packing, key_mask)
+    def _grouped_attention(self, layer: nn.Module, h: torch.Tensor, groups: list[AttentionGroup]) -> torch.Tensor:
+        attn = layer.attention.self
+        q, k, v = attn.query(h), attn.key(h), attn.value(h)
+        out = torch.empty_like(q)
+        for g in groups:
+
+            def grid(t: torch.Tensor, g: AttentionGroup = g) -> torch.Tensor:  # [T, H] -> [rows, heads, width, d]
+                flat = t.new_zeros(g.rows * g.width, t.shape[-1]).index_copy_(0, g.positions, t.index_select(0, g.tokens))
+                return flat.view(g.rows, g.width, self.heads, -1).transpose(1, 2)
+
+            context = F.scaled_dot_product_attention(grid(q), grid(k), grid(v), attn_mask=g.key_mask)
+            flat = context.transpose(1, 2).reshape(g.rows * g.width, -1)
+            out.index_copy_(0, g.tokens, flat.index_select(0, g.positions))
+        return out
+
+    def _layer(
+        self, layer: nn.Module, h: torch.Tensor, packing: Packing, key_mask: torch.Tensor, groups: list[AttentionGroup] | None
+    ) -> torch.Tensor:
+        if groups is None:
+            context = self._attention(layer, h, packing, key_mask)
+        else:
+            context = self._grouped_attention(layer, h, groups)
         attended = layer.attention.output.LayerNorm(layer.attention.output.dense(context) + h)
         inner = layer.intermediate.intermediate_act_fn(layer.intermediate.dense(attended))
         return layer.output.LayerNorm(layer.output.dense(inner) + attended)
@@ -102,8 +173,9 @@ class PackedBertEncoder:
         """`before_pooler()` runs once the encoder layers are done (the engine unbinds packed LoRA there)."""
         key_mask = mask.bool()[:, None, None, :]  # [B, 1, 1, L]: every query attends to its row's real tokens
         h = packing.pack(self.model.embeddings(input_ids=ids))  # [T, H]
+        groups = attention_groups(mask)
         for layer in self.model.encoder.layer:
-            h = self._layer(layer, h, packing, key_mask)
+            h = self._layer(layer, h, packing, key_mask, groups)
         hidden = packing.unpack(h)
         if before_pooler is not None:
             before_pooler()
