@@ -12,6 +12,10 @@ from adaptgate.engine.pooling import Pooling, normalize, pool, without_pad_token
 from adaptgate.engine.rows import Row, RowResult
 
 
+# Padded positions per real token above which the packed path pays for its gathers and scatters.
+PACKING_MIN_WASTE = 1.25
+
+
 class BatchForward:
     """Holds the base model with its LoRA layers and head pool; runs on the engine's one thread."""
 
@@ -45,7 +49,8 @@ class BatchForward:
         return results
 
     def _encode(self, ids: torch.Tensor, mask: torch.Tensor) -> object:
-        if self.packed is None:
+        """Padding-free only when padding would cost more than packing does (batches of similar lengths stay padded)."""
+        if self.packed is None or mask.numel() < PACKING_MIN_WASTE * int(mask.sum()):
             return self.base.model(input_ids=ids, attention_mask=mask)
         batch = self.lora.batch
         batch.packing = Packing.from_mask(mask)
