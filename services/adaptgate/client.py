@@ -56,6 +56,15 @@ class Client:
         response = self.embeddings.Embed(request, metadata=self.metadata, timeout=self.timeout)
         return np.stack([np.frombuffer(e.packed, dtype="<f4") for e in response.embeddings])
 
+    def embed_stream(self, chunks: Iterator[list[str]], adapter: str = "", truncate: bool = False) -> Iterator[np.ndarray]:
+        """One [len(chunk), dim] array per chunk, in order, over one EmbedStream call (for large jobs)."""
+        requests = (
+            embeddings_pb2.EmbedRequest(texts=c, adapter=adapter, truncate=truncate, encoding=embeddings_pb2.ENCODING_BYTES_F32)
+            for c in chunks
+        )
+        for response in self.embeddings.EmbedStream(requests, metadata=self.metadata):
+            yield np.stack([np.frombuffer(e.packed, dtype="<f4") for e in response.embeddings])
+
     def classify(self, texts: list[str], adapter: str, top_k: int = 0, truncate: bool = False) -> classifier_pb2.ClassifyResponse:
         request = classifier_pb2.ClassifyRequest(texts=texts, adapter=adapter, top_k=top_k, truncate=truncate)
         return self.classifier.Classify(request, metadata=self.metadata, timeout=self.timeout)

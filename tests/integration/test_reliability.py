@@ -31,7 +31,9 @@ def raw_call(channel: grpc.Channel, path: str, method, payload: bytes, token: st
     kw = dict(request_serializer=lambda b: b, response_deserializer=lambda b: b)
     md = auth(token)
     try:
-        if method.client_streaming:
+        if method.client_streaming and method.server_streaming:
+            list(channel.stream_stream(path, **kw)(iter([payload, payload]), metadata=md, timeout=20))
+        elif method.client_streaming:
             channel.stream_unary(path, **kw)(iter([payload, payload]), metadata=md, timeout=20)
         elif method.server_streaming:
             list(channel.unary_stream(path, **kw)(payload, metadata=md, timeout=20))

@@ -90,7 +90,10 @@ def test_every_method_needs_a_token(gateway: Gateway) -> None:
                     path = f"/{service.full_name}/{method.name}"
                     request = module.__dict__[method.input_type.name]() if method.input_type.name in module.__dict__ else None
                     codec = dict(request_serializer=lambda m: m.SerializeToString(), response_deserializer=lambda b: b)
-                    if method.client_streaming:
+                    if method.client_streaming and method.server_streaming:
+                        call = channel.stream_stream(path, **codec)
+                        code = code_of(lambda: list(call(iter([request]), metadata=auth("nope"))))
+                    elif method.client_streaming:
                         call = channel.stream_unary(path, **codec)
                         code = code_of(lambda: call(iter([request]), metadata=auth("nope")))
                     elif method.server_streaming:
@@ -253,3 +256,29 @@ def test_packed_float32_embeddings_equal_the_float_list(gateway: Gateway) -> Non
 
 def test_embed_names_the_model(gateway: Gateway) -> None:
     assert Client(gateway.target, "acme-token").embed(["which model?"]).model == "all-MiniLM-L6-v2"
+
+
+def test_embed_stream_answers_every_chunk_in_order_like_embed(gateway: Gateway) -> None:
+    client = Client(gateway.target, "acme-token")
+    texts = [json.loads(line)["text"] for line in (SMS / "test.jsonl").read_text().splitlines()[:200]]
+    chunks = [texts[i : i + 16] for i in range(0, len(texts), 16)]
+    streamed = list(client.embed_stream(iter(chunks), truncate=True))
+    assert [len(a) for a in streamed] == [len(c) for c in chunks]
+    for chunk, array in zip(chunks[:3], streamed[:3]):
+        np.testing.assert_allclose(array, client.embed_array(chunk, truncate=True), atol=1e-2)
+    requests = [embeddings_pb2.EmbedRequest(texts=c) for c in (["a", "b"], ["c"])]
+    indexes = [r.chunk for r in client.embeddings.EmbedStream(iter(requests), metadata=auth("acme-token"))]
+    assert indexes == [0, 1]
+
+
+def test_embed_stream_ends_with_the_status_of_a_bad_chunk(gateway: Gateway) -> None:
+    client = Client(gateway.target, "acme-token")
+    requests = [embeddings_pb2.EmbedRequest(texts=["fine"]), embeddings_pb2.EmbedRequest(texts=[]),
+                embeddings_pb2.EmbedRequest(texts=["never answered"])]
+    received = []
+    with pytest.raises(grpc.RpcError) as info:
+        for response in client.embeddings.EmbedStream(iter(requests), metadata=auth("acme-token")):
+            received.append(response.chunk)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert received in ([], [0])  # chunks before the bad one may already have been answered
+    assert client.embed(["still serving"]).embeddings

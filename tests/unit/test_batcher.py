@@ -167,3 +167,21 @@ def test_out_of_memory_fails_only_the_request_that_cannot_fit() -> None:
 def test_a_cpu_allocation_failure_counts_as_out_of_memory() -> None:
     assert is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:118] DefaultCPUAllocator: can't allocate memory"))
     assert not is_out_of_memory(RuntimeError("boom"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: the real allocator's out-of-memory error")
+def test_a_real_cuda_out_of_memory_fails_only_its_request() -> None:
+    """RELIABILITY 29 on a GPU: the allocator's own error, raised by an impossible allocation for one row."""
+
+    def forward(rows: list[Row]) -> list[RowResult]:
+        if any(len(r.input_ids) > 8 for r in rows):
+            torch.empty(1 << 46, dtype=torch.uint8, device="cuda")  # 64 TiB
+        return [RowResult() for _ in rows]
+
+    async def body(batcher: Batcher) -> None:
+        results = await asyncio.gather(batcher.submit([Row([1] * 3)]), batcher.submit([Row([1] * 40)]), return_exceptions=True)
+        assert isinstance(results[0], list) and isinstance(results[1], OutOfDeviceMemory), results
+        assert len(await batcher.submit([Row([1] * 2)])) == 1
+
+    asyncio.run(with_batcher(forward, BatcherLimits(10_000, 0.01, 100), body))
