@@ -46,16 +46,27 @@ test-integration: setup
 demo: setup
 	$(VENV)/bin/adaptgate demo --data examples/data/sms_spam
 
+# The peer servers the bench compares against, in their own venv (their pins differ from ours).
+PEERS       ?= .venv-peers
+PEERS_STAMP := $(PEERS)/.installed
+INFINITY_SPEC ?= infinity-emb[torch,server]==0.0.78
+
+$(PEERS_STAMP):
+	python3 -m venv $(PEERS)
+	$(PEERS)/bin/pip install -q "$(TORCH_SPEC)"
+	$(PEERS)/bin/pip install -q "$(INFINITY_SPEC)"
+	touch $@
+
 # Every section in one run (about an hour on 2 cores: the training section dominates); see README "Benchmarks".
-bench: setup
+bench: setup $(PEERS_STAMP)
 	$(PY) bench/run.py
 	$(PY) bench/multi_adapter.py
 	$(PY) bench/training.py $(BENCH_TRAINING_ARGS)
 
 # The serving sections only (a few minutes).
-bench-serving: setup
+bench-serving: setup $(PEERS_STAMP)
 	$(PY) bench/run.py
 	$(PY) bench/multi_adapter.py
 
 clean:
-	rm -rf $(VENV) $(GEN_DIR)/*_pb2*.py $(GEN_DIR)/*_pb2*.pyi $(GEN_STAMP)
+	rm -rf $(VENV) $(PEERS) $(GEN_DIR)/*_pb2*.py $(GEN_DIR)/*_pb2*.pyi $(GEN_STAMP)

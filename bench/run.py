@@ -1,7 +1,11 @@
-"""`make bench`: embedding throughput, adaptgate over gRPC (separate client process) vs sentence-transformers.
+"""`make bench`: embedding throughput, adaptgate over gRPC (separate client process) against the peers.
 
-Same texts, same dtype (bf16 where the CPU has AMX/avx512_bf16). Prints texts/s, p50/p99 latency per
-32-text request at a fixed client concurrency, and the ratio. Not a test: numbers for the notes.
+(a) sentence-transformers `encode` in-process, and (b) the Infinity embedding server (HTTP, its
+torch engine): what a user would otherwise run. Same texts, same model, same dtype (bf16 where the
+CPU has AMX/avx512_bf16). Servers are driven by the same client: a fixed number of concurrent
+clients, each sending 32-text requests. Prints texts/s, tokens/s, p50/p99 per request and the
+ratios. Infinity lives in its own venv (`make bench` builds .venv-peers); without it that row is
+skipped and says so. Not a test: numbers for the notes.
 """
 
 from __future__ import annotations
@@ -30,6 +34,15 @@ def load_texts(n: int) -> list[str]:
         source = REPO / "examples" / "data" / "sms_spam" / "train.jsonl"
     lines = source.read_text().splitlines()[:n]
     return [json.loads(line)["text"] for line in lines]
+
+
+def token_count(texts: list[str]) -> int:
+    from transformers import AutoTokenizer
+
+    from adaptgate.engine.model import packaged_model_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(packaged_model_dir())
+    return sum(len(ids) for ids in tokenizer(texts, truncation=True, max_length=256)["input_ids"])
 
 
 def bench_sentence_transformers(texts: list[str], batch: int) -> float:
@@ -61,17 +74,15 @@ def start_server(data_dir: Path) -> tuple[subprocess.Popen[str], str]:
     raise RuntimeError("server did not start")
 
 
-def bench_gateway(target: str, texts: list[str], batch: int, concurrency: int) -> tuple[float, float, float]:
-    from adaptgate.client import Client
-
-    client = Client(target, "bench")
+def drive(call, texts: list[str], batch: int, concurrency: int) -> tuple[float, float, float]:
+    """texts/s, p50 and p99 seconds per request, `concurrency` clients each sending `batch` texts."""
     chunks = [texts[i : i + batch] for i in range(0, len(texts), batch)]
-    client.embed_array(chunks[0], truncate=True)
+    call(chunks[0])
     latencies: list[float] = []
 
     def one(chunk: list[str]) -> None:
         started = time.perf_counter()
-        client.embed_array(chunk, truncate=True)
+        call(chunk)
         latencies.append(time.perf_counter() - started)
 
     started = time.perf_counter()
@@ -81,15 +92,73 @@ def bench_gateway(target: str, texts: list[str], batch: int, concurrency: int) -
     return len(texts) / elapsed, float(np.percentile(latencies, 50)), float(np.percentile(latencies, 99))
 
 
+def bench_gateway(target: str, texts: list[str], batch: int, concurrency: int) -> tuple[float, float, float]:
+    from adaptgate.client import Client
+
+    client = Client(target, "bench")
+    return drive(lambda chunk: client.embed_array(chunk, truncate=True), texts, batch, concurrency)
+
+
+def start_infinity(binary: Path, port: int = 7997) -> subprocess.Popen[str]:
+    from adaptgate.engine.device import cpu_has_fast_bf16
+    from adaptgate.engine.model import packaged_model_dir
+
+    dtype = "bfloat16" if cpu_has_fast_bf16() else "float32"
+    cmd = [str(binary), "v2", "--model-id", str(packaged_model_dir()), "--engine", "torch", "--device", "cpu",
+           "--dtype", dtype, "--batch-size", "32", "--port", str(port), "--no-model-warmup"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "INFINITY_ANONYMOUS_USAGE_STATS": "0"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if "Uvicorn running" in line:
+            return proc
+    raise RuntimeError("infinity did not start")
+
+
+def bench_infinity(port: int, texts: list[str], batch: int, concurrency: int) -> tuple[float, float, float]:
+    import urllib.request
+
+    from adaptgate.engine.model import packaged_model_dir
+
+    url, model = f"http://127.0.0.1:{port}/embeddings", str(packaged_model_dir())
+
+    def call(chunk: list[str]) -> None:
+        body = json.dumps({"model": model, "input": chunk}).encode()
+        request = urllib.request.Request(url, body, {"content-type": "application/json"})
+        vectors = json.loads(urllib.request.urlopen(request, timeout=60).read())["data"]
+        np.asarray([v["embedding"] for v in vectors], dtype=np.float32)
+
+    return drive(call, texts, batch, concurrency)
+
+
+def report(name: str, rate: float, p50: float, p99: float, tokens_per_text: float, args: argparse.Namespace) -> None:
+    print(f"{name:34s} {rate:8.1f} texts/s  {rate * tokens_per_text:8.0f} tokens/s  p50 {p50 * 1000:4.0f} ms  "
+          f"p99 {p99 * 1000:4.0f} ms ({args.concurrency} clients x {args.batch} texts)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--texts", type=int, default=2000)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--infinity", type=Path, default=REPO / ".venv-peers" / "bin" / "infinity_emb")
     args = parser.parse_args()
     texts = load_texts(args.texts)
+    tokens_per_text = token_count(texts) / len(texts)
+    print(f"{len(texts)} texts, {tokens_per_text:.1f} tokens each on average")
     st = bench_sentence_transformers(texts, args.batch)
-    print(f"sentence-transformers in-process: {st:8.1f} texts/s")
+    print(f"{'sentence-transformers in-process':34s} {st:8.1f} texts/s  {st * tokens_per_text:8.0f} tokens/s")
+    infinity = None
+    if args.infinity.exists():
+        proc = start_infinity(args.infinity)
+        try:
+            infinity = bench_infinity(7997, texts, args.batch, args.concurrency)
+            report("Infinity (HTTP, torch engine)", *infinity, tokens_per_text, args)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+    else:
+        print(f"Infinity: skipped, {args.infinity} is missing (make bench installs it into .venv-peers)")
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         proc, target = start_server(Path(tmp))
@@ -99,9 +168,10 @@ def main() -> None:
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=60)
-    print(f"adaptgate gRPC end to end:        {rate:8.1f} texts/s  p50 {p50 * 1000:.0f} ms  p99 {p99 * 1000:.0f} ms "
-          f"({args.concurrency} clients x {args.batch} texts)")
+    report("adaptgate gRPC end to end", rate, p50, p99, tokens_per_text, args)
     print(f"ratio adaptgate / sentence-transformers: {rate / st:.2f}x")
+    if infinity is not None:
+        print(f"ratio adaptgate / Infinity: {rate / infinity[0]:.2f}x")
 
 
 if __name__ == "__main__":
