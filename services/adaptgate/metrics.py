@@ -51,6 +51,11 @@ class Metrics:
             "adaptgate_batch_padding_ratio", "Share of a batch's token slots that are padding.",
             buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0), registry=r,
         )
+        self.batch_seconds = Histogram(
+            "adaptgate_batch_duration_seconds",
+            "Forward pass time per batch; its rate is the share of time the engine is busy (1.0 = saturated).",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
         self.queue_depth = Gauge("adaptgate_queue_depth", "Texts waiting for a forward pass.", registry=r)
         self.adapters_loaded = Gauge("adaptgate_adapters_loaded", "Adapters resident in engine slots.", registry=r)
         self.adapter_cache = Counter(
@@ -73,6 +78,7 @@ class Metrics:
         self.batch_rows.observe(stats.rows)
         self.batch_tokens.observe(stats.tokens)
         self.batch_adapters.observe(stats.adapters)
+        self.batch_seconds.observe(stats.seconds)
         self.padding_ratio.observe(1.0 - stats.tokens / stats.padded_tokens if stats.padded_tokens else 0.0)
 
     def count_adapter_request(self, adapter: str) -> None:

@@ -30,12 +30,13 @@ class BatchStats:
     tokens: int  # real tokens
     padded_tokens: int  # rows x longest row
     adapters: int  # distinct adapter slots in the batch
+    seconds: float = 0.0  # the forward pass, on the engine thread
 
     @classmethod
-    def of(cls, rows: list[Row]) -> BatchStats:
+    def of(cls, rows: list[Row], seconds: float = 0.0) -> BatchStats:
         slots = {r.lora_slot for r in rows if r.lora_slot >= 0} | {s for r in rows for s in r.head_slots}
         tokens = sum(len(r.input_ids) for r in rows)
-        return cls(len(rows), tokens, len(rows) * max(len(r.input_ids) for r in rows), len(slots))
+        return cls(len(rows), tokens, len(rows) * max(len(r.input_ids) for r in rows), len(slots), seconds)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -165,6 +166,7 @@ class Batcher:
         if not batch:
             return
         rows = [p.row for p in batch]
+        started = time.perf_counter()
         try:
             results = await loop.run_in_executor(self._executor, run_splitting_on_oom, self._run_batch, rows)
         except Exception as exc:  # a failed batch fails its requests, never the batcher
@@ -172,7 +174,7 @@ class Batcher:
                 if not p.future.done():
                     p.future.set_exception(exc)
             return
-        self._on_batch(BatchStats.of(rows))
+        self._on_batch(BatchStats.of(rows, time.perf_counter() - started))
         for p, result in zip(batch, results):
             if p.future.done():
                 continue
