@@ -3,7 +3,9 @@
 Short texts in one batch differ in length: padded to the longest, a 32-row batch of SST-2
 sentences (13 tokens on average) spends about two thirds of its matmul work on pad tokens.
 Here every linear layer — where ~80% of the FLOPs are — runs on the packed real tokens
-`[T, H]` only; just attention, which needs the `[B, heads, L, d]` layout, sees the padded grid.
+`[T, H]` only; just attention, which needs the `[B, heads, L, d]` layout, sees a padded grid,
+and that in up to four length groups (`attention_groups`). BatchForward packs a batch only when
+it carries enough padding to pay for the gathers and scatters (`PACKING_MIN_WASTE`).
 Rows stay contiguous in the packed layout (pads are on the right), so LoRA layers can put
 a row's tokens back on the grid for their per-row gathered matmuls (`Packing.unpack`).
 
