@@ -3,7 +3,11 @@
 Packaged all-MiniLM-L6-v2, bf16 where the CPU has it, 64 LoRA adapters r=8 on query/key/value/dense,
 each with its own 2-label head, 32-row batches whose rows pick adapters at random. The same
 adapters (saved by PEFT, loaded by adaptgate from those files) and the same batches on both sides.
-Also: adapter load-to-live latency through the store and cache (cache miss to a live slot).
+Also: adapter load-to-live latency through the store and cache (cache miss to a live slot), and
+model FLOP utilisation against this device's own measured bf16 matmul peak.
+
+GPU run (issue 3/7's figures): `--bert-base --seq-len 128 --batch 256 --rank 16` builds a randomly
+initialised BERT-base-sized encoder (768 hidden, 12 layers) and feeds fixed-length synthetic rows.
 """
 
 from __future__ import annotations
@@ -33,41 +37,85 @@ def load_texts(n: int) -> list[str]:
     return [json.loads(line)["text"] for line in source.read_text().splitlines()[:n]]
 
 
-def make_peft_model(n_adapters: int, rank: int, out: Path, dtype: torch.dtype):
+def make_bert_base(out: Path) -> Path:
+    """A random BERT-base-sized encoder with the packaged tokenizer: the GPU benchmark's model."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
+    BertModel(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(packaged_model_dir()).save_pretrained(out)
+    return out
+
+
+def make_peft_model(model_dir: Path, n_adapters: int, rank: int, out: Path, dtype: torch.dtype, device: torch.device):
     """One PEFT model holding every adapter (what PEFT's mixed batches need), saved for adaptgate too."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification
 
     torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(packaged_model_dir(), num_labels=2)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
     config = LoraConfig(task_type="SEQ_CLS", r=rank, lora_alpha=2 * rank, init_lora_weights=False,
                         target_modules=["query", "key", "value", "dense"])
     peft_model = get_peft_model(model, config, adapter_name="a0")
     for i in range(1, n_adapters):
         peft_model.add_adapter(f"a{i}", config)
     peft_model.save_pretrained(out)
-    return peft_model.to(dtype).eval()
+    return peft_model.to(device=device, dtype=dtype).eval()
 
 
 def adapter_dirs(out: Path, n: int) -> list[Path]:
     return [out / f"a{i}" for i in range(n)]
 
 
-def batches_of(texts: list[str], tokenizer, batch: int, n_adapters: int, seed: int = 0, by_length: bool = False):
-    """32-row batches of random adapters; `by_length` sorts rows first, as the engine's batcher does under load."""
+def batches_of(
+    texts: list[str], tokenizer, batch: int, n_adapters: int, seed: int = 0, by_length: bool = False, seq_len: int = 0
+):
+    """Batches of random adapters; `by_length` sorts rows first, as the engine's batcher does under load;
+    `seq_len` > 0 replaces the texts by synthetic rows of exactly that many tokens."""
     rng = random.Random(seed)
     ids = tokenizer(texts, truncation=True, max_length=128)["input_ids"]
+    if seq_len:
+        cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+        ids = [[cls] + [rng.randrange(1000, 30000) for _ in range(seq_len - 2)] + [sep] for _ in ids]
     if by_length:
         ids = sorted(ids, key=len)
     chunks = [ids[i : i + batch] for i in range(0, len(ids) - batch + 1, batch)]
     return [(chunk, [rng.randrange(n_adapters) for _ in chunk]) for chunk in chunks]
 
 
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def time_it(fn, batches) -> float:
+    synchronize()
     started = time.perf_counter()
     for b in batches:
         fn(*b)
+    synchronize()
     return sum(len(b[0]) for b in batches) / (time.perf_counter() - started)
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
+    """FLOP/s of one large square matmul on this device: the MFU denominator (measured, not a datasheet's)."""
+    n = 8192 if device.type == "cuda" else 2048
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    synchronize()
+    started, rounds = time.perf_counter(), 20 if device.type == "cuda" else 3
+    for _ in range(rounds):
+        a @ b
+    synchronize()
+    return 2 * n**3 * rounds / (time.perf_counter() - started)
+
+
+def flops_per_sequence(config, tokens: float) -> float:
+    """Linear layers (2 x weights per token) plus attention (QKᵀ and AV: 4 x L² x H per layer)."""
+    hidden, inner, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    return layers * (2 * tokens * (4 * hidden * hidden + 2 * hidden * inner) + 4 * tokens * tokens * hidden)
 
 
 def interleaved_rates(systems: dict, batches, repeats: int) -> dict[str, float]:
@@ -88,25 +136,33 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--texts", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds; medians are reported")
+    parser.add_argument("--bert-base", action="store_true", help="a random BERT-base-sized encoder instead of MiniLM")
+    parser.add_argument("--seq-len", type=int, default=0, help="synthetic rows of exactly this many tokens (0 = real texts)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as models:
+        run(args, make_bert_base(Path(models) / "bert-base-random") if args.bert_base else packaged_model_dir())
+
+
+def run(args: argparse.Namespace, model_dir: Path) -> None:
 
     from adaptgate.adapters.validation import AdapterValidator
     from adaptgate.engine.engine import HeadWeights
     from adaptgate.engine.forward import BatchForward
 
-    base = load_base_model()
+    base = load_base_model(model_dir, device=args.device)
     texts = load_texts(args.texts)
-    batches = batches_of(texts, base.tokenizer, args.batch, args.adapters)
+    batches = batches_of(texts, base.tokenizer, args.batch, args.adapters, seq_len=args.seq_len)
     forward = BatchForward(base, args.adapters, args.rank, 2)
     validator = AdapterValidator(base.spec, args.rank, 2)
     with tempfile.TemporaryDirectory() as tmp:
-        peft_model = make_peft_model(args.adapters, args.rank, Path(tmp), base.dtype)
+        peft_model = make_peft_model(model_dir, args.adapters, args.rank, Path(tmp), base.dtype, base.device)
         for slot, directory in enumerate(adapter_dirs(Path(tmp), args.adapters)):
             files = {p.name: p.read_bytes() for p in directory.iterdir() if p.is_file() and p.name != "README.md"}
             w = validator.parse(files)
             forward.lora.install(slot, w.lora, w.scaling)
             forward.heads.install(slot, w.head_weight, w.head_bias, w.head_input, w.normalize_head_input)
-        load_p99 = measure_load_latency(Path(tmp), base, args)
+        load_p99 = measure_load_latency(Path(tmp), model_dir, base, args)
 
     def base_only(ids, slots):
         forward([Row(i, pooling=Pooling.MEAN) for i in ids])
@@ -115,24 +171,29 @@ def main() -> None:
         forward([Row(i, lora_slot=s, head_slots=(s,)) for i, s in zip(ids, slots)])
 
     def peft_mixed(ids, slots):
-        padded = base.tokenizer.pad({"input_ids": ids}, return_tensors="pt")
+        padded = base.tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(base.device)
         with torch.inference_mode():
             peft_model(**padded, adapter_names=[f"a{s}" for s in slots])
 
     rates = interleaved_rates({"base": base_only, "mixed": mixed, "peft": peft_mixed}, batches, args.repeats)
-    print(f"model {base.name} {str(base.dtype).removeprefix('torch.')}, {args.adapters} adapters r={args.rank}, "
-          f"{args.batch}-row batches, {len(batches) * args.batch} texts")
-    print(f"adaptgate base-only:   {rates['base']:8.1f} sequences/s")
-    print(f"adaptgate mixed:       {rates['mixed']:8.1f} sequences/s  ({rates['mixed'] / rates['base']:.2f}x base-only)")
+    peak = matmul_peak(base.device, base.dtype)
+    tokens = float(np.mean([len(i) for b in batches for i in b[0]]))
+    mfu = {name: rate * flops_per_sequence(base.model.config, tokens) / peak for name, rate in rates.items()}
+    print(f"model {base.name} {str(base.dtype).removeprefix('torch.')} on {base.device}, {args.adapters} adapters "
+          f"r={args.rank}, {args.batch}-row batches, {len(batches) * args.batch} rows of {tokens:.1f} tokens; "
+          f"measured matmul peak {peak / 1e12:.2f} TFLOP/s")
+    print(f"adaptgate base-only:   {rates['base']:8.1f} sequences/s  MFU {mfu['base']:.1%}")
+    print(f"adaptgate mixed:       {rates['mixed']:8.1f} sequences/s  ({rates['mixed'] / rates['base']:.2f}x base-only)  "
+          f"MFU {mfu['mixed']:.1%}")
     print(f"PEFT mixed batch:      {rates['peft']:8.1f} sequences/s  (adaptgate mixed = {rates['mixed'] / rates['peft']:.1f}x PEFT)")
-    grouped = batches_of(texts, base.tokenizer, args.batch, args.adapters, by_length=True)
+    grouped = batches_of(texts, base.tokenizer, args.batch, args.adapters, by_length=True, seq_len=args.seq_len)
     sorted_rates = interleaved_rates({"base": base_only, "mixed": mixed}, grouped, args.repeats)
     print(f"length-sorted batches (what the batcher forms from many requests): base-only {sorted_rates['base']:.1f}, "
           f"mixed {sorted_rates['mixed']:.1f} sequences/s ({sorted_rates['mixed'] / sorted_rates['base']:.2f}x)")
     print(f"adapter load-to-live p99: {load_p99 * 1000:.1f} ms")
 
 
-def measure_load_latency(peft_dir: Path, base, args) -> float:
+def measure_load_latency(peft_dir: Path, model_dir: Path, base, args) -> float:
     """Publish every adapter to a store, then time cache misses until each is live in a slot."""
     from adaptgate.adapters.cache import AdapterCache
     from adaptgate.adapters.refs import AdapterRef
@@ -147,7 +208,9 @@ def measure_load_latency(peft_dir: Path, base, args) -> float:
             for i, directory in enumerate(adapter_dirs(peft_dir, args.adapters)):
                 files = {p.name: p.read_bytes() for p in directory.iterdir() if p.is_file() and p.name != "README.md"}
                 store.publish("bench", f"a{i}", files)
-            engine = Engine(load_base_model(), EngineConfig(n_slots=args.adapters, max_rank=args.rank, max_labels=2))
+            engine = Engine(
+                load_base_model(model_dir, device=args.device), EngineConfig(n_slots=args.adapters, max_rank=args.rank, max_labels=2)
+            )
             engine.start()
             cache = AdapterCache(store, engine, args.adapters, Metrics())
             latencies = []
