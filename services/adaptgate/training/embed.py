@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from adaptgate.training.evaluation import Scores, score
-from adaptgate.training.lora import LoraParams, _Trainer
+from adaptgate.training.lora import LoraOutcome, LoraParams, _Trainer
 from adaptgate.training.lora_data import eval_batches, pad
 from adaptgate.training.updates import Report
 
@@ -37,20 +37,11 @@ class EmbedParams(LoraParams):
     normalize: bool = True  # Embed's default, and what the contrastive loss needs
 
 
-@dataclass
-class EmbedResult:
-    lora: dict[str, tuple[torch.Tensor, torch.Tensor]]
-    rank: int
-    alpha: float
-    labels: list[str]
-    metrics: dict[str, float]
-    fingerprint: str
-    base_prefix: str
+@dataclass(kw_only=True)
+class EmbedResult(LoraOutcome):
+    """An `embed` job: LoRA only, no head; `pooling` is how the tuned vectors are read."""
+
     pooling: str
-    normalize: bool
-    confusion: list[list[int]] = field(default_factory=list)
-    steps: int = 0
-    resumed_from: int = 0
 
 
 class _EmbedTrainer(_Trainer):

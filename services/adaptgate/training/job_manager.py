@@ -32,7 +32,7 @@ from adaptgate.training.job_records import EVENT_KINDS, JobEvent, JobRecord, Job
 from adaptgate.training.job_signals import JobSignals
 from adaptgate.training.job_store import JobStore
 from adaptgate.training.job_validation import normalized_spec
-from adaptgate.training.lora import LoraParams, LoraResult
+from adaptgate.training.lora import LoraOutcome, LoraParams
 from adaptgate.training.methods import TrainParams, TrainResult, choose_method
 from adaptgate.training.runner import Runner, TrainingFailed
 from adaptgate.training.updates import Update
@@ -78,21 +78,19 @@ def training_params(record: JobRecord) -> TrainParams:
 
 def result_files(record: JobRecord, result: TrainResult) -> dict[str, bytes]:
     """The adapter directory a finished job publishes; refuses non-finite weights."""
-    tensors = [] if isinstance(result, EmbedResult) else [result.weight, result.bias]
-    if isinstance(result, (LoraResult, EmbedResult)):
+    head = None if isinstance(result, EmbedResult) else (result.weight, result.bias)
+    tensors = list(head or ())
+    if isinstance(result, LoraOutcome):
         tensors += [t for pair in result.lora.values() for t in pair]
     if not all(torch.isfinite(t).all() for t in tensors):
         raise TrainingFailed("training diverged: the trained weights are not finite")
     source = f"job:{record.id}"
-    if isinstance(result, EmbedResult):
+    if isinstance(result, LoraOutcome):  # `embed` (no head, read as `pooling`) or `lora` (with its head)
+        head_input = result.pooling if isinstance(result, EmbedResult) else result.head_input
+        weight, bias = head or (None, None)
         return lora_files(
-            result.lora, result.rank, result.alpha, None, None, result.labels, result.fingerprint, source,
-            base_prefix=result.base_prefix, head_input=result.pooling, normalize=result.normalize,
-        )
-    if isinstance(result, LoraResult):
-        return lora_files(
-            result.lora, result.rank, result.alpha, result.weight, result.bias, result.labels, result.fingerprint, source,
-            base_prefix=result.base_prefix, head_input=result.head_input, normalize=result.normalize,
+            result.lora, result.rank, result.alpha, weight, bias, result.labels, result.fingerprint, source,
+            base_prefix=result.base_prefix, head_input=head_input, normalize=result.normalize,
         )
     return head_only_files(
         result.weight, result.bias, result.labels, result.fingerprint, source,

@@ -91,22 +91,30 @@ class LoraParams:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "checkpoint_dir"}
 
 
-@dataclass
-class LoraResult:
+@dataclass(kw_only=True)
+class LoraOutcome:
+    """What every LoRA-training job returns: the adapter weights and how the run went."""
+
     lora: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (A [r, in], B [out, r]) fp32
     rank: int
     alpha: float
-    weight: torch.Tensor  # head [labels, hidden] fp32
-    bias: torch.Tensor  # [labels]
     labels: list[str]
     metrics: dict[str, float]
     fingerprint: str
     base_prefix: str
-    head_input: str
     normalize: bool
     confusion: list[list[int]] = field(default_factory=list)
     steps: int = 0
     resumed_from: int = 0  # the step this attempt resumed at (0 = from scratch)
+
+
+@dataclass(kw_only=True)
+class LoraResult(LoraOutcome):
+    """A `lora` job: LoRA plus a task head."""
+
+    weight: torch.Tensor  # head [labels, hidden] fp32
+    bias: torch.Tensor  # [labels]
+    head_input: str
 
 
 @dataclass

@@ -49,8 +49,9 @@ class FakeRunner:
         if isinstance(params, LoraParams):
             lora = {LORA_MODULE: (torch.randn(4, 8), torch.randn(8, 4))}
             return LoraResult(
-                lora, 4, 8.0, torch.randn(len(names), 8), torch.zeros(len(names)), names, dict(METRICS), "fp-test",
-                "bert", "mean", False, confusion=confusion,
+                lora=lora, rank=4, alpha=8.0, weight=torch.randn(len(names), 8), bias=torch.zeros(len(names)), labels=names,
+                metrics=dict(METRICS), fingerprint="fp-test", base_prefix="bert", head_input="mean", normalize=False,
+                confusion=confusion,
             )
         assert isinstance(params, HeadParams)
         return HeadResult(torch.randn(len(names), 8), torch.zeros(len(names)), names, dict(METRICS), "fp-test", confusion=confusion)
