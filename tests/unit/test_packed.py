@@ -10,7 +10,9 @@ import torch
 
 from adaptgate.adapters.validation import AdapterValidator
 from adaptgate.engine import forward as forward_module
+from adaptgate.engine import lora as lora_module
 from adaptgate.engine.forward import BatchForward
+from adaptgate.engine.lora import LoraChunks, chunk_length
 from adaptgate.engine.model import load_base_model
 from adaptgate.engine.packed import Packing, PackedBertEncoder, attention_groups, supports_packing
 from adaptgate.engine.pooling import Pooling
@@ -47,11 +49,39 @@ def _forward(tiny_bert_dir: Path, padding_free: bool, weights, rows_spec: list[t
     return forward(rows)
 
 
+def test_lora_chunks_put_every_lora_token_on_its_own_rows_grid() -> None:
+    lengths = [3, 9, 1, 6]
+    mask = torch.tensor([[1] * n + [0] * (9 - n) for n in lengths])
+    packing = Packing.from_mask(mask)
+    rows, slots = torch.tensor([1, 2, 3]), torch.tensor([5, 6, 7])  # row 0 has no adapter
+    chunks = LoraChunks.build(packing, rows, slots)
+    assert chunks.length == chunk_length([9, 1, 6])
+    assert not chunks.every_token
+    assert torch.equal(chunks.tokens, torch.arange(3, 19))  # rows 1..3 of the packed tokens, in order
+    assert torch.equal(chunks.gather[chunks.positions], chunks.tokens)  # each token reads itself back
+    per_chunk = chunks.gather.view(-1, chunks.length)
+    row_of_token = torch.repeat_interleave(torch.arange(4), torch.tensor(lengths))
+    for chunk, slot in zip(per_chunk, chunks.slots.tolist()):
+        assert set(row_of_token[chunk].tolist()) == {slot - 4}  # a chunk never mixes rows (so never adapters)
+
+
+def test_chunk_length_trades_padding_against_chunk_count() -> None:
+    assert chunk_length([13] * 32) == 16
+    assert chunk_length([500] * 4) == 512
+    assert chunk_length([3] * 32) == 8
+
+
 @pytest.mark.parametrize("targets", [None, ["query", "value", "dense"]])
+@pytest.mark.parametrize("chunk_lengths", [lora_module.CHUNK_LENGTHS, (4,)])
 def test_padding_free_matches_the_padded_forward(
-    tiny_bert_dir: Path, tmp_path: Path, targets: list[str] | None, monkeypatch: pytest.MonkeyPatch
+    tiny_bert_dir: Path,
+    tmp_path: Path,
+    targets: list[str] | None,
+    chunk_lengths: tuple[int, ...],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(forward_module, "PACKING_MIN_WASTE", 0.0)  # pack every batch, however little padding it has
+    monkeypatch.setattr(lora_module, "CHUNK_LENGTHS", chunk_lengths)  # (4,): rows span several chunks
     base = load_base_model(tiny_bert_dir, dtype="float32", device="cpu")
     make_peft_adapter(tiny_bert_dir, tmp_path, 3, 4, seed=7, targets=targets)
     weights = AdapterValidator(base.spec, max_rank=8, max_labels=4).parse(adapter_files(tmp_path))
@@ -64,6 +94,9 @@ def test_padding_free_matches_the_padded_forward(
         for p, q in zip(ours.probabilities, theirs.probabilities):
             np.testing.assert_allclose(p, q, atol=1e-5)
     assert not np.allclose(packed[1].embedding, packed[4].embedding, atol=1e-3)  # the adapter changes the row
+    every_row = [(ids[1], 0), (ids[0], 0), (ids[2], 0)]  # every token carries LoRA: deltas added in place
+    for ours, theirs in zip(_forward(tiny_bert_dir, True, weights, every_row), _forward(tiny_bert_dir, False, weights, every_row)):
+        np.testing.assert_allclose(ours.embedding, theirs.embedding, atol=1e-5)
 
 
 def test_attention_groups_cover_every_token_once_and_only_when_they_pay() -> None:

@@ -1,7 +1,9 @@
 """Many LoRA adapters in one forward pass (the S-LoRA / Punica idea, vLLM's batch-wide mapping).
 
 Every wrapped linear keeps stacked, rank-padded adapter weights for all engine slots:
-A as [slots, in, r_max] and B as [slots, r_max, out] with the adapter's scaling folded into B.
+A as [slots, r_max, in] (PEFT's own layout; `bmm` reads it transposed, which the CPU's batched
+GEMM runs faster than a copy laid out [in, r]) and B as [slots, r_max, out] with the adapter's
+scaling folded into B.
 A batch carries one slot per row (`LoraBatch`); the frozen `x·W` runs once for the whole batch
 and only rows that have an adapter pay for the two gathered `bmm`s. No per-adapter loop, no merge.
 
@@ -12,7 +14,7 @@ B as [out, r] for both, and fan_in_fan_out only matters when merging, so the del
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -33,6 +35,62 @@ def linear_in_out(module: nn.Module) -> tuple[int, int] | None:
     return None
 
 
+# Chunk lengths the packed path may cut rows into, and what one more chunk costs in padded positions
+# (each bmm batch entry has a fixed overhead; on 2 CPU threads it is about that of 16 token positions).
+CHUNK_LENGTHS = (8, 16, 32, 64, 128, 256, 512)
+CHUNK_COST_POSITIONS = 16
+
+
+def chunk_length(lengths: list[int]) -> int:
+    """The chunk length that makes the cheapest grid for rows of these lengths: padding against chunk count."""
+
+    def cost(c: int) -> int:
+        chunks = sum(-(-n // c) for n in lengths)
+        return chunks * (c + CHUNK_COST_POSITIONS)
+
+    return min(CHUNK_LENGTHS, key=cost)
+
+
+@dataclass(frozen=True)
+class LoraChunks:
+    """Packed tokens of the LoRA rows cut into equal chunks, each within one row: the grid of the packed path.
+
+    Padding every row to the batch's longest (`Packing.unpack`) would make a 13-token sentence next to a
+    50-token one pay for 50; chunks of `length` tokens pay at most `length - 1` pad positions per row.
+    """
+
+    gather: torch.Tensor  # [chunks * length] packed token per grid position (a row's first token at pads)
+    slots: torch.Tensor  # [chunks] engine slot of each chunk's row
+    tokens: torch.Tensor  # [t] the packed tokens that carry LoRA, in order
+    positions: torch.Tensor  # [t] where each of them sits in the grid
+    length: int
+    every_token: bool  # tokens == all packed tokens: add the deltas in place, no scatter
+
+    @classmethod
+    def build(cls, packing: Packing, rows: torch.Tensor, slots: torch.Tensor) -> LoraChunks:
+        """Index arithmetic on the CPU (a few hundred rows at most), one copy of each index to the device."""
+        all_lengths = torch.bincount(torch.div(packing.index, packing.width, rounding_mode="floor").cpu(), minlength=packing.rows)
+        rows = rows.cpu()
+        lengths, first = all_lengths[rows], (torch.cumsum(all_lengths, 0) - all_lengths)[rows]  # [n] each
+        length = chunk_length(lengths.tolist())
+        per_row = torch.div(lengths + length - 1, length, rounding_mode="floor")  # [n] chunks of each row
+        grid_start = (torch.cumsum(per_row, 0) - per_row) * length  # [n] grid position of each row's first token
+        owner = torch.repeat_interleave(torch.arange(len(rows)), per_row * length)  # [grid] row of each position
+        in_row = torch.arange(len(owner)) - grid_start[owner]
+        gather = first[owner] + torch.where(in_row < lengths[owner], in_row, 0)
+        token_row = torch.repeat_interleave(torch.arange(len(rows)), lengths)  # [t]
+        token_in_row = torch.arange(len(token_row)) - (torch.cumsum(lengths, 0) - lengths)[token_row]
+        device = packing.index.device
+        return cls(
+            gather=gather.to(device),
+            slots=torch.repeat_interleave(slots.cpu(), per_row).to(device),
+            tokens=(first[token_row] + token_in_row).to(device),
+            positions=(grid_start[token_row] + token_in_row).to(device),
+            length=length,
+            every_token=len(rows) == packing.rows,
+        )
+
+
 @dataclass
 class LoraBatch:
     """Rows of the current batch that carry an adapter, and the slot of each. Set by the engine per forward."""
@@ -41,6 +99,28 @@ class LoraBatch:
     slots: torch.Tensor | None = None  # [n] engine slot per such row
     every_row: bool = False  # n == batch size: no row gather/scatter needed
     packing: Packing | None = None  # set while inputs are packed tokens [T, in] (the padding-free encoder)
+    _chunks: LoraChunks | None = field(default=None, repr=False)
+    # The last input gathered onto the chunk grid: query, key and value read the same one.
+    _last: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+
+    def chunks(self) -> LoraChunks:
+        """The packed path's chunk grid, built on the first LoRA layer of the batch."""
+        if self._chunks is None:
+            assert self.packing is not None and self.rows is not None and self.slots is not None
+            self._chunks = LoraChunks.build(self.packing, self.rows, self.slots)
+        return self._chunks
+
+    def on_grid(self, x: torch.Tensor) -> torch.Tensor:
+        """[T, in] packed tokens -> [chunks, length, in]."""
+        if self._last is not None and self._last[0] is x:
+            return self._last[1]
+        chunks = self.chunks()
+        grid = x.index_select(0, chunks.gather).view(-1, chunks.length, x.shape[-1])
+        self._last = (x, grid)
+        return grid
+
+    def reset(self) -> None:
+        self._chunks = self._last = None
 
 
 class BatchedLoraLinear(nn.Module):
@@ -57,7 +137,7 @@ class BatchedLoraLinear(nn.Module):
         fan_in, fan_out = shape
         self.base = base
         self.batch = batch
-        shape_a = (n_slots, fan_in, max_rank)  # [slots, in, r_max]
+        shape_a = (n_slots, max_rank, fan_in)  # [slots, r_max, in]
         shape_b = (n_slots, max_rank, fan_out)  # [slots, r_max, out]
         kw = {"dtype": base.weight.dtype, "device": base.weight.device}
         self.register_buffer("lora_a", torch.zeros(shape_a, **kw), persistent=False)
@@ -68,7 +148,7 @@ class BatchedLoraLinear(nn.Module):
         rank = a.shape[0]
         self.lora_a[slot].zero_()
         self.lora_b[slot].zero_()
-        self.lora_a[slot, :, :rank] = a.t().to(self.lora_a.dtype)
+        self.lora_a[slot, :rank, :] = a.to(self.lora_a.dtype)
         self.lora_b[slot, :rank, :] = (b.t().float() * scaling).to(self.lora_b.dtype)
 
     def clear_slot(self, slot: int) -> None:
@@ -81,24 +161,29 @@ class BatchedLoraLinear(nn.Module):
         if rows is None or slots is None:
             return y
         if self.batch.packing is not None:
-            return self._packed(x, y, rows, slots, self.batch.packing)
+            return self._packed(x, y)
         if self.batch.every_row:  # the common mixed-traffic case: accumulate in place, no gather/scatter
-            shrunk = torch.bmm(x.reshape(len(rows), -1, x.shape[-1]), self.lora_a[slots])  # [B, T, r]
+            shrunk = torch.bmm(x.reshape(len(rows), -1, x.shape[-1]), self._a(slots))  # [B, T, r]
             y.view(len(rows), -1, y.shape[-1]).baddbmm_(shrunk, self.lora_b[slots])  # y as [B, T, out], in place
             return y
         xs = x.index_select(0, rows).reshape(len(rows), -1, x.shape[-1])  # [n, T, in]; T=1 for BERT's pooler
-        delta = torch.bmm(torch.bmm(xs, self.lora_a[slots]), self.lora_b[slots])  # [n, T, out]
+        delta = torch.bmm(torch.bmm(xs, self._a(slots)), self.lora_b[slots])  # [n, T, out]
         return y.index_add_(0, rows, delta.reshape(len(rows), *y.shape[1:]).to(y.dtype))
 
-    def _packed(self, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, packing: Packing) -> torch.Tensor:
-        """x: [T, in], y: [T, out] packed tokens; each row's delta runs on the padded grid (rank-sized work only)."""
-        grid = packing.unpack(x)  # [B, L, in]
-        if not self.batch.every_row:
-            grid = grid.index_select(0, rows)  # [n, L, in]
-        delta = torch.bmm(torch.bmm(grid, self.lora_a[slots]), self.lora_b[slots])  # [n, L, out]
-        if not self.batch.every_row:
-            delta = delta.new_zeros(packing.rows, *delta.shape[1:]).index_copy_(0, rows, delta)
-        return y.add_(packing.pack(delta))
+    def _packed(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """x: [T, in], y: [T, out] packed tokens; the deltas run on the chunk grid (rank-sized work only)."""
+        chunks = self.batch.chunks()
+        grid = self.batch.on_grid(x)  # [chunks, length, in]
+        shrunk = torch.bmm(grid, self._a(chunks.slots))  # [chunks, length, r]
+        delta = torch.bmm(shrunk, self.lora_b.index_select(0, chunks.slots)).view(-1, y.shape[-1])  # [grid, out]
+        delta = delta.index_select(0, chunks.positions)  # [t, out]
+        if chunks.every_token:
+            return y.add_(delta)
+        return y.index_add_(0, chunks.tokens, delta)
+
+    def _a(self, slots: torch.Tensor) -> torch.Tensor:
+        """[n, in, r]: each entry's A, as a transposed view of the gathered [n, r, in]."""
+        return self.lora_a.index_select(0, slots).transpose(1, 2)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -141,8 +226,10 @@ class LoraLayers:
         """Point every wrapped layer at this batch's rows; rows with slot -1 get no LoRA."""
         pairs = [(row, slot) for row, slot in enumerate(row_slots) if slot >= 0]
         if not pairs or not self.layers:
+            self.batch.reset()
             self.batch.rows = self.batch.slots = None
             return
+        self.batch.reset()
         self.batch.rows = torch.tensor([p[0] for p in pairs], device=device)
         self.batch.slots = torch.tensor([p[1] for p in pairs], device=device)
         self.batch.every_row = len(pairs) == len(row_slots)

@@ -6,8 +6,8 @@ Here every linear layer — where ~80% of the FLOPs are — runs on the packed r
 `[T, H]` only; just attention, which needs the `[B, heads, L, d]` layout, sees a padded grid,
 and that in up to four length groups (`attention_groups`). BatchForward packs a batch only when
 it carries enough padding to pay for the gathers and scatters (`PACKING_MIN_WASTE`).
-Rows stay contiguous in the packed layout (pads are on the right), so LoRA layers can put
-a row's tokens back on the grid for their per-row gathered matmuls (`Packing.unpack`).
+Rows stay contiguous in the packed layout (pads are on the right), so LoRA layers can cut each
+row's tokens into equal chunks for their gathered matmuls (`lora.LoraChunks`).
 
 Only transformers' own `BertModel` (no decoder, no cross-attention) takes this path; every
 other family runs through its transformers forward. Tests hold both paths to the same outputs.
@@ -30,7 +30,7 @@ class Packing:
     index: torch.Tensor  # [T] positions row * width + column, row-major
     rows: int
     width: int
-    # The last tensor unpacked and its grid: query, key and value LoRA layers read the same input.
+    # The last tensor unpacked and its grid: query, key and value read the same input.
     _last: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     @classmethod
