@@ -14,7 +14,7 @@ from adaptgate.engine import lora as lora_module
 from adaptgate.engine.forward import BatchForward
 from adaptgate.engine.lora import LoraChunks, chunk_length
 from adaptgate.engine.model import load_base_model
-from adaptgate.engine.packed import Packing, PackedBertEncoder, attention_groups, supports_packing
+from adaptgate.engine.packed import Packing, PackedBertEncoder, attention_groups, supports_packing, token_bucket
 from adaptgate.engine.pooling import Pooling
 from adaptgate.engine.rows import Row
 from tests.unit.peft_adapters import adapter_files, make_peft_adapter
@@ -30,6 +30,16 @@ def test_pack_and_unpack_keep_rows_contiguous() -> None:
     assert packed.squeeze(1).tolist() == [0, 1, 2, 4, 8, 9, 10, 11]
     back = packing.unpack(packed)
     assert torch.equal(back, grid * mask.unsqueeze(-1))
+
+
+def test_packed_tensors_carry_a_bucket_of_rows_so_batches_share_shapes() -> None:
+    assert [token_bucket(n) for n in (1, 8, 9, 127, 128, 129, 425, 1000)] == [8, 8, 16, 128, 128, 136, 432, 1024]
+    assert all(n <= token_bucket(n) <= max(n + 7, n * 17 // 16) for n in range(1, 5000))
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0]])
+    packing = Packing.from_mask(mask)
+    packed = packing.pack(torch.arange(9.0).view(3, 3, 1))
+    assert packing.tokens == 6 and packed.squeeze(1).tolist() == [0, 1, 3, 4, 5, 6, 6, 6]  # filler repeats the last
+    assert torch.equal(packing.unpack(packed), torch.arange(9.0).view(3, 3, 1) * mask.unsqueeze(-1))
 
 
 def test_only_bert_encoders_are_packed(tiny_bert_dir: Path) -> None:

@@ -27,7 +27,8 @@ class BatchForward:
         self.pad_id = int(base.tokenizer.pad_token_id or 0)
 
     def _pad(self, rows: list[Row]) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(r.input_ids) for r in rows)
+        """Widths are multiples of 8, so that batches share matmul shapes (see packed.token_bucket)."""
+        width = -(-max(len(r.input_ids) for r in rows) // 8) * 8
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, row in enumerate(rows):

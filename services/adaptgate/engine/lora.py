@@ -64,7 +64,7 @@ class LoraChunks:
     tokens: torch.Tensor  # [t] the packed tokens that carry LoRA, in order
     positions: torch.Tensor  # [t] where each of them sits in the grid
     length: int
-    every_token: bool  # tokens == all packed tokens: add the deltas in place, no scatter
+    every_token: bool  # tokens == all real packed tokens: add the deltas in place, no scatter
 
     @classmethod
     def build(cls, packing: Packing, rows: torch.Tensor, slots: torch.Tensor) -> LoraChunks:
@@ -178,7 +178,8 @@ class BatchedLoraLinear(nn.Module):
         delta = torch.bmm(shrunk, self.lora_b.index_select(0, chunks.slots)).view(-1, y.shape[-1])  # [grid, out]
         delta = delta.index_select(0, chunks.positions)  # [t, out]
         if chunks.every_token:
-            return y.add_(delta)
+            y[: len(delta)].add_(delta)  # the bucket's filler rows (packed.token_bucket) get no delta
+            return y
         return y.index_add_(0, chunks.tokens, delta)
 
     def _a(self, slots: torch.Tensor) -> torch.Tensor:

@@ -23,31 +23,52 @@ from torch import nn
 from torch.nn import functional as F
 
 
+def token_bucket(tokens: int) -> int:
+    """`tokens` rounded up to one of 16 sizes per power of two (at most 1/16 more, and a multiple of 8).
+
+    The CPU's oneDNN matmuls compile a kernel for every new row count (about 1 ms each, a third of a
+    short request's forward) and keep only 1,024; exact token counts would make nearly every batch new.
+    """
+    step = max(8, 1 << max(0, tokens.bit_length() - 5))
+    return -(-tokens // step) * step
+
+
 @dataclass
 class Packing:
-    """Where the real tokens of a right-padded `[rows, width]` batch sit: `index` holds their flat positions."""
+    """Where the real tokens of a right-padded `[rows, width]` batch sit: `index` holds their flat positions.
+
+    Packed tensors carry `token_bucket(T)` rows: the real tokens, then copies of the last one, which
+    row-wise layers compute and nothing reads back.
+    """
 
     index: torch.Tensor  # [T] positions row * width + column, row-major
     rows: int
     width: int
+    gather: torch.Tensor  # [bucket] index, then its last entry repeated
     # The last tensor unpacked and its grid: query, key and value read the same input.
     _last: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     @classmethod
     def from_mask(cls, mask: torch.Tensor) -> Packing:
         rows, width = mask.shape
-        return cls(mask.reshape(-1).nonzero().squeeze(1), rows, width)
+        index = mask.reshape(-1).nonzero().squeeze(1)
+        extra = token_bucket(len(index)) - len(index)
+        return cls(index, rows, width, torch.cat([index, index[-1:].expand(extra)]))
+
+    @property
+    def tokens(self) -> int:
+        return len(self.index)
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
-        """[rows, width, ...] -> [T, ...]: the real tokens only."""
-        return x.reshape(self.rows * self.width, *x.shape[2:]).index_select(0, self.index)
+        """[rows, width, ...] -> [bucket, ...]: the real tokens (and the bucket's filler)."""
+        return x.reshape(self.rows * self.width, *x.shape[2:]).index_select(0, self.gather)
 
     def unpack(self, x: torch.Tensor) -> torch.Tensor:
-        """[T, H] -> [rows, width, H], zeros at the pads."""
+        """[bucket, H] -> [rows, width, H], zeros at the pads."""
         if self._last is not None and self._last[0] is x:
             return self._last[1]
         out = x.new_zeros(self.rows * self.width, x.shape[-1])
-        out.index_copy_(0, self.index, x)
+        out.index_copy_(0, self.index, x[: self.tokens])
         grid = out.view(self.rows, self.width, x.shape[-1])
         self._last = (x, grid)
         return grid
@@ -146,7 +167,7 @@ class PackedBertEncoder:
     def _grouped_attention(self, layer: nn.Module, h: torch.Tensor, groups: list[AttentionGroup]) -> torch.Tensor:
         attn = layer.attention.self
         q, k, v = attn.query(h), attn.key(h), attn.value(h)
-        out = torch.empty_like(q)
+        out = torch.zeros_like(q)  # the bucket's filler rows stay zero
         for g in groups:
 
             def grid(t: torch.Tensor, g: AttentionGroup = g) -> torch.Tensor:  # [T, H] -> [rows, heads, width, d]
