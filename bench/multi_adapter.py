@@ -162,8 +162,12 @@ def run(args: argparse.Namespace, model_dir: Path) -> None:
             w = validator.parse(files)
             forward.lora.install(slot, w.lora, w.scaling)
             forward.heads.install(slot, w.head_weight, w.head_bias, w.head_input, w.normalize_head_input)
-        load_p99 = measure_load_latency(Path(tmp), model_dir, base, args)
+        report_rates(args, base, forward, peft_model, batches, texts)
+        # Last: the Engine it builds leaves this (main) thread single-threaded for torch (engine.thread).
+        print(f"adapter load-to-live p99: {measure_load_latency(Path(tmp), model_dir, base, args) * 1000:.1f} ms")
 
+
+def report_rates(args: argparse.Namespace, base, forward, peft_model, batches, texts: list[str]) -> None:
     def base_only(ids, slots):
         forward([Row(i, pooling=Pooling.MEAN) for i in ids])
 
@@ -190,7 +194,6 @@ def run(args: argparse.Namespace, model_dir: Path) -> None:
     sorted_rates = interleaved_rates({"base": base_only, "mixed": mixed}, grouped, args.repeats)
     print(f"length-sorted batches (what the batcher forms from many requests): base-only {sorted_rates['base']:.1f}, "
           f"mixed {sorted_rates['mixed']:.1f} sequences/s ({sorted_rates['mixed'] / sorted_rates['base']:.2f}x)")
-    print(f"adapter load-to-live p99: {load_p99 * 1000:.1f} ms")
 
 
 def measure_load_latency(peft_dir: Path, model_dir: Path, base, args) -> float:

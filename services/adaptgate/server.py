@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 import sys
@@ -29,6 +30,7 @@ from adaptgate.api.malformed import MalformedRequestInterceptor
 from adaptgate.api.rpc import RpcRuntime
 from adaptgate.engine.engine import Engine, EngineConfig
 from adaptgate.engine.model import BaseModel, load_base_model
+from adaptgate.engine.thread import EngineThread
 from adaptgate.inference import Inference
 from adaptgate.metrics import Metrics
 from adaptgate.settings import Settings
@@ -89,13 +91,13 @@ def _tokens(settings: Settings) -> TokenAuthenticator:
     return TokenAuthenticator(load_tokens(path))
 
 
-def _engine(settings: Settings, base: BaseModel, metrics: Metrics) -> Engine:
+def _engine(settings: Settings, base: BaseModel, metrics: Metrics, thread: EngineThread) -> Engine:
     config = EngineConfig(
         n_slots=settings.max_loaded_adapters, max_rank=settings.max_lora_rank, max_labels=settings.max_labels,
         max_batch_tokens=settings.max_batch_tokens, max_wait_s=settings.max_batch_wait_ms / 1000,
         max_queue_rows=settings.max_queue_texts, max_input_tokens=settings.max_input_tokens,
     )
-    engine = Engine(base, config, metrics.observe_batch)
+    engine = Engine(base, config, metrics.observe_batch, thread)
     metrics.track_queue(lambda: engine.queued_rows)
     return engine
 
@@ -123,18 +125,17 @@ def _bind(server: grpc.aio.Server, settings: Settings) -> int:
 
 async def build(settings: Settings) -> Gateway:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
+    thread = EngineThread(settings.torch_threads)  # before any other torch work (engine.thread says why)
     metrics = Metrics(max_adapter_labels=settings.metrics_max_adapter_labels)
     runtime = RpcRuntime(_tokens(settings), metrics, TenantAdmission(settings.max_inflight_per_tenant))
     runner = RayRunner(
         settings.ray_address, settings.ray_num_cpus, settings.training_cpus, checkpoint_root=settings.checkpoints_dir
     )
+    load = functools.partial(load_base_model, settings.base_model, settings.dtype, settings.device)
     base, _ = await asyncio.gather(
-        asyncio.to_thread(load_base_model, settings.base_model, settings.dtype, settings.device),
-        asyncio.to_thread(runner.start),
+        asyncio.get_running_loop().run_in_executor(thread.executor, load), asyncio.to_thread(runner.start)
     )
-    engine = _engine(settings, base, metrics)
+    engine = _engine(settings, base, metrics, thread)
     engine.start()
     validator = AdapterValidator(base.spec, settings.max_lora_rank, settings.max_labels)
     store = AdapterStore(settings.adapters_dir, validator)

@@ -28,7 +28,7 @@ class Settings(BaseSettings):
         "auto", description="auto = bf16 on GPUs and on CPUs with AMX/avx512_bf16, else fp32."
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the base model runs.")
-    torch_threads: int = Field(0, description="Intra-op threads for the engine (0 = torch default).")
+    torch_threads: int = Field(0, description="Intra-op threads for the engine thread (0 = OMP_NUM_THREADS, else every core).")
     max_batch_tokens: int = Field(2048, description="Padded tokens per forward pass.")
     max_batch_wait_ms: float = Field(2.0, description="How long a batch waits for company.")
     max_queue_texts: int = Field(4096, description="Queued texts beyond which requests get RESOURCE_EXHAUSTED.")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +12,7 @@ from adaptgate.engine.batcher import Batcher, BatcherLimits, BatchStats
 from adaptgate.engine.forward import BatchForward
 from adaptgate.engine.model import BaseModel, ModelSpec
 from adaptgate.engine.rows import Row, RowResult
+from adaptgate.engine.thread import EngineThread
 from adaptgate.errors import InputTooLong, InvalidArgument
 
 # A token is rarely more than this many characters; longer texts fail before the tokenizer runs.
@@ -44,15 +44,18 @@ class Engine:
         base: BaseModel,
         config: EngineConfig,
         on_batch: Callable[[BatchStats], None] = lambda stats: None,
+        thread: EngineThread | None = None,
     ) -> None:
+        """`thread` should be the one that loaded `base` (see engine.thread); a new one otherwise."""
         self.base = base
         self.config = config
         self.max_tokens = min(config.max_input_tokens or base.spec.max_tokens, base.spec.max_tokens)
         if self.max_tokens > config.max_batch_tokens:
             raise ValueError(f"max_batch_tokens {config.max_batch_tokens} cannot hold one {self.max_tokens}-token input")
-        self._forward = BatchForward(base, config.n_slots, config.max_rank, config.max_labels)
         # One thread owns the model: forwards and slot writes never overlap.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self._thread = thread or EngineThread()
+        self._executor = self._thread.executor
+        self._forward = self._thread.call(BatchForward, base, config.n_slots, config.max_rank, config.max_labels)
         limits = BatcherLimits(config.max_batch_tokens, config.max_wait_s, config.max_queue_rows)
         self._batcher = Batcher(self._forward, self._executor, limits, on_batch)
 
@@ -69,7 +72,7 @@ class Engine:
 
     async def stop(self) -> None:
         await self._batcher.stop()
-        self._executor.shutdown(wait=True)
+        self._thread.shutdown()
 
     async def tokenize(self, texts: list[str], truncate: bool) -> list[list[int]]:
         """Layered checks: empty text, then characters (cheap), then tokens."""
