@@ -182,7 +182,7 @@ async def serve(settings: Settings) -> None:
     print(
         f"adaptgate listening on {host}:{gateway.port} (gRPC) and :{gateway.metrics_port}/metrics "
         f"after {time.perf_counter() - started:.1f}s; model {gateway.engine.base.name} "
-        f"in {str(gateway.engine.base.dtype).removeprefix('torch.')} on {gateway.engine.base.device}",
+        f"in {gateway.engine.base.precision} on {gateway.engine.base.device}",
         flush=True,
     )
     print(f"  try: adaptgate embed --server {host}:{gateway.port} --token <token> 'hello world'", flush=True)

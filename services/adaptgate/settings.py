@@ -24,8 +24,8 @@ class Settings(BaseSettings):
     base_model: str | None = Field(
         None, description="Hugging Face model directory; default: the packaged all-MiniLM-L6-v2."
     )
-    dtype: Literal["auto", "bfloat16", "float32"] = Field(
-        "auto", description="auto = bf16 on GPUs and on CPUs with AMX/avx512_bf16, else fp32."
+    dtype: Literal["auto", "bfloat16", "float32", "int8"] = Field(
+        "auto", description="auto = bf16 on GPUs and on CPUs with AMX/avx512_bf16, else fp32; int8 (CPU, opt-in) = int8 linears over auto."
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the base model runs.")
     torch_threads: int = Field(0, description="Intra-op threads for the engine thread (0 = OMP_NUM_THREADS, else every core).")

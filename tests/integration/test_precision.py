@@ -36,3 +36,14 @@ def test_bf16_padding_free_embeddings_stay_within_cosine_0999_of_fp32(monkeypatc
     cosine = (ours * reference).sum(axis=1)  # both L2-normalized
     print(f"bf16 vs fp32 cosine over {len(texts)} SMS texts: min {cosine.min():.5f}, mean {cosine.mean():.6f}")
     assert cosine.min() >= 0.999, cosine.min()
+
+
+def test_int8_embeddings_stay_within_the_stated_bound_and_do_not_depend_on_batch_mates() -> None:
+    texts = [json.loads(line)["text"] for line in SMS.read_text().splitlines()[:256]]
+    reference = embeddings("float32", texts, pack=False)
+    ours = embeddings("int8", texts, pack=True)
+    cosine = (ours * reference).sum(axis=1)
+    print(f"int8 vs fp32 cosine over {len(texts)} SMS texts: min {cosine.min():.5f}, mean {cosine.mean():.6f}")
+    assert cosine.min() >= 0.99 and cosine.mean() >= 0.999, (cosine.min(), cosine.mean())
+    alone = embeddings("int8", texts[:1], pack=True)  # activations are quantized per token, not per batch
+    assert float((alone[0] * ours[0]).sum()) >= 0.9999

@@ -90,3 +90,16 @@ def test_rows_without_adapter_see_the_bare_base(setup, tiny_bert_dir: Path) -> N
     bare, mixed = asyncio.run(embed(False)), asyncio.run(embed(True))
     np.testing.assert_allclose(bare[0::2], mixed[0::2], atol=1e-5)
     assert not np.allclose(bare[1::2], mixed[1::2], atol=1e-3)
+
+
+def test_adapters_on_an_int8_base_stay_close_to_peft(setup, tiny_bert_dir: Path) -> None:
+    """The opt-in int8 base (engine.int8) still takes every adapter, in mixed batches, near PEFT's answers."""
+    _, adapters = setup
+    int8_base = lambda: load_base_model(tiny_bert_dir, dtype="int8", device="cpu")  # noqa: E731
+    assert int8_base().int8
+    rows = [(text, slot) for text in TEXTS for slot in range(len(adapters))]
+    got = asyncio.run(run_engine(int8_base, adapters, rows))
+    for slot, (peft_model, _) in enumerate(adapters):
+        expected = peft_probabilities(peft_model, int8_base().tokenizer, TEXTS)
+        ours = np.stack([p for p, (_, s) in zip(got, rows) if s == slot])
+        np.testing.assert_allclose(ours, expected, atol=0.03)

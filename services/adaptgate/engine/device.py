@@ -23,6 +23,7 @@ def resolve_device(setting: str) -> torch.device:
 
 
 def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
+    """The dtype activations run in; `int8` (engine.int8) quantizes linears on top of the `auto` choice."""
     if setting == "bfloat16":
         return torch.bfloat16
     if setting == "float32":

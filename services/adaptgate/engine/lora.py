@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from adaptgate.engine.int8 import Int8Linear
 from adaptgate.engine.packed import Packing
 
 
@@ -28,7 +29,7 @@ def linear_in_out(module: nn.Module) -> tuple[int, int] | None:
 
     Conv1D stores its weight transposed ([in, out], `nx`/`nf`), so nn.Linear's attributes do not exist there.
     """
-    if isinstance(module, nn.Linear):
+    if isinstance(module, (nn.Linear, Int8Linear)):
         return module.in_features, module.out_features
     if isinstance(module, Conv1D):
         return int(module.weight.shape[0]), int(module.weight.shape[1])
@@ -139,7 +140,8 @@ class BatchedLoraLinear(nn.Module):
         self.batch = batch
         shape_a = (n_slots, max_rank, fan_in)  # [slots, r_max, in]
         shape_b = (n_slots, max_rank, fan_out)  # [slots, r_max, out]
-        kw = {"dtype": base.weight.dtype, "device": base.weight.device}
+        reference = base.bias if isinstance(base, Int8Linear) else base.weight
+        kw = {"dtype": getattr(base, "compute_dtype", reference.dtype), "device": reference.device}
         self.register_buffer("lora_a", torch.zeros(shape_a, **kw), persistent=False)
         self.register_buffer("lora_b", torch.zeros(shape_b, **kw), persistent=False)
 
@@ -189,7 +191,7 @@ class BatchedLoraLinear(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The frozen base weight, for model code that reads `proj.weight.dtype` and the like."""
-        return self.base.weight
+        return self.base.weight_int8 if isinstance(self.base, Int8Linear) else self.base.weight
 
 
 class LoraLayers:

@@ -12,6 +12,7 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig,
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from adaptgate.engine.device import resolve_device, resolve_dtype
+from adaptgate.engine.int8 import quantize_linears
 from adaptgate.engine.lora import linear_in_out
 from adaptgate.engine.pooling import Pooling
 
@@ -50,11 +51,18 @@ class BaseModel:
     device: torch.device
     dtype: torch.dtype
     path: Path
+    int8: bool = False  # most linears quantized (engine.int8); `dtype` is then what activations run in
 
     @property
     def name(self) -> str:
         """What clients see in EmbedResponse.model: the packaged model by its real name, else the directory."""
         return "all-MiniLM-L6-v2" if self.path == packaged_model_dir() else self.path.name
+
+    @property
+    def precision(self) -> str:
+        """For logs and the startup line: `bfloat16`, `float32`, or `int8+bfloat16`."""
+        name = str(self.dtype).removeprefix("torch.")
+        return f"int8+{name}" if self.int8 else name
 
 
 def _max_tokens(path: Path, config: object, tokenizer: PreTrainedTokenizerBase) -> int:
@@ -115,6 +123,8 @@ def load_base_model(path: Path | None = None, dtype: str = "auto", device: str =
     """Frozen, eval-mode, offline. Decoder-only models are recognised from their config."""
     path = Path(path) if path else packaged_model_dir()
     torch_device = resolve_device(device)
+    if dtype == "int8" and torch_device.type != "cpu":
+        raise ValueError("dtype int8 is a CPU path; on a GPU use auto (bfloat16)")
     torch_dtype = resolve_dtype(dtype, torch_device)
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -133,7 +143,9 @@ def load_base_model(path: Path | None = None, dtype: str = "auto", device: str =
         linear_shapes=_linear_shapes(model),
         base_prefix=getattr(model, "base_model_prefix", "") or "",
     )
-    return BaseModel(tokenizer, model, spec, torch_device, torch_dtype, path)
+    if dtype == "int8":
+        quantize_linears(model)
+    return BaseModel(tokenizer, model, spec, torch_device, torch_dtype, path, int8=dtype == "int8")
 
 
 @torch.inference_mode()
