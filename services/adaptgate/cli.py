@@ -55,6 +55,15 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_embed(args: argparse.Namespace) -> None:
+    if args.input is not None:
+        from adaptgate.commands.embed import embed_file
+
+        if args.output is None:
+            sys.exit("embed --input needs --output FILE.npy")
+        embed_file(_client(args), args.input, args.output, args.chunk_size, args.adapter, args.truncate)
+        return
+    if not args.texts:
+        sys.exit("give texts to embed, or --input FILE --output FILE.npy")
     response = _client(args).embed(args.texts, adapter=args.adapter, truncate=args.truncate)
     for text, emb in zip(args.texts, response.embeddings):
         print(json.dumps({"text": text, "tokens": emb.tokens, "dim": len(emb.values), "values": [round(v, 6) for v in emb.values]}))
@@ -112,8 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     _settings_flags(serve)
     serve.set_defaults(func=cmd_serve)
 
-    embed = sub.add_parser("embed", help="embed texts")
-    embed.add_argument("texts", nargs="+")
+    embed = sub.add_parser("embed", help="embed texts, or stream a file of them into an .npy")
+    embed.add_argument("texts", nargs="*")
+    embed.add_argument("--input", type=Path, help="a text per line (or .jsonl rows with a text field), streamed")
+    embed.add_argument("--output", type=Path, help="with --input: where the [texts, dim] float32 array goes")
+    embed.add_argument("--chunk-size", type=int, default=256, help="with --input: texts per streamed request")
     embed.add_argument("--adapter", default="")
     embed.add_argument("--truncate", action="store_true")
     embed.set_defaults(func=cmd_embed)

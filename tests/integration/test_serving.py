@@ -282,3 +282,17 @@ def test_embed_stream_ends_with_the_status_of_a_bad_chunk(gateway: Gateway) -> N
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert received in ([], [0])  # chunks before the bad one may already have been answered
     assert client.embed(["still serving"]).embeddings
+
+
+def test_cli_embed_streams_a_file_into_an_npy_in_order(gateway: Gateway, tmp_path: Path) -> None:
+    from adaptgate.cli import main
+
+    texts = [json.loads(line)["text"] for line in (SMS / "test.jsonl").read_text().splitlines()[:300]]
+    source, output = tmp_path / "texts.jsonl", tmp_path / "vectors.npy"
+    source.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    main(["embed", "--input", str(source), "--output", str(output), "--chunk-size", "64", "--truncate",
+          "--server", gateway.target, "--token", "acme-token"])
+    vectors = np.load(output)
+    assert vectors.shape == (300, 384)
+    expected = Client(gateway.target, "acme-token").embed_array([texts[0], texts[150], texts[299]], truncate=True)
+    np.testing.assert_allclose(vectors[[0, 150, 299]], expected, atol=1e-2)
