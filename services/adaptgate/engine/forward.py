@@ -27,8 +27,11 @@ class BatchForward:
         self.pad_id = int(base.tokenizer.pad_token_id or 0)
 
     def _pad(self, rows: list[Row]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Widths are multiples of 8, so that batches share matmul shapes (see packed.token_bucket)."""
-        width = -(-max(len(r.input_ids) for r in rows) // 8) * 8
+        """Batches of several rows get widths in multiples of 8, so that they share matmul shapes (see
+        packed.token_bucket); a single row keeps its own length (at most max_tokens shapes, and a short
+        request's latency is mostly its padding)."""
+        longest = max(len(r.input_ids) for r in rows)
+        width = longest if len(rows) == 1 else -(-longest // 8) * 8
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, row in enumerate(rows):
