@@ -89,27 +89,32 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def time_it(fn, batches) -> float:
+def time_it(fn, batches) -> tuple[float, float]:
+    """(sequences/s, CPU seconds): CPU time leaves out what a busy VM host steals, so its ratios are steadier."""
     synchronize()
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     for b in batches:
         fn(*b)
     synchronize()
-    return sum(len(b[0]) for b in batches) / (time.perf_counter() - started)
+    return sum(len(b[0]) for b in batches) / (time.perf_counter() - started), time.process_time() - cpu_started
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
-    """FLOP/s of one large square matmul on this device: the MFU denominator (measured, not a datasheet's)."""
+    """FLOP/s of one large square matmul on this device: the MFU denominator (measured, not a datasheet's).
+    The best of five timings, so that a moment of VM noise does not shrink the peak and inflate MFU."""
     n = 8192 if device.type == "cuda" else 2048
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     for _ in range(3):
         a @ b
-    synchronize()
-    started, rounds = time.perf_counter(), 20 if device.type == "cuda" else 3
-    for _ in range(rounds):
-        a @ b
-    synchronize()
-    return 2 * n**3 * rounds / (time.perf_counter() - started)
+    rounds, best = (20 if device.type == "cuda" else 3), 0.0
+    for _ in range(5):
+        synchronize()
+        started = time.perf_counter()
+        for _ in range(rounds):
+            a @ b
+        synchronize()
+        best = max(best, 2 * n**3 * rounds / (time.perf_counter() - started))
+    return best
 
 
 def flops_per_sequence(config, tokens: float) -> float:
@@ -118,15 +123,17 @@ def flops_per_sequence(config, tokens: float) -> float:
     return layers * (2 * tokens * (4 * hidden * hidden + 2 * hidden * inner) + 4 * tokens * tokens * hidden)
 
 
-def interleaved_rates(systems: dict, batches, repeats: int) -> dict[str, float]:
-    """Median sequences/s per system over `repeats` rounds that take turns (a shared VM's noise hits all alike)."""
+def interleaved_rates(systems: dict, batches, repeats: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Median sequences/s and median CPU seconds per system over `repeats` rounds that take turns
+    (a shared VM's noise hits all alike)."""
     for fn in systems.values():
         fn(*batches[0])
-    runs: dict[str, list[float]] = {name: [] for name in systems}
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in systems}
     for _ in range(repeats):
         for name, fn in systems.items():
             runs[name].append(time_it(fn, batches))
-    return {name: float(np.median(r)) for name, r in runs.items()}
+    rates = {name: float(np.median([r[0] for r in rs])) for name, rs in runs.items()}
+    return rates, {name: float(np.median([r[1] for r in rs])) for name, rs in runs.items()}
 
 
 def main() -> None:
@@ -181,7 +188,7 @@ def report_rates(args: argparse.Namespace, base, forward, peft_model, batches, t
         with torch.inference_mode():
             peft_model(**padded, adapter_names=[f"a{s}" for s in slots])
 
-    rates = interleaved_rates({"base": base_only, "mixed": mixed, "peft": peft_mixed}, batches, args.repeats)
+    rates, cpu = interleaved_rates({"base": base_only, "mixed": mixed, "peft": peft_mixed}, batches, args.repeats)
     peak = matmul_peak(base.device, base.dtype)
     tokens = float(np.mean([len(i) for b in batches for i in b[0]]))
     mfu = {name: rate * flops_per_sequence(base.model.config, tokens) / peak for name, rate in rates.items()}
@@ -189,13 +196,19 @@ def report_rates(args: argparse.Namespace, base, forward, peft_model, batches, t
           f"r={args.rank}, {args.batch}-row batches, {len(batches) * args.batch} rows of {tokens:.1f} tokens; "
           f"measured matmul peak {peak / 1e12:.2f} TFLOP/s")
     print(f"adaptgate base-only:   {rates['base']:8.1f} sequences/s  MFU {mfu['base']:.1%}")
-    print(f"adaptgate mixed:       {rates['mixed']:8.1f} sequences/s  ({rates['mixed'] / rates['base']:.2f}x base-only)  "
-          f"MFU {mfu['mixed']:.1%}")
+    print(f"adaptgate mixed:       {rates['mixed']:8.1f} sequences/s  ({rates['mixed'] / rates['base']:.2f}x base-only"
+          f"{cpu_ratio(base.device, cpu, 'mixed', 'base')})  MFU {mfu['mixed']:.1%}")
     print(f"PEFT mixed batch:      {rates['peft']:8.1f} sequences/s  (adaptgate mixed = {rates['mixed'] / rates['peft']:.1f}x PEFT)")
     grouped = batches_of(texts, base.tokenizer, args.batch, args.adapters, by_length=True, seq_len=args.seq_len)
-    sorted_rates = interleaved_rates({"base": base_only, "mixed": mixed}, grouped, args.repeats)
+    sorted_rates, sorted_cpu = interleaved_rates({"base": base_only, "mixed": mixed}, grouped, args.repeats)
     print(f"length-sorted batches (what the batcher forms from many requests): base-only {sorted_rates['base']:.1f}, "
-          f"mixed {sorted_rates['mixed']:.1f} sequences/s ({sorted_rates['mixed'] / sorted_rates['base']:.2f}x)")
+          f"mixed {sorted_rates['mixed']:.1f} sequences/s ({sorted_rates['mixed'] / sorted_rates['base']:.2f}x"
+          f"{cpu_ratio(base.device, sorted_cpu, 'mixed', 'base')})")
+
+
+def cpu_ratio(device: torch.device, cpu: dict[str, float], name: str, reference: str) -> str:
+    """`; 0.80x by CPU time` on a CPU run (same rows on both sides, so the rate ratio is the inverse time ratio)."""
+    return f"; {cpu[reference] / cpu[name]:.2f}x by CPU time" if device.type == "cpu" else ""
 
 
 def measure_load_latency(peft_dir: Path, model_dir: Path, base, args) -> list[float]:
