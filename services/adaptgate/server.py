@@ -180,7 +180,8 @@ async def serve(settings: Settings) -> None:
     gateway = await build(settings)
     host = "localhost" if settings.host in ("0.0.0.0", "[::]") else settings.host
     print(
-        f"adaptgate listening on {host}:{gateway.port} (gRPC) and :{gateway.metrics_port}/metrics "
+        f"adaptgate listening on {host}:{gateway.port} (gRPC) and "
+        f"{f':{gateway.metrics_port}/metrics' if settings.metrics_port >= 0 else 'no /metrics (metrics port -1)'} "
         f"after {time.perf_counter() - started:.1f}s; model {gateway.engine.base.name} "
         f"in {gateway.engine.base.precision} on {gateway.engine.base.device}",
         flush=True,
