@@ -42,6 +42,13 @@ def test_packed_tensors_carry_a_bucket_of_rows_so_batches_share_shapes() -> None
     assert torch.equal(packing.unpack(packed), torch.arange(9.0).view(3, 3, 1) * mask.unsqueeze(-1))
 
 
+def test_padded_batches_round_their_width_but_a_single_row_keeps_its_own(tiny_bert_dir: Path) -> None:
+    forward = BatchForward(load_base_model(tiny_bert_dir, dtype="float32", device="cpu"), n_slots=1, max_rank=8, max_labels=2)
+    ids, mask = forward._pad([Row([1, 2, 3, 4, 5]), Row([1, 2])])
+    assert ids.shape == (2, 8) and mask.sum().item() == 7  # shared matmul shapes across batches
+    assert forward._pad([Row([1, 2, 3, 4, 5])])[0].shape == (1, 5)  # no padding on a lone short request
+
+
 def test_only_bert_encoders_are_packed(tiny_bert_dir: Path) -> None:
     from transformers import GPT2Config, GPT2Model
 

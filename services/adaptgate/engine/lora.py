@@ -228,11 +228,10 @@ class LoraLayers:
     def bind(self, row_slots: list[int], device: torch.device) -> None:
         """Point every wrapped layer at this batch's rows; rows with slot -1 get no LoRA."""
         pairs = [(row, slot) for row, slot in enumerate(row_slots) if slot >= 0]
+        self.batch.reset()
         if not pairs or not self.layers:
-            self.batch.reset()
             self.batch.rows = self.batch.slots = None
             return
-        self.batch.reset()
         self.batch.rows = torch.tensor([p[0] for p in pairs], device=device)
         self.batch.slots = torch.tensor([p[1] for p in pairs], device=device)
         self.batch.every_row = len(pairs) == len(row_slots)
