@@ -28,6 +28,7 @@ class EngineConfig:
     max_wait_s: float = 0.002
     max_queue_rows: int = 4096
     max_input_tokens: int = 0  # 0 = the model's own limit
+    lora_kernel: bool = True  # on CPU: the fused kernel when it builds here (engine.lora_kernel)
 
 
 @dataclass
@@ -55,7 +56,9 @@ class Engine:
         # One thread owns the model: forwards and slot writes never overlap.
         self._thread = thread or EngineThread()
         self._executor = self._thread.executor
-        self._forward = self._thread.call(BatchForward, base, config.n_slots, config.max_rank, config.max_labels)
+        self._forward = self._thread.call(
+            BatchForward, base, config.n_slots, config.max_rank, config.max_labels, True, config.lora_kernel
+        )
         limits = BatcherLimits(config.max_batch_tokens, config.max_wait_s, config.max_queue_rows)
         self._batcher = Batcher(self._forward, self._executor, limits, on_batch)
 

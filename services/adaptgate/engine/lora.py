@@ -5,7 +5,9 @@ A as [slots, r_max, in] (PEFT's own layout; `bmm` reads it transposed, which the
 GEMM runs faster than a copy laid out [in, r]) and B as [slots, r_max, out] with the adapter's
 scaling folded into B.
 A batch carries one slot per row (`LoraBatch`); the frozen `x·W` runs once for the whole batch
-and only rows that have an adapter pay for the two gathered `bmm`s. No per-adapter loop, no merge.
+and only rows that have an adapter pay for their delta. No per-adapter loop, no merge.
+On a CPU with AVX512-BF16 the delta is one fused kernel call per layer (`lora_kernel`, B then stored
+[slots, r_max/2, out, 2]); elsewhere, and as the tests' reference, two gathered `bmm`s.
 
 Targets are `nn.Linear` (weight [out, in]) or GPT-2's `transformers.pytorch_utils.Conv1D`
 (weight [in, out]; PEFT sets fan_in_fan_out=True for it). PEFT still saves A as [r, in] and
@@ -21,6 +23,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from adaptgate.engine.int8 import Int8Linear
+from adaptgate.engine.lora_kernel import LoraKernel
 from adaptgate.engine.packed import Packing
 
 
@@ -101,6 +104,7 @@ class LoraBatch:
     every_row: bool = False  # n == batch size: no row gather/scatter needed
     packing: Packing | None = None  # set while inputs are packed tokens [T, in] (the padding-free encoder)
     _chunks: LoraChunks | None = field(default=None, repr=False)
+    _token_slots: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
     # The last input gathered onto the chunk grid: query, key and value read the same one.
     _last: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
@@ -120,8 +124,34 @@ class LoraBatch:
         self._last = (x, grid)
         return grid
 
+    def token_slots(self, per_row: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fused kernel's mapping, [n] each: which rows of x (as [tokens, in]) carry LoRA, and their slots.
+
+        Packed, x holds the packed tokens (and the bucket's filler, which gets none); padded, each batch
+        row is `per_row` rows of x (its positions, pads included: they are computed anyway).
+        """
+        key = 0 if self.packing is not None else per_row
+        if key not in self._token_slots:
+            self._token_slots[key] = self._packed_token_slots() if key == 0 else self._padded_token_slots(per_row)
+        return self._token_slots[key]
+
+    def _packed_token_slots(self) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.packing is not None and self.rows is not None and self.slots is not None
+        row_slot = torch.full((self.packing.rows,), -1, dtype=torch.long)
+        row_slot[self.rows.cpu()] = self.slots.cpu()
+        token_slot = row_slot[torch.div(self.packing.index.cpu(), self.packing.width, rounding_mode="floor")]  # [T]
+        tokens = torch.arange(len(token_slot)) if self.every_row else (token_slot >= 0).nonzero().squeeze(1)
+        return tokens, token_slot[tokens].contiguous()
+
+    def _padded_token_slots(self, per_row: int) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.rows is not None and self.slots is not None
+        rows, slots = self.rows.cpu(), self.slots.cpu()
+        tokens = (rows.unsqueeze(1) * per_row + torch.arange(per_row)).reshape(-1)
+        return tokens, torch.repeat_interleave(slots, per_row)
+
     def reset(self) -> None:
         self._chunks = self._last = None
+        self._token_slots.clear()
 
 
 class BatchedLoraLinear(nn.Module):
@@ -130,7 +160,9 @@ class BatchedLoraLinear(nn.Module):
     `base` is an nn.Linear (`x·Wᵀ + b`) or a Conv1D (`x·W + b`); only its (in, out) matter here.
     """
 
-    def __init__(self, base: nn.Module, batch: LoraBatch, n_slots: int, max_rank: int) -> None:
+    def __init__(
+        self, base: nn.Module, batch: LoraBatch, n_slots: int, max_rank: int, kernel: LoraKernel | None = None
+    ) -> None:
         super().__init__()
         shape = linear_in_out(base)
         if shape is None:
@@ -138,10 +170,14 @@ class BatchedLoraLinear(nn.Module):
         fan_in, fan_out = shape
         self.base = base
         self.batch = batch
-        shape_a = (n_slots, max_rank, fan_in)  # [slots, r_max, in]
-        shape_b = (n_slots, max_rank, fan_out)  # [slots, r_max, out]
         reference = base.bias if isinstance(base, Int8Linear) else base.weight
-        kw = {"dtype": getattr(base, "compute_dtype", reference.dtype), "device": reference.device}
+        dtype: torch.dtype = getattr(base, "compute_dtype", reference.dtype)
+        self.kernel = kernel if kernel is not None and kernel.supports(dtype, reference.device, max_rank) else None
+        if self.kernel is not None:
+            max_rank += max_rank % 2  # the kernel takes ranks in pairs; a zero rank adds nothing
+        shape_a = (n_slots, max_rank, fan_in)  # [slots, r_max, in]
+        shape_b = (n_slots, max_rank // 2, fan_out, 2) if self.kernel else (n_slots, max_rank, fan_out)
+        kw = {"dtype": dtype, "device": reference.device}
         self.register_buffer("lora_a", torch.zeros(shape_a, **kw), persistent=False)
         self.register_buffer("lora_b", torch.zeros(shape_b, **kw), persistent=False)
 
@@ -149,9 +185,12 @@ class BatchedLoraLinear(nn.Module):
         """a: [r, in] and b: [out, r] as PEFT stores them; zero-padded up to r_max."""
         rank = a.shape[0]
         self.lora_a[slot].zero_()
-        self.lora_b[slot].zero_()
         self.lora_a[slot, :rank, :] = a.to(self.lora_a.dtype)
-        self.lora_b[slot, :rank, :] = (b.t().float() * scaling).to(self.lora_b.dtype)
+        scaled = torch.zeros(self.lora_a.shape[1], b.shape[0])  # [r_max, out]
+        scaled[:rank] = b.t().float() * scaling
+        if self.kernel is not None:  # rank pairs interleaved: [r_max/2, out, 2]
+            scaled = scaled.view(-1, 2, b.shape[0]).transpose(1, 2)
+        self.lora_b[slot] = scaled.to(self.lora_b.dtype)
 
     def clear_slot(self, slot: int) -> None:
         self.lora_a[slot].zero_()
@@ -162,6 +201,8 @@ class BatchedLoraLinear(nn.Module):
         rows, slots = self.batch.rows, self.batch.slots
         if rows is None or slots is None:
             return y
+        if self.kernel is not None:
+            return self._fused(x, y)
         if self.batch.packing is not None:
             return self._packed(x, y)
         if self.batch.every_row:  # the common mixed-traffic case: accumulate in place, no gather/scatter
@@ -171,6 +212,14 @@ class BatchedLoraLinear(nn.Module):
         xs = x.index_select(0, rows).reshape(len(rows), -1, x.shape[-1])  # [n, T, in]; T=1 for BERT's pooler
         delta = torch.bmm(torch.bmm(xs, self._a(slots)), self.lora_b[slots])  # [n, T, out]
         return y.index_add_(0, rows, delta.reshape(len(rows), *y.shape[1:]).to(y.dtype))
+
+    def _fused(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One kernel call adds every LoRA token's delta to y in place; x, y as [tokens, features]."""
+        assert self.kernel is not None
+        flat_x = x.reshape(-1, x.shape[-1]).contiguous()
+        tokens, slots = self.batch.token_slots(len(flat_x) // len(x))
+        self.kernel.delta(flat_x, y.view(-1, y.shape[-1]), self.lora_a, self.lora_b, tokens, slots)
+        return y
 
     def _packed(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x: [T, in], y: [T, out] packed tokens; the deltas run on the chunk grid (rank-sized work only)."""
@@ -197,10 +246,11 @@ class BatchedLoraLinear(nn.Module):
 class LoraLayers:
     """Owns the wrapped linears of one base model; wraps a module the first time an adapter targets it."""
 
-    def __init__(self, model: nn.Module, n_slots: int, max_rank: int) -> None:
+    def __init__(self, model: nn.Module, n_slots: int, max_rank: int, kernel: LoraKernel | None = None) -> None:
         self.model = model
         self.n_slots = n_slots
         self.max_rank = max_rank
+        self.kernel = kernel
         self.batch = LoraBatch()
         self.layers: dict[str, BatchedLoraLinear] = {}
 
@@ -210,7 +260,7 @@ class LoraLayers:
         base = getattr(parent, child)
         if isinstance(base, BatchedLoraLinear):  # wrapped by an earlier engine on the same model
             base = base.base
-        wrapped = BatchedLoraLinear(base, self.batch, self.n_slots, self.max_rank)
+        wrapped = BatchedLoraLinear(base, self.batch, self.n_slots, self.max_rank, self.kernel)
         setattr(parent, child, wrapped)
         self.layers[name] = wrapped
         return wrapped
