@@ -146,6 +146,7 @@ def main() -> None:
     parser.add_argument("--bert-base", action="store_true", help="a random BERT-base-sized encoder instead of MiniLM")
     parser.add_argument("--seq-len", type=int, default=0, help="synthetic rows of exactly this many tokens (0 = real texts)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--lora-kernel", default="auto", choices=("auto", "off"), help="off: the gathered-bmm path on CPU too")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as models:
         run(args, make_bert_base(Path(models) / "bert-base-random") if args.bert_base else packaged_model_dir())
@@ -160,7 +161,7 @@ def run(args: argparse.Namespace, model_dir: Path) -> None:
     base = load_base_model(model_dir, device=args.device)
     texts = load_texts(args.texts)
     batches = batches_of(texts, base.tokenizer, args.batch, args.adapters, seq_len=args.seq_len)
-    forward = BatchForward(base, args.adapters, args.rank, 2)
+    forward = BatchForward(base, args.adapters, args.rank, 2, lora_kernel=args.lora_kernel == "auto")
     validator = AdapterValidator(base.spec, args.rank, 2)
     with tempfile.TemporaryDirectory() as tmp:
         peft_model = make_peft_model(model_dir, args.adapters, args.rank, Path(tmp), base.dtype, base.device)
@@ -193,7 +194,7 @@ def report_rates(args: argparse.Namespace, base, forward, peft_model, batches, t
     tokens = float(np.mean([len(i) for b in batches for i in b[0]]))
     mfu = {name: rate * flops_per_sequence(base.model.config, tokens) / peak for name, rate in rates.items()}
     print(f"model {base.name} {str(base.dtype).removeprefix('torch.')} on {base.device}, {args.adapters} adapters "
-          f"r={args.rank}, {args.batch}-row batches, {len(batches) * args.batch} rows of {tokens:.1f} tokens; "
+          f"r={args.rank} (LoRA by {forward.lora.path}), {args.batch}-row batches, {len(batches) * args.batch} rows of {tokens:.1f} tokens; "
           f"measured matmul peak {peak / 1e12:.2f} TFLOP/s")
     print(f"adaptgate base-only:   {rates['base']:8.1f} sequences/s  MFU {mfu['base']:.1%}")
     print(f"adaptgate mixed:       {rates['mixed']:8.1f} sequences/s  ({rates['mixed'] / rates['base']:.2f}x base-only"

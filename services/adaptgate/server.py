@@ -184,7 +184,7 @@ async def serve(settings: Settings) -> None:
         f"adaptgate listening on {host}:{gateway.port} (gRPC) and "
         f"{f':{gateway.metrics_port}/metrics' if settings.metrics_port >= 0 else 'no /metrics (metrics port -1)'} "
         f"after {time.perf_counter() - started:.1f}s; model {gateway.engine.base.name} "
-        f"in {gateway.engine.base.precision} on {gateway.engine.base.device}",
+        f"in {gateway.engine.base.precision} on {gateway.engine.base.device}, LoRA by {gateway.engine.lora_path}",
         flush=True,
     )
     print(f"  try: adaptgate embed --server {host}:{gateway.port} --token <token> 'hello world'", flush=True)

@@ -67,6 +67,10 @@ class Engine:
         return self.base.spec
 
     @property
+    def lora_path(self) -> str:
+        return self._forward.lora.path
+
+    @property
     def queued_rows(self) -> int:
         return self._batcher.queued_rows
 

@@ -25,7 +25,8 @@ class BatchForward:
     ) -> None:
         self.base = base
         self.packed = PackedBertEncoder(base.model) if padding_free and supports_packing(base.model) else None
-        kernel = LoraKernel.try_build() if lora_kernel and base.device.type == "cpu" else None
+        on_cpu_bf16 = base.device.type == "cpu" and base.dtype == torch.bfloat16
+        kernel = LoraKernel.try_build() if lora_kernel and on_cpu_bf16 else None
         self.lora = LoraLayers(base.model, n_slots, max_rank, kernel)
         self.heads = HeadPool(n_slots, base.spec.hidden_size, max_labels, base.device)
         self.pad_id = int(base.tokenizer.pad_token_id or 0)

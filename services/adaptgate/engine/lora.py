@@ -132,7 +132,8 @@ class LoraBatch:
         """
         key = 0 if self.packing is not None else per_row
         if key not in self._token_slots:
-            self._token_slots[key] = self._packed_token_slots() if key == 0 else self._padded_token_slots(per_row)
+            tokens, slots = self._packed_token_slots() if key == 0 else self._padded_token_slots(per_row)
+            self._token_slots[key] = tokens.contiguous(), slots.contiguous()  # int64 on the CPU: the kernel's index arrays
         return self._token_slots[key]
 
     def _packed_token_slots(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,7 +216,7 @@ class BatchedLoraLinear(nn.Module):
 
     def _fused(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One kernel call adds every LoRA token's delta to y in place; x, y as [tokens, features]."""
-        assert self.kernel is not None
+        assert self.kernel is not None and x.dtype == y.dtype == torch.bfloat16 and y.is_contiguous()
         flat_x = x.reshape(-1, x.shape[-1]).contiguous()
         tokens, slots = self.batch.token_slots(len(flat_x) // len(x))
         self.kernel.delta(flat_x, y.view(-1, y.shape[-1]), self.lora_a, self.lora_b, tokens, slots)
@@ -253,6 +254,11 @@ class LoraLayers:
         self.kernel = kernel
         self.batch = LoraBatch()
         self.layers: dict[str, BatchedLoraLinear] = {}
+
+    @property
+    def path(self) -> str:
+        """For the startup line and benches: how LoRA deltas are computed."""
+        return "fused CPU kernel" if self.kernel is not None else "gathered bmm"
 
     def _wrap(self, name: str) -> BatchedLoraLinear:
         parent_name, _, child = name.rpartition(".")
