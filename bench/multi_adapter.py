@@ -142,7 +142,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--texts", type=int, default=1024)
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds; medians are reported")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds; medians are reported")
     parser.add_argument("--bert-base", action="store_true", help="a random BERT-base-sized encoder instead of MiniLM")
     parser.add_argument("--seq-len", type=int, default=0, help="synthetic rows of exactly this many tokens (0 = real texts)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))

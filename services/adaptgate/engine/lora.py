@@ -6,8 +6,8 @@ GEMM runs faster than a copy laid out [in, r]) and B as [slots, r_max, out] with
 scaling folded into B.
 A batch carries one slot per row (`LoraBatch`); the frozen `x·W` runs once for the whole batch
 and only rows that have an adapter pay for their delta. No per-adapter loop, no merge.
-On a CPU with AVX512-BF16 the delta is one fused kernel call per layer (`lora_kernel`, B then stored
-[slots, r_max/2, out, 2]); elsewhere, and as the tests' reference, two gathered `bmm`s.
+On a CPU with AVX512-BF16 the delta is one fused kernel call per layer (`lora_kernel`, r_max then padded
+to a multiple of 8 and B stored [slots, r_max/2, out, 2]); elsewhere, and as the tests' reference, two gathered `bmm`s.
 
 Targets are `nn.Linear` (weight [out, in]) or GPT-2's `transformers.pytorch_utils.Conv1D`
 (weight [in, out]; PEFT sets fan_in_fan_out=True for it). PEFT still saves A as [r, in] and
@@ -23,7 +23,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from adaptgate.engine.int8 import Int8Linear
-from adaptgate.engine.lora_kernel import LoraKernel
+from adaptgate.engine.lora_kernel import LoraKernel, kernel_rank
 from adaptgate.engine.packed import Packing
 
 
@@ -175,7 +175,7 @@ class BatchedLoraLinear(nn.Module):
         dtype: torch.dtype = getattr(base, "compute_dtype", reference.dtype)
         self.kernel = kernel if kernel is not None and kernel.supports(dtype, reference.device, max_rank) else None
         if self.kernel is not None:
-            max_rank += max_rank % 2  # the kernel takes ranks in pairs; a zero rank adds nothing
+            max_rank = kernel_rank(max_rank)
         shape_a = (n_slots, max_rank, fan_in)  # [slots, r_max, in]
         shape_b = (n_slots, max_rank // 2, fan_out, 2) if self.kernel else (n_slots, max_rank, fan_out)
         kw = {"dtype": dtype, "device": reference.device}

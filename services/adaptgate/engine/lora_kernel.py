@@ -24,6 +24,11 @@ SOURCE = Path(__file__).with_name("lora_cpu.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 
 
+def kernel_rank(max_rank: int) -> int:
+    """The kernel sweeps ranks eight at a time; slots are zero-padded up to that (a zero rank adds nothing)."""
+    return -(-max_rank // 8) * 8
+
+
 class LoraKernelUnavailable(RuntimeError):
     """Why this machine runs the PyTorch path instead (no compiler, no AVX512-BF16, ...)."""
 
@@ -83,13 +88,13 @@ class LoraKernel:
         return int(self._lib.lora_threads())
 
     def supports(self, dtype: torch.dtype, device: torch.device, rank: int) -> bool:
-        return dtype == torch.bfloat16 and device.type == "cpu" and rank <= self.max_rank
+        return dtype == torch.bfloat16 and device.type == "cpu" and kernel_rank(rank) <= self.max_rank
 
     def delta(
         self, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, bv: torch.Tensor, tokens: torch.Tensor, slots: torch.Tensor
     ) -> None:
-        """y[t] += (x[t]·A[s]ᵀ)·B[s] in place. x [T, in], y [T, out], a [S, r, in], bv [S, r/2, out, 2], all
-        contiguous bf16 on the CPU; tokens, slots [n] int64 within range. The caller (BatchedLoraLinear)
+        """y[t] += (x[t]·A[s]ᵀ)·B[s] in place. x [T, in], y [T, out], a [S, r, in], bv [S, r/2, out, 2] (r a
+        multiple of 8), all contiguous bf16 on the CPU; tokens, slots [n] int64 within range. The caller (BatchedLoraLinear)
         builds every one of them so; checking here would cost as much as a small layer's call."""
         self._lib.lora_delta_bf16(
             x.data_ptr(), y.data_ptr(), a.data_ptr(), bv.data_ptr(), tokens.data_ptr(), slots.data_ptr(),
