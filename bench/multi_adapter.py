@@ -146,7 +146,7 @@ def main() -> None:
     parser.add_argument("--bert-base", action="store_true", help="a random BERT-base-sized encoder instead of MiniLM")
     parser.add_argument("--seq-len", type=int, default=0, help="synthetic rows of exactly this many tokens (0 = real texts)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--lora-kernel", default="auto", choices=("auto", "off"), help="off: the gathered-bmm path on CPU too")
+    parser.add_argument("--cpu-kernels", default="auto", choices=("auto", "off"), help="off: PyTorch ops on CPU too (the A/B)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as models:
         run(args, make_bert_base(Path(models) / "bert-base-random") if args.bert_base else packaged_model_dir())
@@ -161,7 +161,7 @@ def run(args: argparse.Namespace, model_dir: Path) -> None:
     base = load_base_model(model_dir, device=args.device)
     texts = load_texts(args.texts)
     batches = batches_of(texts, base.tokenizer, args.batch, args.adapters, seq_len=args.seq_len)
-    forward = BatchForward(base, args.adapters, args.rank, 2, lora_kernel=args.lora_kernel == "auto")
+    forward = BatchForward(base, args.adapters, args.rank, 2, cpu_kernels=args.cpu_kernels == "auto")
     validator = AdapterValidator(base.spec, args.rank, 2)
     with tempfile.TemporaryDirectory() as tmp:
         peft_model = make_peft_model(model_dir, args.adapters, args.rank, Path(tmp), base.dtype, base.device)

@@ -96,7 +96,7 @@ def _engine(settings: Settings, base: BaseModel, metrics: Metrics, thread: Engin
         n_slots=settings.max_loaded_adapters, max_rank=settings.max_lora_rank, max_labels=settings.max_labels,
         max_batch_tokens=settings.max_batch_tokens, max_wait_s=settings.max_batch_wait_ms / 1000,
         max_queue_rows=settings.max_queue_texts, max_input_tokens=settings.max_input_tokens,
-        lora_kernel=settings.lora_kernel == "auto",
+        cpu_kernels=settings.cpu_kernels == "auto",
     )
     engine = Engine(base, config, metrics.observe_batch, thread)
     metrics.track_queue(lambda: engine.queued_rows)
@@ -184,7 +184,7 @@ async def serve(settings: Settings) -> None:
         f"adaptgate listening on {host}:{gateway.port} (gRPC) and "
         f"{f':{gateway.metrics_port}/metrics' if settings.metrics_port >= 0 else 'no /metrics (metrics port -1)'} "
         f"after {time.perf_counter() - started:.1f}s; model {gateway.engine.base.name} "
-        f"in {gateway.engine.base.precision} on {gateway.engine.base.device}, LoRA by {gateway.engine.lora_path}",
+        f"in {gateway.engine.base.precision} on {gateway.engine.base.device}, {gateway.engine.kernels}",
         flush=True,
     )
     print(f"  try: adaptgate embed --server {host}:{gateway.port} --token <token> 'hello world'", flush=True)

@@ -44,8 +44,9 @@ class Settings(BaseSettings):
         512 * 1024 * 1024, description="Host-memory budget for validated adapter weights behind the slots (LRU)."
     )
     metrics_max_adapter_labels: int = Field(100, description="Adapters with their own metric series; the rest are 'other'.")
-    lora_kernel: Literal["auto", "off"] = Field(
-        "auto", description="auto: LoRA deltas on CPU run a fused kernel compiled at start (needs cc and AVX512-BF16); off: PyTorch bmm."
+    cpu_kernels: Literal["auto", "off"] = Field(
+        "auto",
+        description="auto: on CPU, LoRA deltas and packed attention run fused kernels compiled at start (needs cc and AVX512-BF16); off: PyTorch ops.",
     )
     max_lora_rank: int = Field(16, description="Largest LoRA rank an adapter may have (slots are padded to it).")
     max_labels: int = Field(128, description="Largest label count of a task head.")

@@ -28,7 +28,7 @@ class EngineConfig:
     max_wait_s: float = 0.002
     max_queue_rows: int = 4096
     max_input_tokens: int = 0  # 0 = the model's own limit
-    lora_kernel: bool = True  # on CPU: the fused kernel when it builds here (engine.lora_kernel)
+    cpu_kernels: bool = True  # on CPU: the fused kernels when they build here (engine.cpu_kernels)
 
 
 @dataclass
@@ -57,7 +57,7 @@ class Engine:
         self._thread = thread or EngineThread()
         self._executor = self._thread.executor
         self._forward = self._thread.call(
-            BatchForward, base, config.n_slots, config.max_rank, config.max_labels, True, config.lora_kernel
+            BatchForward, base, config.n_slots, config.max_rank, config.max_labels, True, config.cpu_kernels
         )
         limits = BatcherLimits(config.max_batch_tokens, config.max_wait_s, config.max_queue_rows)
         self._batcher = Batcher(self._forward, self._executor, limits, on_batch)
@@ -67,8 +67,9 @@ class Engine:
         return self.base.spec
 
     @property
-    def lora_path(self) -> str:
-        return self._forward.lora.path
+    def kernels(self) -> str:
+        """For the startup line: which CPU kernels the forward runs (engine.cpu_kernels)."""
+        return "fused CPU kernels" if self._forward.lora.kernel is not None else "PyTorch ops"
 
     @property
     def queued_rows(self) -> int:

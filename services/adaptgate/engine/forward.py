@@ -6,7 +6,7 @@ import torch
 
 from adaptgate.engine.heads import HEAD_INPUT_POOLING, HeadPool
 from adaptgate.engine.lora import LoraLayers
-from adaptgate.engine.lora_kernel import LoraKernel
+from adaptgate.engine.cpu_kernels import CpuKernels
 from adaptgate.engine.model import BaseModel
 from adaptgate.engine.packed import Packing, PackedBertEncoder, supports_packing
 from adaptgate.engine.pooling import Pooling, normalize, pool, without_pad_tokens
@@ -21,13 +21,13 @@ class BatchForward:
     """Holds the base model with its LoRA layers and head pool; runs on the engine's one thread."""
 
     def __init__(
-        self, base: BaseModel, n_slots: int, max_rank: int, max_labels: int, padding_free: bool = True, lora_kernel: bool = True
+        self, base: BaseModel, n_slots: int, max_rank: int, max_labels: int, padding_free: bool = True, cpu_kernels: bool = True
     ) -> None:
         self.base = base
-        self.packed = PackedBertEncoder(base.model) if padding_free and supports_packing(base.model) else None
         on_cpu_bf16 = base.device.type == "cpu" and base.dtype == torch.bfloat16
-        kernel = LoraKernel.try_build() if lora_kernel and on_cpu_bf16 else None
-        self.lora = LoraLayers(base.model, n_slots, max_rank, kernel)
+        kernels = CpuKernels.try_build() if cpu_kernels and on_cpu_bf16 else None
+        self.packed = PackedBertEncoder(base.model, kernels) if padding_free and supports_packing(base.model) else None
+        self.lora = LoraLayers(base.model, n_slots, max_rank, kernels)
         self.heads = HeadPool(n_slots, base.spec.hidden_size, max_labels, base.device)
         self.pad_id = int(base.tokenizer.pad_token_id or 0)
 

@@ -6,7 +6,7 @@ GEMM runs faster than a copy laid out [in, r]) and B as [slots, r_max, out] with
 scaling folded into B.
 A batch carries one slot per row (`LoraBatch`); the frozen `x·W` runs once for the whole batch
 and only rows that have an adapter pay for their delta. No per-adapter loop, no merge.
-On a CPU with AVX512-BF16 the delta is one fused kernel call per layer (`lora_kernel`, r_max then padded
+On a CPU with AVX512-BF16 the delta is one fused kernel call per layer (`cpu_kernels`, r_max then padded
 to a multiple of 8 and B stored [slots, r_max/2, out, 2]); elsewhere, and as the tests' reference, two gathered `bmm`s.
 
 Targets are `nn.Linear` (weight [out, in]) or GPT-2's `transformers.pytorch_utils.Conv1D`
@@ -23,7 +23,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from adaptgate.engine.int8 import Int8Linear
-from adaptgate.engine.lora_kernel import LoraKernel, kernel_rank
+from adaptgate.engine.cpu_kernels import CpuKernels, kernel_rank
 from adaptgate.engine.packed import Packing
 
 
@@ -162,7 +162,7 @@ class BatchedLoraLinear(nn.Module):
     """
 
     def __init__(
-        self, base: nn.Module, batch: LoraBatch, n_slots: int, max_rank: int, kernel: LoraKernel | None = None
+        self, base: nn.Module, batch: LoraBatch, n_slots: int, max_rank: int, kernel: CpuKernels | None = None
     ) -> None:
         super().__init__()
         shape = linear_in_out(base)
@@ -173,7 +173,7 @@ class BatchedLoraLinear(nn.Module):
         self.batch = batch
         reference = base.bias if isinstance(base, Int8Linear) else base.weight
         dtype: torch.dtype = getattr(base, "compute_dtype", reference.dtype)
-        self.kernel = kernel if kernel is not None and kernel.supports(dtype, reference.device, max_rank) else None
+        self.kernel = kernel if kernel is not None and kernel.supports_lora(dtype, reference.device, max_rank) else None
         if self.kernel is not None:
             max_rank = kernel_rank(max_rank)
         shape_a = (n_slots, max_rank, fan_in)  # [slots, r_max, in]
@@ -219,7 +219,7 @@ class BatchedLoraLinear(nn.Module):
         assert self.kernel is not None and x.dtype == y.dtype == torch.bfloat16 and y.is_contiguous()
         flat_x = x.reshape(-1, x.shape[-1]).contiguous()
         tokens, slots = self.batch.token_slots(len(flat_x) // len(x))
-        self.kernel.delta(flat_x, y.view(-1, y.shape[-1]), self.lora_a, self.lora_b, tokens, slots)
+        self.kernel.lora_delta(flat_x, y.view(-1, y.shape[-1]), self.lora_a, self.lora_b, tokens, slots)
         return y
 
     def _packed(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -247,7 +247,7 @@ class BatchedLoraLinear(nn.Module):
 class LoraLayers:
     """Owns the wrapped linears of one base model; wraps a module the first time an adapter targets it."""
 
-    def __init__(self, model: nn.Module, n_slots: int, max_rank: int, kernel: LoraKernel | None = None) -> None:
+    def __init__(self, model: nn.Module, n_slots: int, max_rank: int, kernel: CpuKernels | None = None) -> None:
         self.model = model
         self.n_slots = n_slots
         self.max_rank = max_rank

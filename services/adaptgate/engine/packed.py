@@ -9,6 +9,8 @@ it carries enough padding to pay for the gathers and scatters (`PACKING_MIN_WAST
 Rows stay contiguous in the packed layout (pads are on the right), so LoRA layers can cut each
 row's tokens into equal chunks for their gathered matmuls (`lora.LoraChunks`).
 
+On a CPU with engine.cpu_kernels, attention too runs on the packed tokens (`PackedBertEncoder`).
+
 Only transformers' own `BertModel` (no decoder, no cross-attention) takes this path; every
 other family runs through its transformers forward. Tests hold both paths to the same outputs.
 """
@@ -21,6 +23,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from adaptgate.engine.cpu_kernels import CpuKernels
 
 
 def token_bucket(tokens: int) -> int:
@@ -125,6 +129,12 @@ def _group(rows: list[int], lengths: list[int], starts: list[int], mask: torch.T
     return AttentionGroup(tokens.to(mask.device), positions.to(mask.device), len(rows), width, key_mask)
 
 
+def row_spans(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Each row's first packed token and length ([rows] int64 on the CPU), and the longest: the kernel's rows."""
+    lengths = mask.sum(dim=1).cpu().contiguous()
+    return (torch.cumsum(lengths, 0) - lengths).contiguous(), lengths, int(lengths.max())
+
+
 @dataclass
 class EncoderOutput:
     """The two fields the engine reads from a transformers output; pads of `last_hidden_state` are zero."""
@@ -149,11 +159,17 @@ def supports_packing(model: nn.Module) -> bool:
 
 
 class PackedBertEncoder:
-    """Runs a BertModel's own modules (and any LoRA wrappers inside them) on packed tokens."""
+    """Runs a BertModel's own modules (and any LoRA wrappers inside them) on packed tokens.
 
-    def __init__(self, model: nn.Module) -> None:
+    With `kernels` (a bf16 model on a CPU that built engine.cpu_kernels) attention runs within each
+    row of the packed tokens directly, with no grid, no length groups and no copies.
+    """
+
+    def __init__(self, model: nn.Module, kernels: CpuKernels | None = None) -> None:
         self.model = model
         self.heads = int(model.config.num_attention_heads)
+        even_heads = (int(model.config.hidden_size) // self.heads) % 2 == 0
+        self.kernels = kernels if even_heads else None
 
     def _attention(self, layer: nn.Module, h: torch.Tensor, packing: Packing, key_mask: torch.Tensor) -> torch.Tensor:
         attn = layer.attention.self
@@ -179,10 +195,23 @@ class PackedBertEncoder:
             out.index_copy_(0, g.tokens, flat.index_select(0, g.positions))
         return out
 
+    def _kernel_attention(self, layer: nn.Module, h: torch.Tensor, rows: tuple[torch.Tensor, torch.Tensor, int]) -> torch.Tensor:
+        attn = layer.attention.self
+        assert self.kernels is not None
+        return self.kernels.packed_attention(attn.query(h), attn.key(h), attn.value(h), rows, self.heads)
+
     def _layer(
-        self, layer: nn.Module, h: torch.Tensor, packing: Packing, key_mask: torch.Tensor, groups: list[AttentionGroup] | None
+        self,
+        layer: nn.Module,
+        h: torch.Tensor,
+        packing: Packing,
+        key_mask: torch.Tensor,
+        groups: list[AttentionGroup] | None,
+        rows: tuple[torch.Tensor, torch.Tensor, int] | None,
     ) -> torch.Tensor:
-        if groups is None:
+        if rows is not None:
+            context = self._kernel_attention(layer, h, rows)
+        elif groups is None:
             context = self._attention(layer, h, packing, key_mask)
         else:
             context = self._grouped_attention(layer, h, groups)
@@ -196,9 +225,10 @@ class PackedBertEncoder:
         """`before_pooler()` runs once the encoder layers are done (the engine unbinds packed LoRA there)."""
         key_mask = mask.bool()[:, None, None, :]  # [B, 1, 1, L]: every query attends to its row's real tokens
         h = packing.pack(self.model.embeddings(input_ids=ids))  # [T, H]
-        groups = attention_groups(mask)
+        rows = row_spans(mask) if self.kernels is not None and h.dtype == torch.bfloat16 else None
+        groups = attention_groups(mask) if rows is None else None
         for layer in self.model.encoder.layer:
-            h = self._layer(layer, h, packing, key_mask, groups)
+            h = self._layer(layer, h, packing, key_mask, groups, rows)
         hidden = packing.unpack(h)
         if before_pooler is not None:
             before_pooler()

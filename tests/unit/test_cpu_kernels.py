@@ -1,4 +1,4 @@
-"""The fused CPU LoRA kernel gives the PyTorch bmm path's answers, and the engine falls back when it cannot build."""
+"""The fused CPU kernels give the PyTorch paths' answers, and the engine falls back when they cannot build."""
 
 from __future__ import annotations
 
@@ -14,23 +14,23 @@ from adaptgate.adapters.validation import AdapterValidator
 from adaptgate.engine import forward as forward_module
 from adaptgate.engine.forward import BatchForward
 from adaptgate.engine.lora import LoraLayers
-from adaptgate.engine.lora_kernel import LoraKernel, compiler, cpu_has_avx512_bf16
+from adaptgate.engine.cpu_kernels import CpuKernels, compiler, cpu_has_avx512_bf16
 from adaptgate.engine.model import load_base_model
-from adaptgate.engine.packed import Packing
+from adaptgate.engine.packed import Packing, PackedBertEncoder, row_spans
 from adaptgate.engine.pooling import Pooling
 from adaptgate.engine.rows import Row
 from tests.unit.peft_adapters import adapter_files, make_peft_adapter
 
 
 @pytest.fixture(scope="module")
-def kernel() -> LoraKernel:
+def kernel() -> CpuKernels:
     """Skipped only where it cannot exist; a kernel that fails to build on a capable machine fails the tests."""
     if not cpu_has_avx512_bf16() or compiler() is None:
         pytest.skip("no AVX512-BF16 CPU or no C compiler here")
-    return LoraKernel.build()
+    return CpuKernels.build()
 
 
-def _layers(fan_in: int, fan_out: int, rank: int, kernel: LoraKernel | None, adapters: list[tuple[torch.Tensor, torch.Tensor]]) -> LoraLayers:
+def _layers(fan_in: int, fan_out: int, rank: int, kernel: CpuKernels | None, adapters: list[tuple[torch.Tensor, torch.Tensor]]) -> LoraLayers:
     torch.manual_seed(0)
     model = nn.ModuleDict({"proj": nn.Linear(fan_in, fan_out)}).to(torch.bfloat16)
     layers = LoraLayers(model, n_slots=len(adapters), max_rank=rank, kernel=kernel)
@@ -58,7 +58,7 @@ def _exact(x: torch.Tensor, layers: LoraLayers, adapters, row_of: torch.Tensor, 
 
 @pytest.mark.parametrize(("fan_in", "fan_out"), [(384, 1536), (40, 24), (1536, 384)])
 @pytest.mark.parametrize("row_slots", [[0, -1, 1, 2, -1], [2, 0, 1, 1, 0]])
-def test_kernel_matches_the_bmm_path_padded(kernel: LoraKernel, fan_in: int, fan_out: int, row_slots: list[int]) -> None:
+def test_kernel_matches_the_bmm_path_padded(kernel: CpuKernels, fan_in: int, fan_out: int, row_slots: list[int]) -> None:
     adapters = _adapters(fan_in, fan_out, [8, 3, 12])  # r_max 12: the kernel pads slots to 16, ranks 3 and 8 to that
     x = torch.randn(len(row_slots), 7, fan_in).bfloat16()
     outputs = []
@@ -76,7 +76,7 @@ def test_kernel_matches_the_bmm_path_padded(kernel: LoraKernel, fan_in: int, fan
     assert (fused - layers.model["proj"].base(x).float().view(-1, fan_out)).abs().max() > 1e-2 * scale  # LoRA did act
 
 
-def test_kernel_matches_the_bmm_path_on_packed_tokens(kernel: LoraKernel) -> None:
+def test_kernel_matches_the_bmm_path_on_packed_tokens(kernel: CpuKernels) -> None:
     lengths, row_slots = [3, 9, 1, 6], [1, -1, 0, 1]
     mask = torch.tensor([[1] * n + [0] * (9 - n) for n in lengths])
     adapters = _adapters(64, 96, [4, 8])
@@ -95,7 +95,7 @@ def test_kernel_matches_the_bmm_path_on_packed_tokens(kernel: LoraKernel) -> Non
     torch.testing.assert_close(outputs[0][no_lora], exact[no_lora], atol=0, rtol=0)  # a row without an adapter is untouched
 
 
-def test_kernel_runs_on_the_callers_torch_threads(kernel: LoraKernel) -> None:
+def test_kernel_runs_on_the_callers_torch_threads(kernel: CpuKernels) -> None:
     """One OpenMP runtime (torch's libgomp): the kernel adds no thread team of its own (engine.thread)."""
     before = torch.get_num_threads()
     try:
@@ -108,16 +108,16 @@ def test_kernel_runs_on_the_callers_torch_threads(kernel: LoraKernel) -> None:
 
 def test_engine_keeps_the_bmm_path_when_the_kernel_cannot_build(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
-    with caplog.at_level(logging.INFO, logger="adaptgate.engine.lora_kernel"):
-        assert LoraKernel.try_build() is None
-    assert "PyTorch bmm" in caplog.text and "could not build" in caplog.text
+    with caplog.at_level(logging.INFO, logger="adaptgate.engine.cpu_kernels"):
+        assert CpuKernels.try_build() is None
+    assert "PyTorch ops" in caplog.text and "could not build" in caplog.text
     monkeypatch.setenv("CC", "/nonexistent/cc")
-    assert LoraKernel.try_build() is None
+    assert CpuKernels.try_build() is None
 
 
 @pytest.mark.parametrize("min_waste", [0.0, 1e9])  # packed, padded
 def test_bf16_forward_with_the_kernel_matches_the_bmm_path(
-    kernel: LoraKernel, tiny_bert_dir: Path, tmp_path: Path, min_waste: float, monkeypatch: pytest.MonkeyPatch
+    kernel: CpuKernels, tiny_bert_dir: Path, tmp_path: Path, min_waste: float, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(forward_module, "PACKING_MIN_WASTE", min_waste)
     base = load_base_model(tiny_bert_dir, dtype="bfloat16", device="cpu")
@@ -126,7 +126,7 @@ def test_bf16_forward_with_the_kernel_matches_the_bmm_path(
     ids = base.tokenizer(["hi", "a much longer message about the weekly competition entry", "URGENT! you have won"])["input_ids"]
     results = []
     for use_kernel in (True, False):
-        forward = BatchForward(base, n_slots=2, max_rank=8, max_labels=4, lora_kernel=use_kernel)
+        forward = BatchForward(base, n_slots=2, max_rank=8, max_labels=4, cpu_kernels=use_kernel)
         forward.lora.install(1, weights.lora, weights.scaling)
         assert forward.lora.layers and all((layer.kernel is not None) == use_kernel for layer in forward.lora.layers.values())
         forward.heads.install(1, weights.head_weight, weights.head_bias, weights.head_input, weights.normalize_head_input)
@@ -136,3 +136,45 @@ def test_bf16_forward_with_the_kernel_matches_the_bmm_path(
         assert float(np.dot(ours.embedding, theirs.embedding)) > 0.999
         for p, q in zip(ours.probabilities, theirs.probabilities):
             np.testing.assert_allclose(p, q, atol=2e-2)
+
+
+def _reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int], heads: int) -> torch.Tensor:
+    """fp32 softmax attention row by row, from the bf16 inputs."""
+    out, start = torch.zeros(q.shape), 0
+    for n in lengths:
+        rows = slice(start, start + n)
+        split = [t[rows].float().view(n, heads, -1).transpose(0, 1) for t in (q, k, v)]  # [heads, n, d]
+        context = torch.nn.functional.scaled_dot_product_attention(*split)
+        out[rows] = context.transpose(0, 1).reshape(n, -1)
+        start += n
+    return out
+
+
+@pytest.mark.parametrize(("lengths", "heads", "dim"), [([3, 17, 1, 16, 40], 12, 384), ([130, 2], 4, 256), ([5, 9], 2, 20)])
+def test_packed_attention_matches_fp32_attention_row_by_row(kernel: CpuKernels, lengths: list[int], heads: int, dim: int) -> None:
+    gen = torch.Generator().manual_seed(3)
+    total = sum(lengths) + 5  # and a bucket's filler
+    q, k, v = (torch.randn(total, dim, generator=gen).mul(2).bfloat16() for _ in range(3))
+    mask = torch.tensor([[1] * n + [0] * (max(lengths) - n) for n in lengths])
+    got = kernel.packed_attention(q, k, v, row_spans(mask), heads).float()
+    expected = _reference_attention(q, k, v, lengths, heads)
+    torch.testing.assert_close(got[: sum(lengths)], expected[: sum(lengths)], atol=2e-2, rtol=1e-2)  # bf16 output rounding
+    assert torch.all(got[sum(lengths) :] == 0)
+    odd = q[:, :15].contiguous()  # 5 heads of 3
+    with pytest.raises(ValueError, match="even"):
+        kernel.packed_attention(odd, odd, odd, row_spans(mask), 5)
+
+
+def test_bf16_packed_encoder_with_the_kernel_matches_transformers(kernel: CpuKernels, tiny_bert_dir: Path) -> None:
+    base = load_base_model(tiny_bert_dir, dtype="bfloat16", device="cpu")
+    texts = ["hi", "ok", "a much longer message about the weekly competition entry and its many rules", "yes"]
+    batch = base.tokenizer(texts, padding=True, return_tensors="pt")
+    real = batch["attention_mask"].bool()
+    with torch.inference_mode():
+        expected = base.model(**batch).last_hidden_state.float()
+        packing = Packing.from_mask(batch["attention_mask"])
+        encoder = PackedBertEncoder(base.model, kernel)
+        assert encoder.kernels is kernel
+        got = encoder(batch["input_ids"], batch["attention_mask"], packing).last_hidden_state.float()
+    cosine = torch.nn.functional.cosine_similarity(got[real], expected[real], dim=-1)
+    assert cosine.min() > 0.999

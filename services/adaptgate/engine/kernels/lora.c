@@ -3,7 +3,7 @@
  * y[t] += (x[t] · A[s]ᵀ) · B[s] for every listed token t and its slot s, in place. One token's whole
  * low-rank path stays in registers: its rank-sized intermediate never goes to memory, and y is read
  * and written once. PyTorch's gathered bmm does the same arithmetic in four passes with a fixed cost
- * per batch entry, which at rank 8 is most of the time. Built at run time by lora_kernel.py
+ * per batch entry, which at rank 8 is most of the time. Built at run time by cpu_kernels.py
  * (`-march=native -fopenmp`); its OpenMP is the libgomp torch already loaded (same soname), so the
  * calling thread's torch thread count applies.
  *
