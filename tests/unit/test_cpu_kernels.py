@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from adaptgate.adapters.validation import AdapterValidator
-from adaptgate.engine import forward as forward_module
 from adaptgate.engine.forward import BatchForward
 from adaptgate.engine.lora import LoraLayers
 from adaptgate.engine.cpu_kernels import CpuKernels, compiler, cpu_has_avx512_bf16
@@ -115,18 +114,17 @@ def test_engine_keeps_the_bmm_path_when_the_kernel_cannot_build(monkeypatch: pyt
     assert CpuKernels.try_build() is None
 
 
-@pytest.mark.parametrize("min_waste", [0.0, 1e9])  # packed, padded
+@pytest.mark.parametrize("padding_free", [True, False])
 def test_bf16_forward_with_the_kernel_matches_the_bmm_path(
-    kernel: CpuKernels, tiny_bert_dir: Path, tmp_path: Path, min_waste: float, monkeypatch: pytest.MonkeyPatch
+    kernel: CpuKernels, tiny_bert_dir: Path, tmp_path: Path, padding_free: bool
 ) -> None:
-    monkeypatch.setattr(forward_module, "PACKING_MIN_WASTE", min_waste)
     base = load_base_model(tiny_bert_dir, dtype="bfloat16", device="cpu")
     make_peft_adapter(tiny_bert_dir, tmp_path, 3, 4, seed=7)
     weights = AdapterValidator(base.spec, max_rank=8, max_labels=4).parse(adapter_files(tmp_path))
     ids = base.tokenizer(["hi", "a much longer message about the weekly competition entry", "URGENT! you have won"])["input_ids"]
     results = []
     for use_kernel in (True, False):
-        forward = BatchForward(base, n_slots=2, max_rank=8, max_labels=4, cpu_kernels=use_kernel)
+        forward = BatchForward(base, n_slots=2, max_rank=8, max_labels=4, padding_free=padding_free, cpu_kernels=use_kernel)
         forward.lora.install(1, weights.lora, weights.scaling)
         assert forward.lora.layers and all((layer.kernel is not None) == use_kernel for layer in forward.lora.layers.values())
         forward.heads.install(1, weights.head_weight, weights.head_bias, weights.head_input, weights.normalize_head_input)
