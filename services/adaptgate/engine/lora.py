@@ -142,7 +142,7 @@ class LoraBatch:
         row_slot[self.rows.cpu()] = self.slots.cpu()
         token_slot = row_slot[torch.div(self.packing.index.cpu(), self.packing.width, rounding_mode="floor")]  # [T]
         tokens = torch.arange(len(token_slot)) if self.every_row else (token_slot >= 0).nonzero().squeeze(1)
-        return tokens, token_slot[tokens].contiguous()
+        return tokens, token_slot[tokens]
 
     def _padded_token_slots(self, per_row: int) -> tuple[torch.Tensor, torch.Tensor]:
         assert self.rows is not None and self.slots is not None
