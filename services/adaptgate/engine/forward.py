@@ -9,6 +9,7 @@ from adaptgate.engine.lora import LoraLayers
 from adaptgate.engine.cpu_kernels import CpuKernels
 from adaptgate.engine.model import BaseModel
 from adaptgate.engine.packed import Packing, PackedBertEncoder, supports_packing
+from adaptgate.engine.prepacked import prepack_linears
 from adaptgate.engine.pooling import Pooling, normalize, pool, without_pad_tokens
 from adaptgate.engine.rows import Row, RowResult
 
@@ -26,6 +27,8 @@ class BatchForward:
         self.base = base
         on_cpu_bf16 = base.device.type == "cpu" and base.dtype == torch.bfloat16
         kernels = CpuKernels.try_build() if cpu_kernels and on_cpu_bf16 else None
+        if cpu_kernels:
+            prepack_linears(base.model, base.dtype, base.device)
         self.packed = PackedBertEncoder(base.model, kernels) if padding_free and supports_packing(base.model) else None
         self.lora = LoraLayers(base.model, n_slots, max_rank, kernels)
         self.heads = HeadPool(n_slots, base.spec.hidden_size, max_labels, base.device)

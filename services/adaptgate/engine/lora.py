@@ -25,6 +25,7 @@ from transformers.pytorch_utils import Conv1D
 from adaptgate.engine.int8 import Int8Linear
 from adaptgate.engine.cpu_kernels import CpuKernels, kernel_rank
 from adaptgate.engine.packed import Packing
+from adaptgate.engine.prepacked import PrepackedLinear
 
 
 def linear_in_out(module: nn.Module) -> tuple[int, int] | None:
@@ -32,7 +33,7 @@ def linear_in_out(module: nn.Module) -> tuple[int, int] | None:
 
     Conv1D stores its weight transposed ([in, out], `nx`/`nf`), so nn.Linear's attributes do not exist there.
     """
-    if isinstance(module, (nn.Linear, Int8Linear)):
+    if isinstance(module, (nn.Linear, Int8Linear, PrepackedLinear)):
         return module.in_features, module.out_features
     if isinstance(module, Conv1D):
         return int(module.weight.shape[0]), int(module.weight.shape[1])

@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from adaptgate.engine.cpu_kernels import CpuKernels
+from adaptgate.engine.prepacked import PrepackedLinear, is_exact_gelu
 
 
 def token_bucket(tokens: int) -> int:
@@ -170,6 +171,7 @@ class PackedBertEncoder:
         self.heads = int(model.config.num_attention_heads)
         even_heads = (int(model.config.hidden_size) // self.heads) % 2 == 0
         self.kernels = kernels if even_heads else None
+        self.fuse_gelu = all(is_exact_gelu(layer.intermediate.intermediate_act_fn) for layer in model.encoder.layer)
 
     def _attention(self, layer: nn.Module, h: torch.Tensor, packing: Packing, key_mask: torch.Tensor) -> torch.Tensor:
         attn = layer.attention.self
@@ -200,6 +202,12 @@ class PackedBertEncoder:
         assert self.kernels is not None
         return self.kernels.packed_attention(attn.query(h), attn.key(h), attn.value(h), rows, self.heads)
 
+    def _intermediate(self, intermediate: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """GELU in the matmul's epilogue when the linear is prepacked and carries no LoRA (which must precede it)."""
+        if self.fuse_gelu and isinstance(intermediate.dense, PrepackedLinear):
+            return intermediate.dense(x, activation="gelu")
+        return intermediate.intermediate_act_fn(intermediate.dense(x))
+
     def _layer(
         self,
         layer: nn.Module,
@@ -216,7 +224,7 @@ class PackedBertEncoder:
         else:
             context = self._grouped_attention(layer, h, groups)
         attended = layer.attention.output.LayerNorm(layer.attention.output.dense(context) + h)
-        inner = layer.intermediate.intermediate_act_fn(layer.intermediate.dense(attended))
+        inner = self._intermediate(layer.intermediate, attended)
         return layer.output.LayerNorm(layer.output.dense(inner) + attended)
 
     def __call__(

