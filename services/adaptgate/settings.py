@@ -29,7 +29,7 @@ class Settings(BaseSettings):
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the base model runs.")
     torch_threads: int = Field(0, description="Intra-op threads for the engine thread (0 = OMP_NUM_THREADS, else every core).")
-    max_batch_tokens: int = Field(2048, description="Padded tokens per forward pass.")
+    max_batch_tokens: int = Field(2048, description="Tokens per forward pass: real ones where the encoder packs rows, padded ones otherwise.")
     max_batch_wait_ms: float = Field(2.0, description="How long a batch waits for company.")
     max_queue_texts: int = Field(4096, description="Queued texts beyond which requests get RESOURCE_EXHAUSTED.")
     max_texts_per_request: int = Field(512, description="Texts in one Embed/Classify request.")

@@ -28,6 +28,18 @@ def test_batches_stay_within_the_token_budget_and_group_by_length() -> None:
     assert [sorted(len(p.row.input_ids) for p in b) for b in batches] == [[5, 6, 7], [90, 95], [100]]
 
 
+def test_padding_free_batches_count_real_tokens_and_bound_the_grid() -> None:
+    """Packed rows cost their own tokens: 40 short rows and one long one share a pass a padded
+    forward would split; the grid (rows x longest) still stays within 8x the budget."""
+    lengths = [10] * 40 + [120]
+    assert len(plan_batches(pending(lengths), max_batch_tokens=640)) == 2  # padded: 41 x 120 > 640
+    [batch] = plan_batches(pending(lengths), max_batch_tokens=640, padding_free=True)
+    assert len(batch) == 41
+    for batch in plan_batches(pending([10] * 100 + [120] * 3), max_batch_tokens=600, padding_free=True):
+        real = sum(len(p.row.input_ids) for p in batch)
+        assert real <= 600 and len(batch) * max(len(p.row.input_ids) for p in batch) <= 8 * 600
+
+
 class Recorder:
     """A fake forward: records batch sizes, optionally blocks until released."""
 

@@ -1,7 +1,7 @@
 """Dynamic batching: rows from concurrent requests share forward passes.
 
-Bounded by padded tokens per batch and by how long the first row waits; rows are grouped by
-length to cut padding. A full queue answers at once (QueueFull) instead of queueing forever;
+Bounded by tokens per batch (padded tokens, or real ones where the forward is padding-free) and by
+how long the first row waits; rows are grouped by length to cut padding. A full queue answers at once (QueueFull) instead of queueing forever;
 rows whose caller went away or whose deadline passed are dropped before compute. A batch that
 runs out of device memory is retried in halves, so only the rows that cannot fit on their own
 fail (RESOURCE_EXHAUSTED) and their batch mates are answered.
@@ -22,6 +22,10 @@ from adaptgate.engine.rows import Row, RowResult
 from adaptgate.errors import DeadlineExceeded, OutOfDeviceMemory, QueueFull
 
 RunBatch = Callable[[list[Row]], list[RowResult]]
+
+# A padding-free forward still lays its batch out as rows x longest row for the embeddings and the
+# pooling (hidden-size wide, no FFN): that grid may reach this many times the token budget.
+PADDING_FREE_GRID_FACTOR = 8
 
 
 @dataclass
@@ -67,6 +71,7 @@ class BatcherLimits:
     max_batch_tokens: int
     max_wait_s: float
     max_queue_rows: int
+    padding_free: bool = False  # the forward packs rows, so its cost is real tokens (engine.packed)
 
 
 @dataclass
@@ -75,16 +80,21 @@ class _Pending:
     future: asyncio.Future[RowResult]
 
 
-def plan_batches(items: list[_Pending], max_batch_tokens: int) -> list[list[_Pending]]:
-    """Sort by length, then cut so that rows × longest row stays within the token budget."""
+def plan_batches(items: list[_Pending], max_batch_tokens: int, padding_free: bool = False) -> list[list[_Pending]]:
+    """Sort by length, then cut so that rows × longest row stays within the token budget, or for a
+    padding-free forward, so that the real tokens do (and rows × longest within PADDING_FREE_GRID_FACTOR times it)."""
+    grid_budget = max_batch_tokens * (PADDING_FREE_GRID_FACTOR if padding_free else 1)
     batches: list[list[_Pending]] = []
     current: list[_Pending] = []
+    real = 0
     for item in sorted(items, key=lambda p: len(p.row.input_ids)):
         width = len(item.row.input_ids)
-        if current and width * (len(current) + 1) > max_batch_tokens:
+        too_many = padding_free and real + width > max_batch_tokens
+        if current and (too_many or width * (len(current) + 1) > grid_budget):
             batches.append(current)
-            current = []
+            current, real = [], 0
         current.append(item)
+        real += width
     if current:
         batches.append(current)
     return batches
@@ -158,7 +168,7 @@ class Batcher:
             if self._limits.max_wait_s > 0:
                 await asyncio.sleep(self._limits.max_wait_s)
             while self._queue:
-                for batch in plan_batches(self._take(), self._limits.max_batch_tokens):
+                for batch in plan_batches(self._take(), self._limits.max_batch_tokens, self._limits.padding_free):
                     await self._run(loop, batch)
 
     async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending]) -> None:

@@ -59,7 +59,8 @@ class Engine:
         self._forward = self._thread.call(
             BatchForward, base, config.n_slots, config.max_rank, config.max_labels, True, config.cpu_kernels
         )
-        limits = BatcherLimits(config.max_batch_tokens, config.max_wait_s, config.max_queue_rows)
+        padding_free = self._forward.packed is not None
+        limits = BatcherLimits(config.max_batch_tokens, config.max_wait_s, config.max_queue_rows, padding_free)
         self._batcher = Batcher(self._forward, self._executor, limits, on_batch)
 
     @property
