@@ -77,10 +77,11 @@ class BatchForward:
     def _embeddings(self, rows: list[Row], hidden: torch.Tensor, mask: torch.Tensor, results: list[RowResult]) -> None:
         for mode in {r.pooling for r in rows if r.pooling is not None}:
             idx = [i for i, r in enumerate(rows) if r.pooling == mode]
-            vectors = pool(hidden[idx], mask[idx], mode)
-            unit = normalize(vectors)
+            every_row = len(idx) == len(rows)  # the common case: no copy of the grid
+            vectors = pool(hidden, mask, mode) if every_row else pool(hidden[idx], mask[idx], mode)
+            unit, raw = normalize(vectors).cpu().numpy(), vectors.cpu().numpy()  # one copy each, rows are views
             for j, i in enumerate(idx):
-                results[i].embedding = (unit[j] if rows[i].normalize else vectors[j]).cpu().numpy()
+                results[i].embedding = unit[j] if rows[i].normalize else raw[j]
 
     def _head_features(
         self, out: object, ids: torch.Tensor, mask: torch.Tensor, row_of: list[int], slot_of: list[int]
