@@ -202,6 +202,16 @@ class PackedBertEncoder:
         assert self.kernels is not None
         return self.kernels.packed_attention(attn.query(h), attn.key(h), attn.value(h), rows, self.heads)
 
+    def _embed(self, ids: torch.Tensor, packing: Packing) -> torch.Tensor:
+        """BertEmbeddings' sums, in its order, on the packed tokens only (the grid's pads cost a third more on SST-2)."""
+        emb = self.model.embeddings
+        columns = packing.gather % packing.width  # [bucket]
+        positions = emb.position_ids[0, columns]
+        types = emb.token_type_ids[0, columns] if hasattr(emb, "token_type_ids") else torch.zeros_like(columns)
+        words = emb.word_embeddings(ids.reshape(-1).index_select(0, packing.gather))
+        summed = words + emb.token_type_embeddings(types) + emb.position_embeddings(positions)
+        return emb.dropout(emb.LayerNorm(summed))
+
     def _intermediate(self, intermediate: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """GELU in the matmul's epilogue when the linear is prepacked and carries no LoRA (which must precede it)."""
         if self.fuse_gelu and isinstance(intermediate.dense, PrepackedLinear):
@@ -232,7 +242,7 @@ class PackedBertEncoder:
     ) -> EncoderOutput:
         """`before_pooler()` runs once the encoder layers are done (the engine unbinds packed LoRA there)."""
         key_mask = mask.bool()[:, None, None, :]  # [B, 1, 1, L]: every query attends to its row's real tokens
-        h = packing.pack(self.model.embeddings(input_ids=ids))  # [T, H]
+        h = self._embed(ids, packing)  # [T, H]
         rows = row_spans(mask) if self.kernels is not None and h.dtype == torch.bfloat16 else None
         groups = attention_groups(mask) if rows is None else None
         for layer in self.model.encoder.layer:
