@@ -176,3 +176,19 @@ def test_bf16_packed_encoder_with_the_kernel_matches_transformers(kernel: CpuKer
         got = encoder(batch["input_ids"], batch["attention_mask"], packing).last_hidden_state.float()
     cosine = torch.nn.functional.cosine_similarity(got[real], expected[real], dim=-1)
     assert cosine.min() > 0.999
+
+
+@pytest.mark.parametrize("hidden", [384, 40])  # 40: a masked tail of 8 lanes
+def test_add_layer_norm_matches_fp32_layer_norm_of_the_sum(kernel: CpuKernels, hidden: int) -> None:
+    gen = torch.Generator().manual_seed(5)
+    x, residual = (torch.randn(37, hidden, generator=gen).mul(3).add(1).bfloat16() for _ in range(2))
+    norm = nn.LayerNorm(hidden, eps=1e-12)
+    with torch.no_grad():
+        norm.weight.normal_(1, 0.2, generator=gen)
+        norm.bias.normal_(0, 0.2, generator=gen)
+    expected = torch.nn.functional.layer_norm(x.float() + residual.float(), (hidden,), norm.weight, norm.bias, 1e-12)
+    got = kernel.add_layer_norm(x, residual, norm.bfloat16())
+    assert got is not None and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected, atol=3e-2, rtol=1e-2)  # one bf16 rounding of the output
+    assert kernel.add_layer_norm(x.float(), residual.float(), norm.float()) is None  # fp32: PyTorch's ops
+    assert kernel.add_layer_norm(x.t(), residual.t(), norm) is None  # not row-major [T, H]

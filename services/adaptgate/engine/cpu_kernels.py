@@ -1,7 +1,8 @@
 """Fused CPU kernels (engine/kernels/*.c): compiled for this CPU when the engine starts, PyTorch ops otherwise.
 
-Two hot spots that PyTorch runs as many small ops on the CPU: the per-row LoRA delta (`lora.c`) and
-attention within each row of packed tokens (`attention.c`). Compiling at start-up, as torch.compile's
+Hot spots that PyTorch runs as many small ops on the CPU: the per-row LoRA delta (`lora.c`),
+attention within each row of packed tokens (`attention.c`), and BERT's residual add + LayerNorm
+(`add_norm.c`). Compiling at start-up, as torch.compile's
 C++ backend does, lets `-march=native` pick this machine's vector instructions; it takes about 0.3 s
 with gcc. Without a compiler, or on a CPU without AVX512-BF16, the engine keeps the PyTorch paths,
 which are also the references the tests hold these kernels to.
@@ -18,10 +19,11 @@ import tempfile
 from pathlib import Path
 
 import torch
+from torch import nn
 
 log = logging.getLogger(__name__)
 
-SOURCES = tuple(Path(__file__).with_name("kernels") / name for name in ("lora.c", "attention.c"))
+SOURCES = tuple(Path(__file__).with_name("kernels") / name for name in ("lora.c", "attention.c", "add_norm.c"))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 
 
@@ -66,6 +68,8 @@ class CpuKernels:
         lib.lora_delta_bf16.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 4
         lib.packed_attention_bf16.restype = ctypes.c_int
         lib.packed_attention_bf16.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 4
+        lib.add_layer_norm_bf16.restype = ctypes.c_int
+        lib.add_layer_norm_bf16.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2 + [ctypes.c_float]
         self.max_rank = int(lib.lora_max_rank())
 
     @classmethod
@@ -127,3 +131,19 @@ class CpuKernels:
         if failed:
             raise MemoryError("packed attention could not allocate its scratch buffers")
         return out
+
+    def add_layer_norm(self, x: torch.Tensor, residual: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor | None:
+        """`norm(x + residual)` for contiguous bf16 [T, H] x and residual, the sum kept in fp32; None where
+        the kernel does not apply (other dtypes or layouts, no affine weights, H over 8,192)."""
+        weight, bias = norm.weight, norm.bias
+        if (
+            x.dtype != torch.bfloat16 or residual.shape != x.shape or residual.dtype != x.dtype or x.dim() != 2
+            or not (x.is_contiguous() and residual.is_contiguous()) or weight is None or bias is None
+            or weight.dtype != x.dtype or bias.dtype != x.dtype or tuple(norm.normalized_shape) != (x.shape[1],)
+        ):
+            return None
+        out = torch.empty_like(x)
+        failed = self._lib.add_layer_norm_bf16(
+            x.data_ptr(), residual.data_ptr(), weight.data_ptr(), bias.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], norm.eps
+        )  # fmt: skip
+        return None if failed else out

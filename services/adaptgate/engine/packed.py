@@ -212,6 +212,10 @@ class PackedBertEncoder:
         summed = words + emb.token_type_embeddings(types) + emb.position_embeddings(positions)
         return emb.dropout(emb.LayerNorm(summed))
 
+    def _add_norm(self, x: torch.Tensor, residual: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+        fused = self.kernels.add_layer_norm(x, residual, norm) if self.kernels is not None else None
+        return fused if fused is not None else norm(x + residual)
+
     def _intermediate(self, intermediate: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """GELU in the matmul's epilogue when the linear is prepacked and carries no LoRA (which must precede it)."""
         if self.fuse_gelu and isinstance(intermediate.dense, PrepackedLinear):
@@ -233,9 +237,9 @@ class PackedBertEncoder:
             context = self._attention(layer, h, packing, key_mask)
         else:
             context = self._grouped_attention(layer, h, groups)
-        attended = layer.attention.output.LayerNorm(layer.attention.output.dense(context) + h)
+        attended = self._add_norm(layer.attention.output.dense(context), h, layer.attention.output.LayerNorm)
         inner = self._intermediate(layer.intermediate, attended)
-        return layer.output.LayerNorm(layer.output.dense(inner) + attended)
+        return self._add_norm(layer.output.dense(inner), attended, layer.output.LayerNorm)
 
     def __call__(
         self, ids: torch.Tensor, mask: torch.Tensor, packing: Packing, before_pooler: Callable[[], None] | None = None
