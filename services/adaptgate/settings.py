@@ -46,7 +46,7 @@ class Settings(BaseSettings):
     metrics_max_adapter_labels: int = Field(100, description="Adapters with their own metric series; the rest are 'other'.")
     cpu_kernels: Literal["auto", "off"] = Field(
         "auto",
-        description="auto: on CPU, LoRA deltas and packed attention run fused kernels compiled at start (needs cc and AVX512-BF16); off: PyTorch ops.",
+        description="auto: on CPU in bf16, linears run on oneDNN-prepacked weights, and LoRA deltas, packed attention and add+LayerNorm run fused kernels compiled at start (needs cc and AVX512-BF16); off: PyTorch ops.",
     )
     max_lora_rank: int = Field(16, description="Largest LoRA rank an adapter may have (slots are padded to it).")
     max_labels: int = Field(128, description="Largest label count of a task head.")
