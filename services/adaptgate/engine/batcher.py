@@ -1,10 +1,10 @@
 """Dynamic batching: rows from concurrent requests share forward passes.
 
 Bounded by tokens per batch (padded tokens, or real ones where the forward is padding-free) and by
-how long the first row waits; rows are grouped by length to cut padding. A full queue answers at once (QueueFull) instead of queueing forever;
-rows whose caller went away or whose deadline passed are dropped before compute. A batch that
-runs out of device memory is retried in halves, so only the rows that cannot fit on their own
-fail (RESOURCE_EXHAUSTED) and their batch mates are answered.
+how long the first row waits; rows are grouped by length to cut padding. A full queue answers at
+once (QueueFull) instead of queueing forever; rows whose caller went away or whose deadline passed
+are dropped before compute. A batch that runs out of device memory is retried in halves, so only
+the rows that cannot fit on their own fail (RESOURCE_EXHAUSTED) and their batch mates are answered.
 """
 
 from __future__ import annotations

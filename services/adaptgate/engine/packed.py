@@ -203,7 +203,7 @@ class PackedBertEncoder:
         return self.kernels.packed_attention(attn.query(h), attn.key(h), attn.value(h), rows, self.heads)
 
     def _embed(self, ids: torch.Tensor, packing: Packing) -> torch.Tensor:
-        """BertEmbeddings' sums, in its order, on the packed tokens only (the grid's pads cost a third more on SST-2)."""
+        """BertEmbeddings' sums, in its order, on the packed tokens only: no lookups or LayerNorm for the pads."""
         emb = self.model.embeddings
         columns = packing.gather % packing.width  # [bucket]
         positions = emb.position_ids[0, columns]
