@@ -2,9 +2,8 @@
 
 Hot spots that PyTorch runs as many small ops on the CPU: the per-row LoRA delta (`lora.c`),
 attention within each row of packed tokens (`attention.c`), and BERT's residual add + LayerNorm
-(`add_norm.c`). Compiling at start-up, as torch.compile's
-C++ backend does, lets `-march=native` pick this machine's vector instructions; it takes about 0.3 s
-with gcc. Without a compiler, or on a CPU without AVX512-BF16, the engine keeps the PyTorch paths,
+(`add_norm.c`). Compiling at start-up, as torch.compile's C++ backend does, lets `-march=native`
+pick this machine's vector instructions; it takes about 0.3 s with gcc. Without a compiler, or on a CPU without AVX512-BF16, the engine keeps the PyTorch paths,
 which are also the references the tests hold these kernels to.
 """
 
