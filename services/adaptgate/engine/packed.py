@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from adaptgate.engine.cpu_kernels import CpuKernels
-from adaptgate.engine.prepacked import PrepackedLinear, is_exact_gelu
+from adaptgate.engine.prepacked import is_exact_gelu
 
 
 def token_bucket(tokens: int) -> int:
@@ -217,8 +217,9 @@ class PackedBertEncoder:
         return fused if fused is not None else norm(x + residual)
 
     def _intermediate(self, intermediate: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """GELU in the matmul's epilogue when the linear is prepacked and carries no LoRA (which must precede it)."""
-        if self.fuse_gelu and isinstance(intermediate.dense, PrepackedLinear):
+        """GELU fused into the linear's last pass: the matmul's epilogue, or the LoRA kernel's, which adds
+        the delta first (engine.lora); spares one pass over the FFN's widest activation."""
+        if self.fuse_gelu and getattr(intermediate.dense, "takes_activation", False):
             return intermediate.dense(x, activation="gelu")
         return intermediate.intermediate_act_fn(intermediate.dense(x))
 
