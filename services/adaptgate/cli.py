@@ -173,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # Before gRPC loads: its fork handlers can hang a child forked while RPCs are in flight, as Ray's
+    # ray.init does when the first job starts a local Ray. We only ever fork to exec, the case gRPC
+    # documents this setting for (doc/fork_support.md).
+    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
     import grpc
 
     args = build_parser().parse_args(argv)

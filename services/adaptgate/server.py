@@ -133,9 +133,10 @@ async def build(settings: Settings) -> Gateway:
         settings.ray_address, settings.ray_num_cpus, settings.training_cpus, checkpoint_root=settings.checkpoints_dir
     )
     load = functools.partial(load_base_model, settings.base_model, settings.dtype, settings.device)
-    base, _ = await asyncio.gather(
-        asyncio.get_running_loop().run_in_executor(thread.executor, load), asyncio.to_thread(runner.start)
-    )
+    startup = [asyncio.get_running_loop().run_in_executor(thread.executor, load)]
+    if runner.address is not None:  # a cluster: join it now, so that a wrong address fails the start, not a job
+        startup.append(asyncio.to_thread(runner.start))
+    base, *_ = await asyncio.gather(*startup)  # a local Ray starts with the first job (RayRunner.run)
     engine = _engine(settings, base, metrics, thread)
     engine.start()
     validator = AdapterValidator(base.spec, settings.max_lora_rank, settings.max_labels)

@@ -53,7 +53,7 @@ class Settings(BaseSettings):
     ray_address: str | None = Field(
         None,
         validation_alias=AliasChoices("ray_address", "ADAPTGATE_RAY_ADDRESS", "RAY_ADDRESS"),
-        description="Ray cluster address; empty starts a local Ray.",
+        description="Ray cluster address, joined at start; empty: a local Ray, started by the first job.",
     )
     ray_num_cpus: int = Field(0, description="CPUs of the local Ray (0 = all).")
     training_cpus: float = Field(1.0, description="CPUs one training job reserves on Ray.")

@@ -11,7 +11,7 @@ import pytest
 
 from adaptgate.client import Client
 from adaptgate.v1 import datasets_pb2, finetune_pb2
-from tests.integration.conftest import Gateway
+from tests.integration.conftest import Gateway, running_gateway
 
 pytestmark = pytest.mark.integration
 SMS = Path(__file__).resolve().parents[2] / "examples" / "data" / "sms_spam"
@@ -104,3 +104,31 @@ def test_unknown_dataset_and_method_are_clear_errors(gateway: Gateway) -> None:
     with pytest.raises(grpc.RpcError) as info:
         acme.submit_job("ds-doesnotexist", "x", method="head")
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def _ray_processes(pid: int) -> list[str]:
+    """Names of the gateway's Ray descendants (gcs_server, raylet, agents, workers)."""
+    import psutil
+
+    names = []
+    for child in psutil.Process(pid).children(recursive=True):
+        try:
+            names.append(" ".join(child.cmdline()[:2]))
+        except psutil.NoSuchProcess:
+            continue
+    return [n for n in names if "ray" in n]
+
+
+def test_a_local_ray_starts_with_the_first_job_not_with_the_gateway(tmp_path: Path, tiny_bert_dir: Path) -> None:
+    """Serving-only replicas pay nothing for Ray; the first job still runs on a real local Ray."""
+    with running_gateway(tmp_path / "data", "--base-model", str(tiny_bert_dir)) as gateway:
+        acme = Client(gateway.target, "acme-token")
+        assert len(acme.embed(["serving needs no Ray"]).embeddings) == 1
+        assert _ray_processes(gateway.process.pid) == []
+        rows = (SMS / "train.jsonl").read_text().splitlines()[:200]
+        dataset = upload_bytes(acme, "sms-small", "jsonl", "\n".join(rows).encode())
+        job = acme.submit_job(dataset.id, "first-job", method="head")
+        events = list(acme.watch_job(job.id))
+        assert events[-1].state == finetune_pb2.SUCCEEDED, events[-1].message
+        assert any("Ray worker pid" in e.message for e in events)
+        assert any("raylet" in name for name in _ray_processes(gateway.process.pid))

@@ -149,3 +149,18 @@ async def test_a_job_run_again_after_a_gateway_restart_resumes_from_its_checkpoi
     assert updates[0]["kind"] == "started" and "continuing from its checkpoint" in updates[0]["message"]
     assert all(u["kind"] != "skip" for u in updates)
     runner.discard("job-restart")
+
+
+async def test_ray_that_cannot_start_fails_the_job_not_the_gateway(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A local Ray starts with the first job, so its failure to start is that job's FAILED reason."""
+    import ray
+
+    def refuse(**kwargs: object) -> None:
+        raise RuntimeError("Timed out waiting for file gcs_server_port")
+
+    monkeypatch.setattr(ray, "init", refuse)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    lazy = RayRunner(None, num_cpus=1, checkpoint_root=tmp_path)
+    with pytest.raises(TrainingFailed, match=r"could not start Ray \(local\): RuntimeError: Timed out"):
+        await lazy.run("job-x", TEXTS, LABELS, str(tmp_path), HeadParams(), lambda u: None)
+    lazy.stop()  # nothing started, nothing to stop
