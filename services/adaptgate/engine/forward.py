@@ -53,7 +53,7 @@ class BatchForward:
         ids, mask = self._pad(rows)
         self.lora.bind([r.lora_slot for r in rows], self.base.device)
         try:
-            out = self._encode(ids, mask)
+            out = self._encode(ids, mask, pooler=any(self.heads.reads_pooler(s) for r in rows for s in r.head_slots))
         finally:
             self.lora.bind([], self.base.device)
         results = [RowResult() for _ in rows]
@@ -61,7 +61,7 @@ class BatchForward:
         self._classify(rows, out, ids, mask, results)
         return results
 
-    def _encode(self, ids: torch.Tensor, mask: torch.Tensor) -> object:
+    def _encode(self, ids: torch.Tensor, mask: torch.Tensor, pooler: bool) -> object:
         """Padding-free only when padding would cost more than packing does (batches of similar lengths stay padded),
         and always with the CPU kernels, whose packed attention beats a grid even without pads (849 vs 749 seq/s on
         length-sorted batches)."""
@@ -71,7 +71,7 @@ class BatchForward:
         batch = self.lora.batch
         batch.packing = Packing.from_mask(mask)
         try:
-            return self.packed(ids, mask, batch.packing, before_pooler=lambda: setattr(batch, "packing", None))
+            return self.packed(ids, mask, batch.packing, before_pooler=lambda: setattr(batch, "packing", None), pooler=pooler)
         finally:
             batch.packing = None
 
@@ -98,7 +98,7 @@ class BatchForward:
         for code in set(codes):
             part = [j for j, c in enumerate(codes) if c == code]
             sel = [row_of[j] for j in part]
-            if code == 0:
+            if self.heads.reads_pooler(slot_of[part[0]]):
                 feats = out.pooler_output[sel].float()  # type: ignore[attr-defined]
             elif HEAD_INPUT_POOLING[code] is Pooling.LAST_TOKEN:
                 feats = pool(hidden[sel], without_pad_tokens(mask[sel], ids[sel], self.pad_id), Pooling.LAST_TOKEN)

@@ -37,6 +37,9 @@ class HeadPool:
     def clear(self, slot: int) -> None:
         self.num_labels[slot] = 0
 
+    def reads_pooler(self, slot: int) -> bool:
+        return self.input_code[slot] == HEAD_INPUT_CODES["pooler"]
+
     def probabilities(self, features: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """features [n, hidden] fp32, slots [n] -> probabilities [n, max_labels] (0 beyond each head's labels)."""
         logits = torch.bmm(features.unsqueeze(1), self.weight[slots]).squeeze(1) + self.bias[slots]

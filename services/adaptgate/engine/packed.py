@@ -243,9 +243,15 @@ class PackedBertEncoder:
         return self._add_norm(layer.output.dense(inner), attended, layer.output.LayerNorm)
 
     def __call__(
-        self, ids: torch.Tensor, mask: torch.Tensor, packing: Packing, before_pooler: Callable[[], None] | None = None
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        packing: Packing,
+        before_pooler: Callable[[], None] | None = None,
+        pooler: bool = True,
     ) -> EncoderOutput:
-        """`before_pooler()` runs once the encoder layers are done (the engine unbinds packed LoRA there)."""
+        """`before_pooler()` runs once the encoder layers are done (the engine unbinds packed LoRA there);
+        `pooler=False` skips BERT's pooler when no row of the batch reads it (embeddings and most heads)."""
         key_mask = mask.bool()[:, None, None, :]  # [B, 1, 1, L]: every query attends to its row's real tokens
         h = self._embed(ids, packing)  # [T, H]
         rows = row_spans(mask) if self.kernels is not None and h.dtype == torch.bfloat16 else None
@@ -255,5 +261,5 @@ class PackedBertEncoder:
         hidden = packing.unpack(h)
         if before_pooler is not None:
             before_pooler()
-        pooler = self.model.pooler(hidden) if self.model.pooler is not None else None
-        return EncoderOutput(hidden, pooler)
+        pooled = self.model.pooler(hidden) if pooler and self.model.pooler is not None else None
+        return EncoderOutput(hidden, pooled)
