@@ -64,7 +64,7 @@ class CpuKernels:
     def __init__(self, lib: ctypes.CDLL) -> None:
         self._lib = lib
         lib.lora_delta_bf16.restype = None
-        lib.lora_delta_bf16.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 4 + [ctypes.c_int]
+        lib.lora_delta_bf16.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 4
         lib.packed_attention_bf16.restype = ctypes.c_int
         lib.packed_attention_bf16.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 4
         lib.add_layer_norm_bf16.restype = ctypes.c_int
@@ -98,22 +98,14 @@ class CpuKernels:
         return dtype == torch.bfloat16 and device.type == "cpu" and kernel_rank(rank) <= self.max_rank
 
     def lora_delta(
-        self,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        a: torch.Tensor,
-        bv: torch.Tensor,
-        tokens: torch.Tensor,
-        slots: torch.Tensor,
-        gelu: bool = False,
+        self, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, bv: torch.Tensor, tokens: torch.Tensor, slots: torch.Tensor
     ) -> None:
-        """y[t] += (x[t]·A[s]ᵀ)·B[s] in place (y[t] = GELU(y[t] + that) with `gelu`). x [T, in], y [T, out],
-        a [S, r, in], bv [S, r/2, out, 2] (r a multiple of 8), all contiguous bf16 on the CPU; tokens, slots
-        [n] int64 within range. The caller (BatchedLoraLinear) builds every one of them so; checking here
-        would cost as much as a small layer's call."""
+        """y[t] += (x[t]·A[s]ᵀ)·B[s] in place. x [T, in], y [T, out], a [S, r, in], bv [S, r/2, out, 2] (r a
+        multiple of 8), all contiguous bf16 on the CPU; tokens, slots [n] int64 within range. The caller
+        (BatchedLoraLinear) builds every one of them so; checking here would cost as much as a small layer's call."""
         self._lib.lora_delta_bf16(
             x.data_ptr(), y.data_ptr(), a.data_ptr(), bv.data_ptr(), tokens.data_ptr(), slots.data_ptr(),
-            len(tokens), x.shape[1], y.shape[1], a.shape[1], int(gelu),
+            len(tokens), x.shape[1], y.shape[1], a.shape[1],
         )  # fmt: skip
 
     def packed_attention(

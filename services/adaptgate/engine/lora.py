@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 from transformers.pytorch_utils import Conv1D
 
 from adaptgate.engine.int8 import Int8Linear
@@ -163,8 +162,6 @@ class BatchedLoraLinear(nn.Module):
     `base` is an nn.Linear (`x·Wᵀ + b`) or a Conv1D (`x·W + b`); only its (in, out) matter here.
     """
 
-    takes_activation = True  # as PrepackedLinear: forward(x, activation)
-
     def __init__(
         self, base: nn.Module, batch: LoraBatch, n_slots: int, max_rank: int, kernel: CpuKernels | None = None
     ) -> None:
@@ -201,22 +198,13 @@ class BatchedLoraLinear(nn.Module):
         self.lora_a[slot].zero_()
         self.lora_b[slot].zero_()
 
-    def forward(self, x: torch.Tensor, activation: str = "none") -> torch.Tensor:
-        """activation: "none" or "gelu" (exact GELU after the delta), as PrepackedLinear takes it."""
-        rows, slots = self.batch.rows, self.batch.slots
-        if rows is None or slots is None:  # no adapter in this batch: the base alone, GELU in its epilogue if it has one
-            if isinstance(self.base, PrepackedLinear):
-                return self.base(x, activation)
-            return _activate(self.base(x), activation)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        if self.kernel is not None:
-            return self._fused(x, y, activation)
-        return _activate(self._delta(x, y), activation)
-
-    def _delta(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """y plus each LoRA row's delta, by gathered bmm (the reference the fused kernel is tested against)."""
         rows, slots = self.batch.rows, self.batch.slots
-        assert rows is not None and slots is not None
+        if rows is None or slots is None:
+            return y
+        if self.kernel is not None:
+            return self._fused(x, y)
         if self.batch.packing is not None:
             return self._packed(x, y)
         if self.batch.every_row:  # the common mixed-traffic case: accumulate in place, no gather/scatter
@@ -227,18 +215,13 @@ class BatchedLoraLinear(nn.Module):
         delta = torch.bmm(torch.bmm(xs, self._a(slots)), self.lora_b[slots])  # [n, T, out]
         return y.index_add_(0, rows, delta.reshape(len(rows), *y.shape[1:]).to(y.dtype))
 
-    def _fused(self, x: torch.Tensor, y: torch.Tensor, activation: str) -> torch.Tensor:
-        """One kernel call adds every LoRA token's delta to y in place; x, y as [tokens, features].
-
-        GELU goes into the same pass when every row carries LoRA (a packed bucket's filler rows, which
-        nothing reads, excepted); otherwise rows without a delta need it too, so it runs after.
-        """
+    def _fused(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One kernel call adds every LoRA token's delta to y in place; x, y as [tokens, features]."""
         assert self.kernel is not None and x.dtype == y.dtype == torch.bfloat16 and y.is_contiguous()
         flat_x = x.reshape(-1, x.shape[-1]).contiguous()
         tokens, slots = self.batch.token_slots(len(flat_x) // len(x))
-        fuse = activation == "gelu" and self.batch.every_row
-        self.kernel.lora_delta(flat_x, y.view(-1, y.shape[-1]), self.lora_a, self.lora_b, tokens, slots, gelu=fuse)
-        return y if fuse else _activate(y, activation)
+        self.kernel.lora_delta(flat_x, y.view(-1, y.shape[-1]), self.lora_a, self.lora_b, tokens, slots)
+        return y
 
     def _packed(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x: [T, in], y: [T, out] packed tokens; the deltas run on the chunk grid (rank-sized work only)."""
@@ -260,14 +243,6 @@ class BatchedLoraLinear(nn.Module):
     def weight(self) -> torch.Tensor:
         """The frozen base weight, for model code that reads `proj.weight.dtype` and the like."""
         return self.base.weight_int8 if isinstance(self.base, Int8Linear) else self.base.weight
-
-
-def _activate(y: torch.Tensor, activation: str) -> torch.Tensor:
-    if activation == "none":
-        return y
-    if activation == "gelu":
-        return F.gelu(y)
-    raise ValueError(f"unknown activation {activation!r}")
 
 
 class LoraLayers:

@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from adaptgate.engine.cpu_kernels import CpuKernels
-from adaptgate.engine.prepacked import is_exact_gelu
+from adaptgate.engine.prepacked import PrepackedLinear, is_exact_gelu
 
 
 def token_bucket(tokens: int) -> int:
@@ -217,9 +217,8 @@ class PackedBertEncoder:
         return fused if fused is not None else norm(x + residual)
 
     def _intermediate(self, intermediate: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """GELU fused into the linear's last pass: the matmul's epilogue, or the LoRA kernel's, which adds
-        the delta first (engine.lora); spares one pass over the FFN's widest activation."""
-        if self.fuse_gelu and getattr(intermediate.dense, "takes_activation", False):
+        """GELU in the matmul's epilogue when the linear is prepacked and carries no LoRA (which must precede it)."""
+        if self.fuse_gelu and isinstance(intermediate.dense, PrepackedLinear):
             return intermediate.dense(x, activation="gelu")
         return intermediate.intermediate_act_fn(intermediate.dense(x))
 
@@ -251,7 +250,7 @@ class PackedBertEncoder:
         pooler: bool = True,
     ) -> EncoderOutput:
         """`before_pooler()` runs once the encoder layers are done (the engine unbinds packed LoRA there);
-        `pooler=False` skips BERT's pooler when no row of the batch reads it (embeddings and most heads)."""
+        `pooler=False` skips BERT's pooler when no row of the batch reads it (embeddings; heads on mean or CLS)."""
         key_mask = mask.bool()[:, None, None, :]  # [B, 1, 1, L]: every query attends to its row's real tokens
         h = self._embed(ids, packing)  # [T, H]
         rows = row_spans(mask) if self.kernels is not None and h.dtype == torch.bfloat16 else None

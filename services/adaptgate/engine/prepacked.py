@@ -25,8 +25,6 @@ def _ops() -> object:
 class PrepackedLinear(nn.Module):
     """`x·Wᵀ + b` (then GELU when asked) with W held in oneDNN's blocked layout."""
 
-    takes_activation = True  # forward(x, activation): what the packed encoder's FFN looks for
-
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features

@@ -16,7 +16,25 @@
 #include <stdint.h>
 #include <stdlib.h>
 
-#include "vec_math.h"
+#define INLINE static inline __attribute__((always_inline))
+
+/* e^x for x <= 0 (scores after the max is subtracted): 2^n · p(r), |r| <= ln2/2, degree-6 Taylor. */
+INLINE __m512 exp_ps(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
+    __m512 p = _mm512_set1_ps(1.f / 720.f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    return _mm512_scalef_ps(p, n);
+}
+
+INLINE __mmask16 tail16(int64_t left) { return left <= 0 ? 0 : left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1u); }
 
 /* One (row, head). kv: keys as bf16 pairs transposed, [d/2, lp] 32-bit words (vdpbf16ps's layout);
    vf: values in fp32 [len, d]; s: scores [2, lp]. */

@@ -1,8 +1,6 @@
 /* Many LoRA deltas in one pass over the tokens, for CPUs with AVX512-BF16 (Zen 4, Sapphire Rapids on).
  *
- * y[t] += (x[t] · A[s]ᵀ) · B[s] for every listed token t and its slot s, in place; with `gelu`,
- * y[t] = GELU(y[t] + delta) instead (the FFN's first linear, whose delta must precede its activation:
- * one pass over its widest output instead of two, 175 us per layer at 425 tokens). One token's whole
+ * y[t] += (x[t] · A[s]ᵀ) · B[s] for every listed token t and its slot s, in place. One token's whole
  * low-rank path stays in registers: its rank-sized intermediate never goes to memory, and y is read
  * and written once. PyTorch's gathered bmm does the same arithmetic in four passes with a fixed cost
  * per batch entry, which at rank 8 is most of the time. Built at run time by cpu_kernels.py
@@ -24,15 +22,16 @@
 #error "this kernel needs AVX512-BF16"
 #endif
 
-#include "vec_math.h"
-
 #define MAX_RANK 64
+#define INLINE static inline __attribute__((always_inline))
 
 int lora_max_rank(void) { return MAX_RANK; }
 
 int lora_threads(void) { return omp_get_max_threads(); }
 
 INLINE __mmask32 tail32(int64_t left) { return left >= 32 ? 0xFFFFFFFFu : (__mmask32)((1u << left) - 1u); }
+
+INLINE __mmask16 tail16(int64_t left) { return left <= 0 ? 0 : left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1u); }
 
 /* h[t][k] = x[t] · a[k] for nt (1 or 2) tokens that share a, eight ranks per sweep over x. */
 INLINE void shrink(int nt, const uint16_t *const *x, const uint16_t *a, int64_t fin, int64_t rank, float (*h)[MAX_RANK]) {
@@ -60,17 +59,15 @@ INLINE __m512bh pair_of(const float *h, int64_t k2) {
     return (__m512bh)_mm512_set1_epi32(_mm_cvtsi128_si32((__m128i)p));
 }
 
-/* y += acc for 16 bf16 outputs (masked), then GELU when asked, rounded once. */
-INLINE void add_to(uint16_t *y, __m512 acc, __mmask16 m, int gelu) {
+/* y += acc for 16 bf16 outputs (masked), rounded once. */
+INLINE void add_to(uint16_t *y, __m512 acc, __mmask16 m) {
     __m512i yi = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, y));
     __m512 yf = _mm512_add_ps(_mm512_castsi512_ps(_mm512_slli_epi32(yi, 16)), acc);
-    if (gelu) yf = gelu_ps(yf);
     _mm256_mask_storeu_epi16(y, m, (__m256i)_mm512_cvtneps_pbh(yf));
 }
 
 /* y[t] += h[t] · b for nt (1 or 2) tokens that share b, 32 outputs at a time. */
-INLINE void expand(int nt, const float (*h)[MAX_RANK], const uint16_t *bv, int64_t fout, int64_t rank, uint16_t *const *y,
-                   int gelu) {
+INLINE void expand(int nt, const float (*h)[MAX_RANK], const uint16_t *bv, int64_t fout, int64_t rank, uint16_t *const *y) {
     __m512bh hp[2][MAX_RANK / 2];
     for (int t = 0; t < nt; t++)
         for (int64_t k2 = 0; k2 < rank / 2; k2++) hp[t][k2] = pair_of(h[t], k2);
@@ -88,14 +85,14 @@ INLINE void expand(int nt, const float (*h)[MAX_RANK], const uint16_t *bv, int64
             }
         }
         for (int t = 0; t < nt; t++) {
-            add_to(y[t] + o, acc[t][0], m0, gelu);
-            if (m1) add_to(y[t] + o + 16, acc[t][1], m1, gelu);
+            add_to(y[t] + o, acc[t][0], m0);
+            if (m1) add_to(y[t] + o + 16, acc[t][1], m1);
         }
     }
 }
 
 INLINE void tokens_through(int nt, const uint16_t *x, uint16_t *y, const uint16_t *as, const uint16_t *bs,
-                           const int64_t *tokens, int64_t fin, int64_t fout, int64_t rank, int gelu) {
+                           const int64_t *tokens, int64_t fin, int64_t fout, int64_t rank) {
     const uint16_t *xs[2];
     uint16_t *ys[2];
     for (int t = 0; t < nt; t++) {
@@ -104,12 +101,12 @@ INLINE void tokens_through(int nt, const uint16_t *x, uint16_t *y, const uint16_
     }
     float h[2][MAX_RANK];
     shrink(nt, xs, as, fin, rank, h);
-    expand(nt, (const float (*)[MAX_RANK])h, bs, fout, rank, ys, gelu);
+    expand(nt, (const float (*)[MAX_RANK])h, bs, fout, rank, ys);
 }
 
 void lora_delta_bf16(const uint16_t *x, uint16_t *y, const uint16_t *a, const uint16_t *bv,
                      const int64_t *tokens, const int64_t *slots, int64_t n, int64_t fin, int64_t fout,
-                     int64_t rank, int gelu) {
+                     int64_t rank) {
 #pragma omp parallel
     {
         int64_t threads = omp_get_num_threads(), me = omp_get_thread_num();
@@ -117,10 +114,10 @@ void lora_delta_bf16(const uint16_t *x, uint16_t *y, const uint16_t *a, const ui
         for (int64_t j = n * me / threads; j < end;) {
             const uint16_t *as = a + slots[j] * rank * fin, *bs = bv + slots[j] * rank * fout;
             if (j + 1 < end && slots[j + 1] == slots[j]) {
-                tokens_through(2, x, y, as, bs, tokens + j, fin, fout, rank, gelu);
+                tokens_through(2, x, y, as, bs, tokens + j, fin, fout, rank);
                 j += 2;
             } else {
-                tokens_through(1, x, y, as, bs, tokens + j, fin, fout, rank, gelu);
+                tokens_through(1, x, y, as, bs, tokens + j, fin, fout, rank);
                 j += 1;
             }
         }
