@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from adaptgate.engine.heads import HEAD_INPUT_POOLING, HeadPool
+from adaptgate.engine.heads import HEAD_INPUT_CODES, HEAD_INPUT_POOLING, HeadPool
 from adaptgate.engine.lora import LoraLayers
 from adaptgate.engine.cpu_kernels import CpuKernels
 from adaptgate.engine.model import BaseModel
@@ -98,7 +98,7 @@ class BatchForward:
         for code in set(codes):
             part = [j for j, c in enumerate(codes) if c == code]
             sel = [row_of[j] for j in part]
-            if self.heads.reads_pooler(slot_of[part[0]]):
+            if code == HEAD_INPUT_CODES["pooler"]:
                 feats = out.pooler_output[sel].float()  # type: ignore[attr-defined]
             elif HEAD_INPUT_POOLING[code] is Pooling.LAST_TOKEN:
                 feats = pool(hidden[sel], without_pad_tokens(mask[sel], ids[sel], self.pad_id), Pooling.LAST_TOKEN)
