@@ -8,6 +8,8 @@ model FLOP utilisation against this device's own measured bf16 matmul peak.
 
 GPU run (issue 3/7's figures): `--bert-base --seq-len 128 --batch 256 --rank 16` builds a randomly
 initialised BERT-base-sized encoder (768 hidden, 12 layers) and feeds fixed-length synthetic rows.
+On CUDA the mixed batches run on both LoRA paths in the same rounds: the gathered bmm, and
+engine.lora_triton's fused GEMM (written without a GPU at hand: this A/B is its first measurement).
 """
 
 from __future__ import annotations
@@ -161,7 +163,9 @@ def run(args: argparse.Namespace, model_dir: Path) -> None:
     base = load_base_model(model_dir, device=args.device)
     texts = load_texts(args.texts)
     batches = batches_of(texts, base.tokenizer, args.batch, args.adapters, seq_len=args.seq_len)
-    forward = BatchForward(base, args.adapters, args.rank, 2, cpu_kernels=args.cpu_kernels == "auto")
+    forward = BatchForward(
+        base, args.adapters, args.rank, 2, cpu_kernels=args.cpu_kernels == "auto", gpu_lora_kernel=base.device.type == "cuda"
+    )
     validator = AdapterValidator(base.spec, args.rank, 2)
     with tempfile.TemporaryDirectory() as tmp:
         peft_model = make_peft_model(model_dir, args.adapters, args.rank, Path(tmp), base.dtype, base.device)
@@ -189,23 +193,41 @@ def report_rates(args: argparse.Namespace, base, forward, peft_model, batches, t
         with torch.inference_mode():
             peft_model(**padded, adapter_names=[f"a{s}" for s in slots])
 
+    systems = {"base": base_only, "mixed": mixed, "peft": peft_mixed}
+    fused = forward.lora.fused_gpu
+    if fused is not None:  # the A/B on a GPU: "mixed" on the gathered bmm, "fused" on the Triton GEMM
+        systems = {"base": base_only, "mixed": on_lora_path(forward, None, mixed), "fused": on_lora_path(forward, fused, mixed), "peft": peft_mixed}
     peak_before = matmul_peak(base.device, base.dtype)  # and again after: the VM's noisy spells come and go
-    rates, cpu = interleaved_rates({"base": base_only, "mixed": mixed, "peft": peft_mixed}, batches, args.repeats)
+    rates, cpu = interleaved_rates(systems, batches, args.repeats)
     peak = max(peak_before, matmul_peak(base.device, base.dtype))
     tokens = float(np.mean([len(i) for b in batches for i in b[0]]))
     mfu = {name: rate * flops_per_sequence(base.model.config, tokens) / peak for name, rate in rates.items()}
     print(f"model {base.name} {str(base.dtype).removeprefix('torch.')} on {base.device}, {args.adapters} adapters "
-          f"r={args.rank} (LoRA by {forward.lora.path}), {args.batch}-row batches, {len(batches) * args.batch} rows of {tokens:.1f} tokens; "
+          f"r={args.rank} (LoRA by {forward.lora.path if fused is None else 'gathered bmm and fused Triton GEMM'}), {args.batch}-row batches, {len(batches) * args.batch} rows of {tokens:.1f} tokens; "
           f"measured matmul peak {peak / 1e12:.2f} TFLOP/s")
     print(f"adaptgate base-only:   {rates['base']:8.1f} sequences/s  MFU {mfu['base']:.1%}")
     print(f"adaptgate mixed:       {rates['mixed']:8.1f} sequences/s  ({rates['mixed'] / rates['base']:.2f}x base-only"
           f"{cpu_ratio(base.device, cpu, 'mixed', 'base')})  MFU {mfu['mixed']:.1%}")
+    if "fused" in rates:
+        print(f"adaptgate mixed, fused Triton GEMM: {rates['fused']:8.1f} sequences/s  ({rates['fused'] / rates['base']:.2f}x base-only)"
+              f"  MFU {mfu['fused']:.1%}  (the line above: gathered bmm)")
     print(f"PEFT mixed batch:      {rates['peft']:8.1f} sequences/s  (adaptgate mixed = {rates['mixed'] / rates['peft']:.1f}x PEFT)")
     grouped = batches_of(texts, base.tokenizer, args.batch, args.adapters, by_length=True, seq_len=args.seq_len)
-    sorted_rates, sorted_cpu = interleaved_rates({"base": base_only, "mixed": mixed}, grouped, args.repeats)
+    sorted_rates, sorted_cpu = interleaved_rates({"base": base_only, "mixed": systems["mixed"]}, grouped, args.repeats)
     print(f"length-sorted batches (what the batcher forms from many requests): base-only {sorted_rates['base']:.1f}, "
           f"mixed {sorted_rates['mixed']:.1f} sequences/s ({sorted_rates['mixed'] / sorted_rates['base']:.2f}x"
           f"{cpu_ratio(base.device, sorted_cpu, 'mixed', 'base')})")
+
+
+def on_lora_path(forward, fused, fn):
+    """`fn` with every LoRA layer on the fused Triton GEMM (`fused`) or on the gathered bmm (None)."""
+
+    def run(ids, slots):
+        for layer in forward.lora.layers.values():
+            layer.fused_gpu = fused
+        fn(ids, slots)
+
+    return run
 
 
 def cpu_ratio(device: torch.device, cpu: dict[str, float], name: str, reference: str) -> str:

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import BertConfig, BertModel
 
-from adaptgate.engine.model import packaged_model_dir
+if not torch.cuda.is_available():  # Triton reads this when imported (peft imports it): kernels then run on the CPU
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from transformers import BertConfig, BertModel  # noqa: E402
+
+from adaptgate.engine.model import packaged_model_dir  # noqa: E402
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
@@ -14,6 +16,15 @@ from adaptgate.engine.prepacked import prepack_linears
 from adaptgate.engine.pooling import Pooling, normalize, pool, without_pad_tokens
 from adaptgate.engine.rows import Row, RowResult
 
+if TYPE_CHECKING:  # imports Triton, which only the GPU path needs
+    from adaptgate.engine.lora_triton import TritonLoraLinear
+
+
+def _fused_gpu() -> TritonLoraLinear:
+    from adaptgate.engine.lora_triton import TritonLoraLinear
+
+    return TritonLoraLinear()
+
 
 # Padded positions per real token above which the packed path pays for its gathers and scatters.
 PACKING_MIN_WASTE = 1.25
@@ -23,15 +34,24 @@ class BatchForward:
     """Holds the base model with its LoRA layers and head pool; runs on the engine's one thread."""
 
     def __init__(
-        self, base: BaseModel, n_slots: int, max_rank: int, max_labels: int, padding_free: bool = True, cpu_kernels: bool = True
+        self,
+        base: BaseModel,
+        n_slots: int,
+        max_rank: int,
+        max_labels: int,
+        padding_free: bool = True,
+        cpu_kernels: bool = True,
+        gpu_lora_kernel: bool = False,
     ) -> None:
+        """gpu_lora_kernel: on CUDA, LoRA layers run engine.lora_triton's fused GEMM (not yet measured on a
+        GPU, so only bench/multi_adapter.py asks for it) instead of the gathered bmm."""
         self.base = base
         on_cpu_bf16 = base.device.type == "cpu" and base.dtype == torch.bfloat16
         kernels = CpuKernels.try_build() if cpu_kernels and on_cpu_bf16 else None
         if cpu_kernels:
             prepack_linears(base.model, base.dtype, base.device)
         self.packed = PackedBertEncoder(base.model, kernels) if padding_free and supports_packing(base.model) else None
-        self.lora = LoraLayers(base.model, n_slots, max_rank, kernels)
+        self.lora = LoraLayers(base.model, n_slots, max_rank, kernels, _fused_gpu() if gpu_lora_kernel and base.device.type == "cuda" else None)
         self.heads = HeadPool(n_slots, base.spec.hidden_size, max_labels, base.device)
         self.pad_id = int(base.tokenizer.pad_token_id or 0)
 

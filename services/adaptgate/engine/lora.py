@@ -17,6 +17,7 @@ B as [out, r] for both, and fan_in_fan_out only matters when merging, so the del
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -26,6 +27,9 @@ from adaptgate.engine.int8 import Int8Linear
 from adaptgate.engine.cpu_kernels import CpuKernels, kernel_rank
 from adaptgate.engine.packed import Packing
 from adaptgate.engine.prepacked import PrepackedLinear
+
+if TYPE_CHECKING:  # imports Triton, which only the GPU path needs
+    from adaptgate.engine.lora_triton import TileMap, TritonLoraLinear
 
 
 def linear_in_out(module: nn.Module) -> tuple[int, int] | None:
@@ -106,6 +110,7 @@ class LoraBatch:
     packing: Packing | None = None  # set while inputs are packed tokens [T, in] (the padding-free encoder)
     _chunks: LoraChunks | None = field(default=None, repr=False)
     _token_slots: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
+    _tiles: dict[int, TileMap] = field(default_factory=dict, repr=False)
     # The last input gathered onto the chunk grid: query, key and value read the same one.
     _last: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
@@ -151,9 +156,30 @@ class LoraBatch:
         tokens = (rows.unsqueeze(1) * per_row + torch.arange(per_row)).reshape(-1)
         return tokens, torch.repeat_interleave(slots, per_row)
 
+    def tiles(self, tokens: int, per_row: int, n_slots: int) -> TileMap:
+        """The fused GPU kernel's mapping for x as [tokens, in]: tokens grouped by slot, built on the device."""
+        from adaptgate.engine.lora_triton import tile_map
+
+        key = 0 if self.packing is not None else per_row
+        if key not in self._tiles:
+            assert self.rows is not None and self.slots is not None
+            device = self.slots.device
+            batch_rows = self.packing.rows if self.packing is not None else tokens // per_row
+            row_slot = torch.full((batch_rows,), -1, dtype=torch.long, device=device)
+            row_slot[self.rows] = self.slots
+            token_slot = torch.full((tokens,), -1, dtype=torch.long, device=device)  # a packed bucket's filler: none
+            if self.packing is not None:
+                owners = torch.div(self.packing.index, self.packing.width, rounding_mode="floor")
+                token_slot[: len(owners)] = row_slot[owners]
+            else:
+                token_slot = row_slot.repeat_interleave(per_row)
+            self._tiles[key] = tile_map(token_slot, n_slots)
+        return self._tiles[key]
+
     def reset(self) -> None:
         self._chunks = self._last = None
         self._token_slots.clear()
+        self._tiles.clear()
 
 
 class BatchedLoraLinear(nn.Module):
@@ -163,7 +189,13 @@ class BatchedLoraLinear(nn.Module):
     """
 
     def __init__(
-        self, base: nn.Module, batch: LoraBatch, n_slots: int, max_rank: int, kernel: CpuKernels | None = None
+        self,
+        base: nn.Module,
+        batch: LoraBatch,
+        n_slots: int,
+        max_rank: int,
+        kernel: CpuKernels | None = None,
+        fused_gpu: TritonLoraLinear | None = None,
     ) -> None:
         super().__init__()
         shape = linear_in_out(base)
@@ -175,6 +207,7 @@ class BatchedLoraLinear(nn.Module):
         reference = base.bias if isinstance(base, Int8Linear) else base.weight
         dtype: torch.dtype = getattr(base, "compute_dtype", reference.dtype)
         self.kernel = kernel if kernel is not None and kernel.supports_lora(dtype, reference.device, max_rank) else None
+        self.fused_gpu = fused_gpu if type(base) is nn.Linear and dtype in (torch.bfloat16, torch.float16) else None
         if self.kernel is not None:
             max_rank = kernel_rank(max_rank)
         shape_a = (n_slots, max_rank, fan_in)  # [slots, r_max, in]
@@ -199,10 +232,12 @@ class BatchedLoraLinear(nn.Module):
         self.lora_b[slot].zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
         rows, slots = self.batch.rows, self.batch.slots
         if rows is None or slots is None:
-            return y
+            return self.base(x)
+        if self.fused_gpu is not None:
+            return self._gpu(x)
+        y = self.base(x)
         if self.kernel is not None:
             return self._fused(x, y)
         if self.batch.packing is not None:
@@ -222,6 +257,14 @@ class BatchedLoraLinear(nn.Module):
         tokens, slots = self.batch.token_slots(len(flat_x) // len(x))
         self.kernel.lora_delta(flat_x, y.view(-1, y.shape[-1]), self.lora_a, self.lora_b, tokens, slots)
         return y
+
+    def _gpu(self, x: torch.Tensor) -> torch.Tensor:
+        """The base linear and the deltas in one Triton GEMM (engine.lora_triton); x as [tokens, in]."""
+        assert self.fused_gpu is not None
+        flat = x.reshape(-1, x.shape[-1]).contiguous()
+        tiles = self.batch.tiles(len(flat), len(flat) // len(x), self.lora_a.shape[0])
+        y = self.fused_gpu(flat, self.base.weight, self.base.bias, self.lora_a, self.lora_b, tiles)
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     def _packed(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x: [T, in], y: [T, out] packed tokens; the deltas run on the chunk grid (rank-sized work only)."""
@@ -248,18 +291,28 @@ class BatchedLoraLinear(nn.Module):
 class LoraLayers:
     """Owns the wrapped linears of one base model; wraps a module the first time an adapter targets it."""
 
-    def __init__(self, model: nn.Module, n_slots: int, max_rank: int, kernel: CpuKernels | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        n_slots: int,
+        max_rank: int,
+        kernel: CpuKernels | None = None,
+        fused_gpu: TritonLoraLinear | None = None,
+    ) -> None:
         self.model = model
         self.n_slots = n_slots
         self.max_rank = max_rank
         self.kernel = kernel
+        self.fused_gpu = fused_gpu
         self.batch = LoraBatch()
         self.layers: dict[str, BatchedLoraLinear] = {}
 
     @property
     def path(self) -> str:
         """For the startup line and benches: how LoRA deltas are computed."""
-        return "fused CPU kernel" if self.kernel is not None else "gathered bmm"
+        if self.kernel is not None:
+            return "fused CPU kernel"
+        return "fused Triton GEMM" if self.fused_gpu is not None else "gathered bmm"
 
     def _wrap(self, name: str) -> BatchedLoraLinear:
         parent_name, _, child = name.rpartition(".")
@@ -267,7 +320,7 @@ class LoraLayers:
         base = getattr(parent, child)
         if isinstance(base, BatchedLoraLinear):  # wrapped by an earlier engine on the same model
             base = base.base
-        wrapped = BatchedLoraLinear(base, self.batch, self.n_slots, self.max_rank, self.kernel)
+        wrapped = BatchedLoraLinear(base, self.batch, self.n_slots, self.max_rank, self.kernel, self.fused_gpu)
         setattr(parent, child, wrapped)
         self.layers[name] = wrapped
         return wrapped
