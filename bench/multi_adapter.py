@@ -149,6 +149,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=0, help="synthetic rows of exactly this many tokens (0 = real texts)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--cpu-kernels", default="auto", choices=("auto", "off"), help="off: PyTorch ops on CPU too (the A/B)")
+    parser.add_argument("--triton-blocks", nargs="*", default=[], metavar="M,N,K,WARPS,STAGES",
+                        help="on CUDA: also run the fused Triton GEMM with these tile shapes (the default one always runs)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as models:
         run(args, make_bert_base(Path(models) / "bert-base-random") if args.bert_base else packaged_model_dir())
@@ -193,10 +195,10 @@ def report_rates(args: argparse.Namespace, base, forward, peft_model, batches, t
         with torch.inference_mode():
             peft_model(**padded, adapter_names=[f"a{s}" for s in slots])
 
-    systems = {"base": base_only, "mixed": mixed, "peft": peft_mixed}
+    systems = {"base": base_only, "mixed": on_lora_path(forward, None, mixed), "peft": peft_mixed}
     fused = forward.lora.fused_gpu
-    if fused is not None:  # the A/B on a GPU: "mixed" on the gathered bmm, "fused" on the Triton GEMM
-        systems = {"base": base_only, "mixed": on_lora_path(forward, None, mixed), "fused": on_lora_path(forward, fused, mixed), "peft": peft_mixed}
+    if fused is not None:  # the A/B on a GPU: "mixed" on the gathered bmm, "fused ..." on the Triton GEMM
+        systems.update(fused_systems(forward, fused, args.triton_blocks, mixed, batches[0]))
     peak_before = matmul_peak(base.device, base.dtype)  # and again after: the VM's noisy spells come and go
     rates, cpu = interleaved_rates(systems, batches, args.repeats)
     peak = max(peak_before, matmul_peak(base.device, base.dtype))
@@ -208,15 +210,33 @@ def report_rates(args: argparse.Namespace, base, forward, peft_model, batches, t
     print(f"adaptgate base-only:   {rates['base']:8.1f} sequences/s  MFU {mfu['base']:.1%}")
     print(f"adaptgate mixed:       {rates['mixed']:8.1f} sequences/s  ({rates['mixed'] / rates['base']:.2f}x base-only"
           f"{cpu_ratio(base.device, cpu, 'mixed', 'base')})  MFU {mfu['mixed']:.1%}")
-    if "fused" in rates:
-        print(f"adaptgate mixed, fused Triton GEMM: {rates['fused']:8.1f} sequences/s  ({rates['fused'] / rates['base']:.2f}x base-only)"
-              f"  MFU {mfu['fused']:.1%}  (the line above: gathered bmm)")
+    for name in (n for n in rates if n.startswith("fused")):
+        print(f"adaptgate mixed, {name}: {rates[name]:8.1f} sequences/s  ({rates[name] / rates['base']:.2f}x base-only)"
+              f"  MFU {mfu[name]:.1%}  (the line above: gathered bmm)")
     print(f"PEFT mixed batch:      {rates['peft']:8.1f} sequences/s  (adaptgate mixed = {rates['mixed'] / rates['peft']:.1f}x PEFT)")
     grouped = batches_of(texts, base.tokenizer, args.batch, args.adapters, by_length=True, seq_len=args.seq_len)
     sorted_rates, sorted_cpu = interleaved_rates({"base": base_only, "mixed": systems["mixed"]}, grouped, args.repeats)
     print(f"length-sorted batches (what the batcher forms from many requests): base-only {sorted_rates['base']:.1f}, "
           f"mixed {sorted_rates['mixed']:.1f} sequences/s ({sorted_rates['mixed'] / sorted_rates['base']:.2f}x"
           f"{cpu_ratio(base.device, sorted_cpu, 'mixed', 'base')})")
+
+
+def fused_systems(forward, fused, extra_blocks: list[str], mixed, first_batch) -> dict:
+    """One system per tile shape of the fused Triton GEMM, each checked once first: a shape that fails to
+    compile is reported and left out, so the rest of the figures still come back from a short device run."""
+    from adaptgate.engine.lora_triton import Blocks, TritonLoraLinear
+
+    systems = {}
+    for blocks in [fused.blocks, *map(Blocks.parse, extra_blocks)]:
+        name = f"fused Triton GEMM {blocks.m}x{blocks.n}x{blocks.k} w{blocks.warps} s{blocks.stages}"
+        run = on_lora_path(forward, fused if blocks == fused.blocks else TritonLoraLinear(blocks), mixed)
+        try:
+            run(*first_batch)
+        except Exception as exc:  # noqa: BLE001 - a bench: say why and go on
+            print(f"{name}: failed, left out: {type(exc).__name__}: {exc}"[:500])
+            continue
+        systems[name] = run
+    return systems
 
 
 def on_lora_path(forward, fused, fn):

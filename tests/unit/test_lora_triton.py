@@ -15,7 +15,7 @@ pytest.importorskip("triton")  # without a GPU, tests/conftest.py has it run ker
 from adaptgate.adapters.validation import AdapterValidator  # noqa: E402
 from adaptgate.engine.forward import BatchForward  # noqa: E402
 from adaptgate.engine.lora import LoraLayers  # noqa: E402
-from adaptgate.engine.lora_triton import BLOCK_M, TritonLoraLinear, tile_map  # noqa: E402
+from adaptgate.engine.lora_triton import Blocks, TritonLoraLinear, tile_map  # noqa: E402
 from adaptgate.engine.model import load_base_model  # noqa: E402
 from adaptgate.engine.packed import Packing  # noqa: E402
 from adaptgate.engine.pooling import Pooling  # noqa: E402
@@ -57,9 +57,10 @@ def test_fused_linear_is_the_base_plus_each_tokens_delta(fan_in: int, fan_out: i
     linear = nn.Linear(fan_in, fan_out).to(DEVICE, torch.bfloat16)
     a = (torch.randn(4, rank, fan_in) * 0.3).to(DEVICE, torch.bfloat16)
     b = (torch.randn(4, rank, fan_out) * 0.3).to(DEVICE, torch.bfloat16)
-    token_slots = torch.randint(-1, 4, (BLOCK_M + 45,))
+    fused = TritonLoraLinear(Blocks(m=64, n=128, k=64) if fan_out > 128 else None)
+    token_slots = torch.randint(-1, 4, (fused.blocks.m + 45,))
     x = torch.randn(len(token_slots), fan_in).to(DEVICE, torch.bfloat16)
-    y = TritonLoraLinear()(x, linear.weight, linear.bias, a, b, tile_map(token_slots.to(DEVICE), 4))
+    y = fused(x, linear.weight, linear.bias, a, b, tile_map(token_slots.to(DEVICE), 4, fused.blocks.m))
     exact = _exact(x.cpu(), linear.cpu(), a.cpu(), b.cpu(), token_slots)
     torch.testing.assert_close(y.float().cpu(), exact, atol=2e-2 * float(exact.abs().max()), rtol=0)
     base_only = x.float().cpu() @ linear.weight.float().cpu().t() + linear.bias.float().cpu()

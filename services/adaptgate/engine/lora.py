@@ -156,7 +156,7 @@ class LoraBatch:
         tokens = (rows.unsqueeze(1) * per_row + torch.arange(per_row)).reshape(-1)
         return tokens, torch.repeat_interleave(slots, per_row)
 
-    def tiles(self, tokens: int, per_row: int, n_slots: int) -> TileMap:
+    def tiles(self, tokens: int, per_row: int, n_slots: int, block_m: int) -> TileMap:
         """The fused GPU kernel's mapping for x as [tokens, in]: tokens grouped by slot, built on the device."""
         from adaptgate.engine.lora_triton import tile_map
 
@@ -173,7 +173,7 @@ class LoraBatch:
                 token_slot[: len(owners)] = row_slot[owners]
             else:
                 token_slot = row_slot.repeat_interleave(per_row)
-            self._tiles[key] = tile_map(token_slot, n_slots)
+            self._tiles[key] = tile_map(token_slot, n_slots, block_m)
         return self._tiles[key]
 
     def reset(self) -> None:
@@ -262,7 +262,7 @@ class BatchedLoraLinear(nn.Module):
         """The base linear and the deltas in one Triton GEMM (engine.lora_triton); x as [tokens, in]."""
         assert self.fused_gpu is not None
         flat = x.reshape(-1, x.shape[-1]).contiguous()
-        tiles = self.batch.tiles(len(flat), len(flat) // len(x), self.lora_a.shape[0])
+        tiles = self.batch.tiles(len(flat), len(flat) // len(x), self.lora_a.shape[0], self.fused_gpu.blocks.m)
         y = self.fused_gpu(flat, self.base.weight, self.base.bias, self.lora_a, self.lora_b, tiles)
         return y.view(*x.shape[:-1], y.shape[-1])
 

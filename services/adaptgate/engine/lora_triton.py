@@ -3,11 +3,11 @@
 PERF-NOTES (H100, BERT-base 256x128, 64 adapters r=16): gathered bmm keeps 0.56x of base-only,
 `_grouped_mm` 0.55x, bmm with the expand in place 0.62x. The LoRA arithmetic is ~4% of the
 base's; what costs is the extra passes over the activations. Here the delta never leaves the
-GEMM: tokens are grouped by adapter into tiles of BLOCK_M rows (one adapter per tile, addressed
+GEMM: tokens are grouped by adapter into tiles of `Blocks.m` rows (one adapter per tile, addressed
 through an index, so nothing is gathered or copied), the K loop that accumulates x·Wᵀ also
 accumulates h = x·A_sᵀ from the x tile already loaded, and the epilogue adds h·B_s before the one
-store of y. Cost: h is recomputed for each of the N/BLOCK_N column tiles (r/BLOCK_N more MACs, 12%
-at r=16).
+store of y. Cost: h is recomputed for each of the N/n column tiles (r/n more MACs, 12%
+at r=16 with 128-wide tiles).
 
 Not yet measured on a GPU (no device was lent to the sessions that wrote it): BatchForward uses it
 only when asked (`gpu_lora_kernel=True`; the gateway does not ask yet), and bench/multi_adapter.py
@@ -25,19 +25,33 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_M, BLOCK_N, BLOCK_K = 128, 128, 64
+@dataclass(frozen=True)
+class Blocks:
+    """Tile shape and launch parameters: a common bf16 GEMM choice for Hopper, untuned (see the module
+    docstring); bench/multi_adapter.py `--triton-blocks` tries others on a GPU."""
+
+    m: int = 128
+    n: int = 128
+    k: int = 64
+    warps: int = 8
+    stages: int = 3
+
+    @classmethod
+    def parse(cls, text: str) -> Blocks:
+        """"m,n,k,warps,stages", as the bench takes it."""
+        return cls(*(int(v) for v in text.split(",")))
 
 
 @dataclass(frozen=True)
 class TileMap:
-    """Tokens grouped by adapter: `rows` [tiles * BLOCK_M] is each tile row's token (-1: none), `slots`
+    """Tokens grouped by adapter: `rows` [tiles * block_m] is each tile row's token (-1: none), `slots`
     [tiles] each tile's engine slot (-1: no adapter, -2: an unused tile past the end)."""
 
     rows: torch.Tensor
     slots: torch.Tensor
 
 
-def tile_map(token_slots: torch.Tensor, n_slots: int, block_m: int = BLOCK_M) -> TileMap:
+def tile_map(token_slots: torch.Tensor, n_slots: int, block_m: int) -> TileMap:
     """Built on the tokens' device with no host sync: the grid is the upper bound
     cdiv(tokens, block_m) + groups, and tiles past the real ones are marked unused."""
     key = token_slots.long() + 1  # 0: no adapter, s + 1: slot s
@@ -100,7 +114,8 @@ def lora_linear(
 class TritonLoraLinear:
     """The fused kernel (compiled by Triton on first call per shape); see the module docstring."""
 
-    def __init__(self) -> None:
+    def __init__(self, blocks: Blocks | None = None) -> None:
+        self.blocks = blocks or Blocks()
         self._interpreted = os.environ.get("TRITON_INTERPRET") == "1"
 
     def __call__(
@@ -111,10 +126,11 @@ class TritonLoraLinear:
         tokens, fan_in = x.shape
         fan_out, rank = weight.shape[0], a.shape[1]
         y = torch.empty(tokens, fan_out, dtype=x.dtype, device=x.device)
-        grid = (tiles.slots.numel(), -(-fan_out // BLOCK_N))
+        blocks = self.blocks
+        grid = (tiles.slots.numel(), -(-fan_out // blocks.n))
         lora_linear[grid](
             x, weight, bias if bias is not None else weight, a, b, y, tiles.rows, tiles.slots,
-            N=fan_out, K=fan_in, R=rank, HAS_BIAS=bias is not None, BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K, RP=max(16, 1 << (rank - 1).bit_length()),
-            DOT_F32=self._interpreted,
+            N=fan_out, K=fan_in, R=rank, HAS_BIAS=bias is not None, BM=blocks.m, BN=blocks.n, BK=blocks.k,
+            RP=max(16, 1 << (rank - 1).bit_length()), DOT_F32=self._interpreted, num_warps=blocks.warps, num_stages=blocks.stages,
         )  # fmt: skip
         return y
