@@ -90,6 +90,8 @@ def lora_linear(
         token = tl.where(real, token, 0).to(tl.int64)
         cols = tl.program_id(1) * BN + tl.arange(0, BN)
         ranks = tl.arange(0, RP)
+        a_rows = (tl.maximum(slot, 0) * R + ranks[None, :]).to(tl.int64)
+        a_real = (ranks[None, :] < R) & (slot >= 0)  # a tile without an adapter loads zeros: no branch in the loop
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         h = tl.zeros((BM, RP), dtype=tl.float32)
         for k0 in range(0, K, BK):
@@ -97,10 +99,8 @@ def lora_linear(
             xk = tl.load(x + token[:, None] * K + ks[None, :], mask=real[:, None] & (ks[None, :] < K), other=0.0)
             wk = tl.load(w + cols[None, :].to(tl.int64) * K + ks[:, None], mask=(cols[None, :] < N) & (ks[:, None] < K), other=0.0)
             acc += dot(xk, wk, DOT_F32)
-            if slot >= 0:
-                a_rows = (slot * R + ranks[None, :]).to(tl.int64)
-                ak = tl.load(a + a_rows * K + ks[:, None], mask=(ranks[None, :] < R) & (ks[:, None] < K), other=0.0)
-                h += dot(xk, ak, DOT_F32)
+            ak = tl.load(a + a_rows * K + ks[:, None], mask=a_real & (ks[:, None] < K), other=0.0)
+            h += dot(xk, ak, DOT_F32)
         if slot >= 0:
             b_rows = (slot * R + ranks[:, None]).to(tl.int64)
             bt = tl.load(b + b_rows * N + cols[None, :], mask=(ranks[:, None] < R) & (cols[None, :] < N), other=0.0)
