@@ -116,3 +116,16 @@ def test_a_whole_bert_forward_on_the_fused_gpu_path_matches_the_bmm_path(tiny_be
             assert float(np.dot(a.embedding, b.embedding)) > 0.999
             for p, q in zip(a.probabilities, b.probabilities):
                 np.testing.assert_allclose(p, q, atol=2e-2)
+
+
+def test_a_layer_on_the_cpu_kernel_keeps_it_over_the_triton_gemm() -> None:
+    """The CPU kernel stores B interleaved for itself; the Triton GEMM must not read that layout."""
+    from adaptgate.engine.cpu_kernels import CpuKernels
+
+    kernels = CpuKernels.try_build()
+    if kernels is None:
+        pytest.skip("no fused CPU kernels on this machine")
+    model = nn.ModuleDict({"proj": nn.Linear(48, 72)}).to(torch.bfloat16)
+    layers = LoraLayers(model, n_slots=1, max_rank=8, kernel=kernels, fused_gpu=TritonLoraLinear())
+    layers.install(0, {"proj": (torch.randn(8, 48), torch.randn(72, 8))}, scaling=1.0)
+    assert layers.layers["proj"].kernel is kernels and layers.layers["proj"].fused_gpu is None

@@ -51,7 +51,8 @@ class BatchForward:
         if cpu_kernels:
             prepack_linears(base.model, base.dtype, base.device)
         self.packed = PackedBertEncoder(base.model, kernels) if padding_free and supports_packing(base.model) else None
-        self.lora = LoraLayers(base.model, n_slots, max_rank, kernels, _fused_gpu() if gpu_lora_kernel and base.device.type == "cuda" else None)
+        fused_gpu = _fused_gpu() if gpu_lora_kernel and base.device.type == "cuda" else None
+        self.lora = LoraLayers(base.model, n_slots, max_rank, kernels, fused_gpu)
         self.heads = HeadPool(n_slots, base.spec.hidden_size, max_labels, base.device)
         self.pad_id = int(base.tokenizer.pad_token_id or 0)
 

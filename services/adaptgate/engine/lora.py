@@ -7,7 +7,8 @@ scaling folded into B.
 A batch carries one slot per row (`LoraBatch`); the frozen `x·W` runs once for the whole batch
 and only rows that have an adapter pay for their delta. No per-adapter loop, no merge.
 On a CPU with AVX512-BF16 the delta is one fused kernel call per layer (`cpu_kernels`, r_max then padded
-to a multiple of 8 and B stored [slots, r_max/2, out, 2]); elsewhere, and as the tests' reference, two gathered `bmm`s.
+to a multiple of 8 and B stored [slots, r_max/2, out, 2]); on CUDA when asked, the base matmul and the
+deltas are one Triton GEMM (engine.lora_triton); elsewhere, and as the tests' reference, two gathered `bmm`s.
 
 Targets are `nn.Linear` (weight [out, in]) or GPT-2's `transformers.pytorch_utils.Conv1D`
 (weight [in, out]; PEFT sets fan_in_fan_out=True for it). PEFT still saves A as [r, in] and
@@ -207,7 +208,8 @@ class BatchedLoraLinear(nn.Module):
         reference = base.bias if isinstance(base, Int8Linear) else base.weight
         dtype: torch.dtype = getattr(base, "compute_dtype", reference.dtype)
         self.kernel = kernel if kernel is not None and kernel.supports_lora(dtype, reference.device, max_rank) else None
-        self.fused_gpu = fused_gpu if type(base) is nn.Linear and dtype in (torch.bfloat16, torch.float16) else None
+        plain = self.kernel is None and type(base) is nn.Linear  # the Triton GEMM reads B as [slots, r, out]
+        self.fused_gpu = fused_gpu if plain and dtype in (torch.bfloat16, torch.float16) else None
         if self.kernel is not None:
             max_rank = kernel_rank(max_rank)
         shape_a = (n_slots, max_rank, fan_in)  # [slots, r_max, in]
