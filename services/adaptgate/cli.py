@@ -21,8 +21,18 @@ def _settings_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
+    """The serve settings, or an exit with one line per problem (a partial TLS setup, a bad value)."""
+    from pydantic import ValidationError
+
     overrides = {k.removeprefix("setting_"): v for k, v in vars(args).items() if k.startswith("setting_") and v is not None}
-    return Settings(**overrides)
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = [
+            f"{'.'.join(map(str, e['loc'])) + ': ' if e['loc'] else ''}{e['msg'].removeprefix('Value error, ')}"
+            for e in exc.errors()
+        ]
+        sys.exit("adaptgate serve: the settings are not valid:\n  " + "\n  ".join(problems))
 
 
 def _default_token() -> str:
@@ -41,7 +51,19 @@ def _client(args: argparse.Namespace) -> Any:
 
     if not args.token:
         sys.exit("no token: pass --token, set ADAPTGATE_TOKEN, or run next to the server's data/tokens.json")
-    return Client(args.server, args.token)
+    try:
+        return Client(args.server, args.token, tls=_client_tls(args))
+    except (ValueError, OSError) as exc:  # a cert without its key, an unreadable PEM file
+        sys.exit(f"error: {exc}")
+
+
+def _client_tls(args: argparse.Namespace) -> Any:
+    """TLS when any --tls-* option (or ADAPTGATE_TLS_* variable) is given; plaintext otherwise."""
+    from adaptgate.client import ClientTls
+
+    if not (args.tls_ca or args.tls_cert or args.tls_key or args.tls_server_name):
+        return None
+    return ClientTls(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name or "")
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -85,6 +107,11 @@ def cmd_datasets(args: argparse.Namespace) -> None:
     if args.action == "upload":
         result = client.upload_dataset(Path(args.path), name=args.name, fmt=args.format)
         print(json.dumps(MessageToDict(result), indent=2))
+    elif args.action == "delete":
+        if not args.path:
+            sys.exit("datasets delete needs a dataset id")
+        deleted = client.delete_dataset(args.path)
+        print(f"deleted {deleted.id}  {deleted.name}")
     else:
         response = client.datasets.ListDatasets(datasets_pb2.ListDatasetsRequest(), metadata=client.metadata)
         for ds in response.datasets:
@@ -112,6 +139,15 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def _client_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--server", default=os.environ.get("ADAPTGATE_SERVER", DEFAULT_SERVER), help="host:port of the gateway")
     parser.add_argument("--token", default=_default_token(), help="bearer token (default: $ADAPTGATE_TOKEN)")
+    env = os.environ.get
+    parser.add_argument("--tls-ca", type=Path, default=env("ADAPTGATE_TLS_CA") or None,
+                        help="PEM CA bundle that signed the server's certificate; any --tls-* option turns TLS on (default: $ADAPTGATE_TLS_CA)")
+    parser.add_argument("--tls-cert", type=Path, default=env("ADAPTGATE_TLS_CERT") or None,
+                        help="PEM client certificate, for servers that require mTLS (default: $ADAPTGATE_TLS_CERT)")
+    parser.add_argument("--tls-key", type=Path, default=env("ADAPTGATE_TLS_KEY") or None,
+                        help="PEM private key of --tls-cert (default: $ADAPTGATE_TLS_KEY)")
+    parser.add_argument("--tls-server-name", default=env("ADAPTGATE_TLS_SERVER_NAME", ""),
+                        help="name to check the server's certificate against, when --server is an IP or a tunnel (default: $ADAPTGATE_TLS_SERVER_NAME)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,9 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("--truncate", action="store_true")
     classify.set_defaults(func=cmd_classify)
 
-    datasets = sub.add_parser("datasets", help="upload or list datasets")
-    datasets.add_argument("action", choices=["upload", "list"])
-    datasets.add_argument("path", nargs="?")
+    datasets = sub.add_parser("datasets", help="upload, list or delete datasets")
+    datasets.add_argument("action", choices=["upload", "list", "delete"])
+    datasets.add_argument("path", nargs="?", help="a file for upload, a dataset id for delete")
     datasets.add_argument("--name", default="")
     datasets.add_argument("--format", default="", choices=["", "jsonl", "csv"])
     datasets.set_defaults(func=cmd_datasets)
@@ -154,12 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("--watch", action="store_true", help="after submit, follow the job with a progress bar")
     jobs.set_defaults(func=cmd_jobs)
 
-    adapters = sub.add_parser("adapters", help="list, get, load, unload, alias or upload adapters")
-    adapters.add_argument("action", choices=["list", "get", "load", "unload", "alias", "upload"])
+    adapters = sub.add_parser("adapters", help="list, get, load, unload, alias, upload or delete adapters")
+    adapters.add_argument("action", choices=["list", "get", "load", "unload", "alias", "upload", "delete"])
     adapters.add_argument("ref", nargs="?", help="adapter reference, or a directory for upload")
     adapters.add_argument("--alias", default="")
     adapters.add_argument("--name", default="", help="adapter name for upload")
     adapters.add_argument("--pin", action="store_true", help="with load: never evict it")
+    adapters.add_argument("--force", action="store_true", help="with delete: also remove aliases pointing at it")
     adapters.set_defaults(func=cmd_adapters)
 
     demo = sub.add_parser("demo", help="train a spam classifier on a running server and score it")

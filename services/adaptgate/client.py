@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -24,11 +25,47 @@ from adaptgate.v1 import (
 CHUNK_BYTES = 1 << 20
 
 
+@dataclass(frozen=True)
+class ClientTls:
+    """TLS towards the gateway: the CA that signed its certificate (None: the system's roots), the
+    client certificate and key for mTLS (both or neither), and the name the server certificate is
+    checked against when it differs from the host in the target (an IP, a port-forward, a tunnel)."""
+
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    server_name: str = ""
+
+    def __post_init__(self) -> None:
+        if (self.cert_file is None) != (self.key_file is None):
+            given, missing = ("cert", "key") if self.key_file is None else ("key", "cert")
+            raise ValueError(
+                f"a client TLS {given} was given without its {missing} (--tls-{missing}, ADAPTGATE_TLS_{missing.upper()}); "
+                "mTLS needs both, plain TLS neither"
+            )
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        def read(path: Path | None) -> bytes | None:
+            return Path(path).read_bytes() if path is not None else None
+
+        return grpc.ssl_channel_credentials(read(self.ca_file), read(self.key_file), read(self.cert_file))
+
+    def options(self) -> list[tuple[str, str]]:
+        return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
+
+
 class Client:
     def __init__(
-        self, target: str, token: str, timeout: float | None = 120.0, credentials: grpc.ChannelCredentials | None = None
+        self, target: str, token: str, timeout: float | None = 120.0, credentials: grpc.ChannelCredentials | None = None,
+        tls: ClientTls | None = None,
     ) -> None:
-        options = [("grpc.max_receive_message_length", 64 << 20)]
+        """Plaintext unless `tls` (or ready-made `credentials`) is given."""
+        options: list[tuple[str, object]] = [("grpc.max_receive_message_length", 64 << 20)]
+        if tls is not None:
+            if credentials is not None:
+                raise ValueError("give the Client either tls or credentials, not both")
+            credentials = tls.credentials()
+            options += tls.options()
         if credentials is None:
             self.channel = grpc.insecure_channel(target, options=options)
         else:
@@ -93,6 +130,15 @@ class Client:
                     yield adapters_pb2.UploadAdapterChunk(filename=path.name, data=data[start : start + CHUNK_BYTES])
 
         return self.adapters.UploadAdapter(chunks(), metadata=self.metadata, timeout=self.timeout)
+
+    def delete_adapter(self, ref: str, force: bool = False) -> adapters_pb2.DeleteAdapterResponse:
+        """`name@v3` deletes one version, `name` every version; `force` also removes aliases pointing at them."""
+        request = adapters_pb2.AdapterRef(ref=ref, force=force)
+        return self.adapters.DeleteAdapter(request, metadata=self.metadata, timeout=self.timeout)
+
+    def delete_dataset(self, dataset_id: str) -> datasets_pb2.Dataset:
+        """Refused (FAILED_PRECONDITION) while a queued or running job trains on it."""
+        return self.datasets.DeleteDataset(datasets_pb2.DatasetRef(id=dataset_id), metadata=self.metadata, timeout=self.timeout)
 
     def submit_job(self, dataset_id: str, adapter_name: str, method: str = "head", alias: str = "") -> finetune_pb2.Job:
         request = finetune_pb2.SubmitJobRequest(dataset_id=dataset_id, adapter_name=adapter_name, method=method, alias=alias)

@@ -98,5 +98,17 @@ class InvalidDataset(InvalidArgument):
     """The dataset cannot train anything; the message names rows."""
 
 
+class UploadTooLarge(ResourceExhausted):
+    """One upload passed its size limit; refused at the chunk that crossed it."""
+
+
+class UploadsBusy(ResourceExhausted):
+    """Too many uploads, or too many of their bytes, in flight for the tenant or the server."""
+
+
+class QuotaExceeded(ResourceExhausted):
+    """A tenant's stored bytes, adapter versions or datasets would pass its storage quota."""
+
+
 class JobNotFound(NotFound):
     pass

@@ -73,6 +73,13 @@ class Metrics:
             "Requests per adapter (tenant/name); adapters beyond the label budget count as 'other'.",
             ["adapter"], registry=r,
         )
+        self.uploads_in_flight = Gauge(
+            "adaptgate_uploads_in_flight", "Adapter and dataset uploads being streamed in now.", registry=r
+        )
+        self.upload_bytes_in_flight = Gauge(
+            "adaptgate_upload_bytes_in_flight", "Bytes received by uploads that have not finished, on disk in the spool.",
+            registry=r,
+        )
 
     def observe_batch(self, stats: BatchStats) -> None:
         self.batch_rows.observe(stats.rows)

@@ -27,15 +27,19 @@ from adaptgate.api.datasets import DatasetsServicer
 from adaptgate.api.embeddings import EmbeddingsServicer
 from adaptgate.api.finetune import FinetuneServicer
 from adaptgate.api.malformed import MalformedRequestInterceptor
+from adaptgate.api.roles import Plane, role_interceptor, serves, serves_service
 from adaptgate.api.rpc import RpcRuntime
+from adaptgate.api.uploads import SizeLimit, Uploads
 from adaptgate.engine.engine import Engine, EngineConfig
 from adaptgate.engine.model import BaseModel, load_base_model
 from adaptgate.engine.thread import EngineThread
 from adaptgate.inference import Inference
 from adaptgate.metrics import Metrics
+from adaptgate.quotas import StorageLimits, StorageQuotas
 from adaptgate.settings import Settings
 from adaptgate.training.database import Database
 from adaptgate.training.datasets import DatasetStore
+from adaptgate.training.job_validation import JobLimits
 from adaptgate.training.jobs import JobManager, PublishRequest
 from adaptgate.training.ray_runner import RayRunner
 from adaptgate.v1 import (
@@ -67,8 +71,8 @@ class Gateway:
     server: grpc.aio.Server
     health: health.aio.HealthServicer
     engine: Engine
-    jobs: JobManager
-    runner: RayRunner
+    jobs: JobManager | None  # None on an inference replica (api/roles.py)
+    runner: RayRunner | None
     port: int
     metrics_port: int
 
@@ -76,9 +80,11 @@ class Gateway:
         """Health goes NOT_SERVING first, then in-flight RPCs get `grace` seconds to finish."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
-        await self.jobs.close()
+        if self.jobs is not None:
+            await self.jobs.close()
         await self.engine.stop()
-        await asyncio.to_thread(self.runner.stop)
+        if self.runner is not None:
+            await asyncio.to_thread(self.runner.stop)
 
 
 def _tokens(settings: Settings) -> TokenAuthenticator:
@@ -103,9 +109,9 @@ def _engine(settings: Settings, base: BaseModel, metrics: Metrics, thread: Engin
     return engine
 
 
-def _grpc_server(settings: Settings) -> grpc.aio.Server:
+def _grpc_server(settings: Settings, runtime: RpcRuntime) -> grpc.aio.Server:
     return grpc.aio.server(
-        interceptors=[MalformedRequestInterceptor()],
+        interceptors=[MalformedRequestInterceptor(), role_interceptor(settings.role, settings.control_address, runtime)],
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -114,14 +120,43 @@ def _grpc_server(settings: Settings) -> grpc.aio.Server:
 
 
 def _bind(server: grpc.aio.Server, settings: Settings) -> int:
-    """Plaintext only when no certificate is configured; with a client CA, mTLS is required, not offered."""
+    """Plaintext only when no TLS file is configured at all; with a client CA, mTLS is required, not offered."""
     address = f"{settings.host}:{settings.port}"
+    if missing := settings.tls_missing():  # Settings refuses these already; never plaintext for a partial setup
+        raise ValueError(f"TLS is partly configured: {' and '.join(missing)} missing; refusing to serve plaintext")
     if settings.tls_cert_file is None or settings.tls_key_file is None:
         return server.add_insecure_port(address)
     pair = (settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())
     ca = settings.tls_client_ca_file.read_bytes() if settings.tls_client_ca_file else None
     credentials = grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=ca is not None)
     return server.add_secure_port(address, credentials)
+
+
+@dataclass
+class ControlPlane:
+    """What only a replica serving the control plane opens: the job database, datasets and jobs."""
+
+    datasets: DatasetStore
+    jobs: JobManager
+
+
+async def _control_plane(
+    settings: Settings, base: BaseModel, store: AdapterStore, quotas: StorageQuotas, runner: RayRunner, metrics: Metrics
+) -> ControlPlane:
+    database = Database(settings.database_path)
+    datasets = DatasetStore(settings.datasets_dir, database, settings.max_labels, quotas)
+
+    def publish(request: PublishRequest) -> str:
+        record = store.publish(request.tenant, request.adapter_name, request.files, request.alias, request.source)
+        return str(record.ref)
+
+    limits = JobLimits(
+        settings.max_active_jobs_per_tenant, settings.max_active_jobs, settings.max_job_seconds, settings.max_lora_rank
+    )
+    jobs = JobManager(database, datasets, runner, publish, base.path, limits)
+    await jobs.start()
+    metrics.track_jobs(jobs.counts_by_state)
+    return ControlPlane(datasets, jobs)
 
 
 async def build(settings: Settings) -> Gateway:
@@ -131,37 +166,34 @@ async def build(settings: Settings) -> Gateway:
     runtime = RpcRuntime(_tokens(settings), metrics, TenantAdmission(settings.max_inflight_per_tenant))
     runner = RayRunner(
         settings.ray_address, settings.ray_num_cpus, settings.training_cpus, checkpoint_root=settings.checkpoints_dir
-    )
+    ) if serves(settings.role, Plane.CONTROL) else None  # an inference replica opens no job state (api/roles.py)
     load = functools.partial(load_base_model, settings.base_model, settings.dtype, settings.device)
     startup = [asyncio.get_running_loop().run_in_executor(thread.executor, load)]
-    if runner.address is not None:  # a cluster: join it now, so that a wrong address fails the start, not a job
+    if runner is not None and runner.address is not None:  # a cluster: join now, so a wrong address fails the start
         startup.append(asyncio.to_thread(runner.start))
     base, *_ = await asyncio.gather(*startup)  # a local Ray starts with the first job (RayRunner.run)
     engine = _engine(settings, base, metrics, thread)
     engine.start()
     validator = AdapterValidator(base.spec, settings.max_lora_rank, settings.max_labels)
-    store = AdapterStore(settings.adapters_dir, validator)
+    quotas = StorageQuotas(StorageLimits.from_settings(settings))  # adapters and datasets share each tenant's quota
+    store = AdapterStore(settings.adapters_dir, validator, quotas)
     cache = AdapterCache(store, engine, settings.max_loaded_adapters, metrics, settings.adapter_host_cache_bytes)
-    database = Database(settings.database_path)
-    datasets = DatasetStore(settings.datasets_dir, database, settings.max_labels)
-
-    def publish(request: PublishRequest) -> str:
-        record = store.publish(request.tenant, request.adapter_name, request.files, request.alias, request.source)
-        return str(record.ref)
-
-    jobs = JobManager(database, datasets, runner, publish, base.path)
-    await jobs.start()
-    metrics.track_jobs(jobs.counts_by_state)
+    uploads = Uploads.from_settings(settings, metrics)
+    control = await _control_plane(settings, base, store, quotas, runner, metrics) if runner is not None else None
+    jobs = control.jobs if control is not None else None
     inference = Inference(engine, cache, settings.max_texts_per_request)
 
-    server = _grpc_server(settings)
+    server = _grpc_server(settings, runtime)
     embeddings_pb2_grpc.add_EmbeddingsServicer_to_server(EmbeddingsServicer(runtime, inference, base.name), server)
     classifier_pb2_grpc.add_ClassifierServicer_to_server(ClassifierServicer(runtime, inference), server)
     adapters_pb2_grpc.add_AdaptersServicer_to_server(
-        AdaptersServicer(runtime, store, cache, settings.max_upload_bytes), server
+        AdaptersServicer(runtime, store, cache, uploads, SizeLimit.adapters(settings)), server
     )
-    datasets_pb2_grpc.add_DatasetsServicer_to_server(DatasetsServicer(runtime, datasets, settings.max_upload_bytes), server)
-    finetune_pb2_grpc.add_FinetuneServicer_to_server(FinetuneServicer(runtime, jobs), server)
+    if control is not None:  # elsewhere the role interceptor answers these methods
+        datasets_pb2_grpc.add_DatasetsServicer_to_server(
+            DatasetsServicer(runtime, control.datasets, uploads, SizeLimit.datasets(settings)), server
+        )
+        finetune_pb2_grpc.add_FinetuneServicer_to_server(FinetuneServicer(runtime, jobs), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if settings.reflection:
@@ -169,7 +201,9 @@ async def build(settings: Settings) -> Gateway:
     port = _bind(server, settings)
     await server.start()
     for name in ("", *SERVICE_NAMES):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        served = not name or serves_service(settings.role, name)  # a role's refused services say so
+        status = health_pb2.HealthCheckResponse.SERVING if served else health_pb2.HealthCheckResponse.NOT_SERVING
+        await health_servicer.set(name, status)
     metrics_port = 0
     if settings.metrics_port >= 0:
         http_server, _ = start_http_server(settings.metrics_port, addr=settings.host, registry=metrics.registry)
@@ -188,8 +222,13 @@ async def serve(settings: Settings) -> None:
         f"in {gateway.engine.base.precision} on {gateway.engine.base.device}, {gateway.engine.kernels}",
         flush=True,
     )
-    print(f"  try: adaptgate embed --server {host}:{gateway.port} --token <token> 'hello world'", flush=True)
-    print(f"       grpcurl -plaintext {host}:{gateway.port} list", flush=True)
+    tls = settings.tls_cert_file is not None
+    ca_flag = " --tls-ca <ca.pem>" if tls else ""
+    print(f"  try: adaptgate embed --server {host}:{gateway.port} --token <token>{ca_flag} 'hello world'", flush=True)
+    print(f"       grpcurl {'-cacert <ca.pem>' if tls else '-plaintext'} {host}:{gateway.port} list", flush=True)
+    if gateway.jobs is None:
+        control = settings.control_address or "the control replica"
+        print(f"  role {settings.role}: writes, datasets and jobs go to {control}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

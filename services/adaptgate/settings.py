@@ -5,8 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# What a replica serves (adaptgate.api.roles has the method registry): all = one machine,
+# inference = the scaled stateless replicas, control = the one replica that owns jobs and writes.
+Role = Literal["all", "inference", "control"]
+TLS_FILES = ("tls_cert_file", "tls_key_file")
 
 
 class Settings(BaseSettings):
@@ -35,7 +40,27 @@ class Settings(BaseSettings):
     max_texts_per_request: int = Field(512, description="Texts in one Embed/Classify request.")
     max_input_tokens: int = Field(0, description="Token limit per text (0 = the model's own limit).")
     max_message_bytes: int = Field(16 * 1024 * 1024, description="Largest gRPC message accepted.")
-    max_upload_bytes: int = Field(512 * 1024 * 1024, description="Largest dataset or adapter upload.")
+    max_upload_bytes: int = Field(
+        128 * 1024 * 1024,
+        description="Largest dataset upload (streamed to disk, refused at the chunk past it); also the adapter limit when max_adapter_upload_bytes is 0.",
+    )
+    max_adapter_upload_bytes: int = Field(
+        64 * 1024 * 1024, description="Largest adapter upload, all its files together (0 = max_upload_bytes)."
+    )
+    max_uploads_per_tenant: int = Field(4, description="Uploads (adapters and datasets) one tenant may stream at once (0 = no limit).")
+    max_uploads: int = Field(16, description="Uploads the server streams at once, all tenants together (0 = no limit).")
+    max_upload_bytes_in_flight_per_tenant: int = Field(
+        256 * 1024 * 1024, description="Bytes one tenant's unfinished uploads may have received (0 = no limit)."
+    )
+    max_upload_bytes_in_flight: int = Field(
+        1024 * 1024 * 1024, description="Bytes all unfinished uploads may have received, server-wide (0 = no limit)."
+    )
+    max_storage_bytes_per_tenant: int = Field(
+        1024 * 1024 * 1024, description="Stored bytes per tenant, adapter versions and datasets together (0 = no limit)."
+    )
+    max_adapter_versions_per_tenant: int = Field(256, description="Adapter versions one tenant may store (0 = no limit).")
+    max_datasets_per_tenant: int = Field(100, description="Datasets one tenant may store (0 = no limit).")
+    max_storage_bytes: int = Field(0, description="Stored bytes of all tenants together (0 = no limit but the disk).")
     max_inflight_per_tenant: int = Field(64, description="Embed/Classify requests one tenant may have in flight (0 = no limit).")
     reflection: bool = Field(True, description="Serve gRPC server reflection (turn off in production if you prefer).")
     drain_seconds: float = Field(10.0, description="On SIGTERM: how long in-flight RPCs get to finish.")
@@ -57,12 +82,44 @@ class Settings(BaseSettings):
     )
     ray_num_cpus: int = Field(0, description="CPUs of the local Ray (0 = all).")
     training_cpus: float = Field(1.0, description="CPUs one training job reserves on Ray.")
+    max_active_jobs_per_tenant: int = Field(4, description="Queued or running finetuning jobs one tenant may have (0 = no limit).")
+    max_active_jobs: int = Field(32, description="Queued or running finetuning jobs of all tenants together (0 = no limit).")
+    max_job_seconds: int = Field(
+        6 * 3600,
+        description="Wall-clock seconds a finetuning job may run, queueing on Ray included, before it fails and its Ray task is cancelled; SubmitJob's max_seconds may ask for less.",
+    )
     tls_cert_file: Path | None = Field(None, description="PEM server certificate; with tls_key_file, gRPC serves TLS only.")
     tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file.")
     tls_client_ca_file: Path | None = Field(
         None, description="PEM CA bundle; when set, clients must present a certificate it signed (mTLS)."
     )
+    role: Role = Field(
+        "all",
+        description="all: every method; inference: Embed, Classify and adapter reads only (writes, datasets and jobs answer FAILED_PRECONDITION naming control_address; no job database, dataset store or Ray); control: every method, on the one replica that owns jobs.",
+    )
+    control_address: str = Field(
+        "", description="host:port of the control replica, named in the answer an inference replica gives to writes and job calls."
+    )
     log_level: str = Field("INFO", description="Python logging level.")
+
+    @model_validator(mode="after")
+    def _tls_is_all_or_nothing(self) -> Settings:
+        """A partial TLS configuration refuses to start: serving plaintext instead would fail open."""
+        if missing := self.tls_missing():
+            given = [name for name in (*TLS_FILES, "tls_client_ca_file") if getattr(self, name) is not None]
+            names = " and ".join(f"{name} (ADAPTGATE_{name.upper()}, --{name.replace('_', '-')})" for name in missing)
+            raise ValueError(
+                f"TLS is partly configured: {' and '.join(given)} {'is' if len(given) == 1 else 'are'} set but {names} "
+                f"{'is' if len(missing) == 1 else 'are'} missing; set {'it' if len(missing) == 1 else 'them'} to serve TLS, "
+                "or unset every tls_* setting to serve plaintext"
+            )
+        return self
+
+    def tls_missing(self) -> list[str]:
+        """The TLS files still needed: none when TLS is fully configured or not configured at all."""
+        if self.tls_cert_file is None and self.tls_key_file is None and self.tls_client_ca_file is None:
+            return []
+        return [name for name in TLS_FILES if getattr(self, name) is None]
 
     @property
     def adapters_dir(self) -> Path:

@@ -453,3 +453,83 @@ images:
         )
     images = {c["image"] for _, pod in all_pod_specs(mine) for c in containers(pod)}
     assert all(i.startswith("registry.example.com/team/adaptgate:0.1.0-") for i in images), images
+
+
+# ------------------------------------------------------------------ replica roles
+
+def test_each_gateway_declares_its_role_and_inference_names_the_control_service(
+    objects: Objects, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Inference replicas answer writes and job calls with FAILED_PRECONDITION naming control_address:
+    it must be the control Service, on its gRPC port, and that Service must reach a control replica."""
+    inference = server_settings(objects, INFERENCE, monkeypatch)
+    control = server_settings(objects, CONTROL, monkeypatch)
+    assert inference.role == "inference", "the scaled replicas mount the adapter store read-only and keep no job database"
+    assert control.role == "control"
+    host, _, port = inference.control_address.rpartition(":")
+    service_name, *domain = host.split(".")
+    service = objects.one("Service", service_name)
+    assert not domain or domain[0] == service["metadata"]["namespace"], f"{host} is not in the Service's namespace"
+    assert int(port) == next(p["port"] for p in service["spec"]["ports"] if p["name"] == "grpc")
+    selected = [d for d in objects.deployments() if selects(service["spec"]["selector"], pod_labels(d))]
+    assert [d["metadata"]["name"] for d in selected] == [CONTROL]
+
+
+# ------------------------------------------------------------------ what reaches code execution
+
+def test_ray_dashboard_listens_on_loopback_only(objects: Objects) -> None:
+    """The dashboard serves Ray's Jobs API (run any command on the cluster): nothing outside the head
+    pod may reach it. KubeRay's probes and the autoscaler sidecar call it inside the pod."""
+    (ray,) = objects.of("RayCluster")
+    params = ray["spec"]["headGroupSpec"]["rayStartParams"]
+    assert params.get("include-dashboard") == "false" or params.get("dashboard-host") in ("127.0.0.1", "localhost"), (
+        f"dashboard-host {params.get('dashboard-host')!r} exposes the Jobs API to every pod that reaches the head"
+    )
+
+
+def metrics_ports(objects: Objects, policy: dict[str, Any]) -> set[int | str]:
+    """The ports a policy's pods export metrics on: the containers' `metrics` port, by name and number."""
+    selector = match_labels(policy["spec"]["podSelector"])
+    pods = [pod for owner, pod in all_pod_specs(objects) if selects(selector, pod_labels_of(objects, owner))]
+    found: set[int | str] = set()
+    for pod in pods:
+        for container in pod["containers"]:
+            for port in container.get("ports", []):
+                if port.get("name") == "metrics":
+                    found |= {"metrics", port["containerPort"]}
+    return found
+
+
+def pod_labels_of(objects: Objects, owner: str) -> dict[str, str]:
+    """The labels a pod gets: its template's, plus ray.io/cluster for the pods KubeRay makes."""
+    kind, name, *group = owner.split("/")
+    if kind == "Deployment":
+        return pod_labels(objects.one("Deployment", name))
+    ray = objects.one("RayCluster", name)
+    spec = ray["spec"]["headGroupSpec"] if group == ["head"] else next(
+        g for g in ray["spec"]["workerGroupSpecs"] if g["groupName"] == group[0]
+    )
+    return {**spec["template"]["metadata"].get("labels", {}), "ray.io/cluster": name}
+
+
+def test_peers_from_other_namespaces_name_their_namespace_and_reach_only_metrics(objects: Objects) -> None:
+    """A label is no identity: anyone who may create a pod in any namespace can label it like the
+    KubeRay operator or Prometheus. Peers outside adaptgate's namespace are therefore pinned to one
+    namespace by name, and they reach metrics ports only, never gRPC, Ray or the dashboard."""
+    problems = []
+    for policy in objects.of("NetworkPolicy"):
+        name = policy["metadata"]["name"]
+        allowed = metrics_ports(objects, policy)
+        assert allowed, f"NetworkPolicy {name} selects no pod with a metrics port"
+        for rule in policy["spec"].get("ingress", []):
+            foreign = [peer for peer in rule.get("from", []) if "namespaceSelector" in peer]
+            for peer in foreign:
+                namespace = match_labels(peer["namespaceSelector"]).get("kubernetes.io/metadata.name")
+                if not namespace:
+                    problems.append(f"{name}: a peer from any namespace ({peer})")
+                if not peer.get("podSelector"):
+                    problems.append(f"{name}: every pod of namespace {namespace} ({peer})")
+            ports = [p["port"] for p in rule.get("ports", [])]
+            if foreign and (not ports or any(p not in allowed for p in ports)):
+                problems.append(f"{name}: pods of another namespace reach ports {ports or 'all'} (metrics only: {sorted(map(str, allowed))})")
+    assert not problems, "\n".join(problems)

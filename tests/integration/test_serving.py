@@ -171,7 +171,10 @@ def test_alias_flip_and_load_unload(gateway: Gateway, peft_adapter) -> None:
     assert code_of(lambda: client.adapters.LoadAdapter(pin, metadata=md)) == grpc.StatusCode.PERMISSION_DENIED
     loaded = client.adapters.LoadAdapter(pin, metadata=auth("admin-token"))
     assert loaded.loaded and loaded.pinned
-    unloaded = client.adapters.UnloadAdapter(adapters_pb2.AdapterRef(ref=second.ref), metadata=md)
+    unload = adapters_pb2.AdapterRef(ref=second.ref)
+    assert code_of(lambda: client.adapters.UnloadAdapter(unload, metadata=md)) == grpc.StatusCode.PERMISSION_DENIED
+    assert client.adapters.GetAdapter(unload, metadata=md).pinned  # a tenant cannot undo an admin's pin
+    unloaded = client.adapters.UnloadAdapter(unload, metadata=auth("admin-token"))
     assert not unloaded.loaded and not unloaded.pinned
     listed = client.adapters.ListAdapters(adapters_pb2.ListAdaptersRequest(), metadata=md).adapters
     assert {a.ref for a in listed} >= {first.ref, second.ref}

@@ -16,6 +16,7 @@ import pytest
 from adaptgate.client import Client
 from adaptgate.v1 import datasets_pb2, finetune_pb2
 from tests.integration.conftest import Gateway
+from tests.integration.test_training_loop import watch
 
 pytestmark = pytest.mark.integration
 SMS = Path(__file__).resolve().parents[2] / "examples" / "data" / "sms_spam"
@@ -54,7 +55,7 @@ def test_lora_job_trains_publishes_and_serves(gateway: Gateway) -> None:
     job = submit(acme, dataset_id=dataset.id, adapter_name="sms-lora", method="lora", alias="prod",
                  max_steps=40, max_tokens=64, seed=1)
     assert job.method == "lora" and not job.auto
-    events = list(acme.watch_job(job.id))
+    events = list(watch(acme, job.id))
     took = time.monotonic() - began
     assert events[-1].state == finetune_pb2.SUCCEEDED, events[-1].message
     messages = [e.message for e in events]
@@ -82,7 +83,7 @@ def test_auto_chooses_lora_and_reports_its_block_table(gateway: Gateway) -> None
     job = submit(acme, dataset_id=dataset.id, adapter_name="sms-auto", method="auto", max_steps=20, seed=2)
     assert job.method == "lora" and job.auto
     assert job.details.method.chosen == "lora" and "HTSR" in job.details.method.reason
-    events = list(acme.watch_job(job.id))
+    events = list(watch(acme, job.id))
     assert events[-1].state == finetune_pb2.SUCCEEDED, events[-1].message
     assert any("method 'auto' chose 'lora' for 1200 rows and 2 labels" in e.message for e in events)
     tables = [e for e in events if len(e.details.blocks)]
@@ -96,12 +97,14 @@ def test_cancelled_lora_job_publishes_nothing(gateway: Gateway) -> None:
     acme = Client(gateway.target, "acme-token")
     dataset = upload_slice(acme, "sms-lora-cancel")
     job = submit(acme, dataset_id=dataset.id, adapter_name="lora-never", method="lora", epochs=50)
-    for event in acme.watch_job(job.id):
+    stream = watch(acme, job.id)
+    for event in stream:
         if event.kind == "progress":
             break  # training is under way
+    stream.cancel()
     began = time.monotonic()
     acme.finetune.CancelJob(finetune_pb2.JobRef(id=job.id), metadata=acme.metadata)
-    events = list(acme.watch_job(job.id))
+    events = list(watch(acme, job.id))
     assert events[-1].state == finetune_pb2.CANCELLED and time.monotonic() - began < 15
     with pytest.raises(grpc.RpcError) as info:
         acme.classify(["hello"], "lora-never")
@@ -112,7 +115,7 @@ def test_diverging_lora_job_fails_with_a_clear_reason(gateway: Gateway) -> None:
     acme = Client(gateway.target, "acme-token")
     dataset = upload_slice(acme, "sms-lora-nan", 400)
     job = submit(acme, dataset_id=dataset.id, adapter_name="lora-diverged", method="lora", learning_rate=10.0, max_steps=60)
-    events = list(acme.watch_job(job.id))
+    events = list(watch(acme, job.id))
     assert events[-1].state == finetune_pb2.FAILED, events[-1].message
     done = acme.finetune.GetJob(finetune_pb2.JobRef(id=job.id), metadata=acme.metadata)
     assert done.error.startswith("training diverged:") and "try a lower learning_rate" in done.error, done.error
@@ -127,7 +130,7 @@ def test_embed_job_publishes_a_lora_only_adapter_that_embed_uses(gateway: Gatewa
     acme = Client(gateway.target, "acme-token")
     dataset = upload_slice(acme, "sms-embed", 300)
     job = submit(acme, dataset_id=dataset.id, adapter_name="sms-embed", method="embed", max_steps=10, seed=4)
-    events = list(acme.watch_job(job.id))
+    events = list(watch(acme, job.id))
     assert events[-1].state == finetune_pb2.SUCCEEDED, events[-1].message
     assert "contrastive LoRA embeddings" in " ".join(e.message for e in events)
     assert list(events[-1].details.confusion.labels) == ["ham", "spam"]
@@ -139,3 +142,17 @@ def test_embed_job_publishes_a_lora_only_adapter_that_embed_uses(gateway: Gatewa
     with pytest.raises(grpc.RpcError) as info:
         acme.classify(texts, "sms-embed")
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_limits_a_job_cannot_meet_are_refused_at_submit(gateway: Gateway) -> None:
+    """A rank publishing would refuse (max_lora_rank, 16 by default) or a time limit above the server's
+    (max_job_seconds, 6 h) is INVALID_ARGUMENT at SubmitJob, before any training."""
+    acme = Client(gateway.target, "acme-token")
+    dataset = upload_slice(acme, "sms-limits", 100)
+    for fields, words in (({"lora_rank": 32}, "16 (this server's max_lora_rank); got 32"),
+                          ({"max_seconds": 6 * 3600 + 1}, "max_seconds must be between 0 (this server's limit, 21600 s)")):
+        with pytest.raises(grpc.RpcError) as info:
+            submit(acme, dataset_id=dataset.id, adapter_name="never-trained", method="lora", **fields)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in info.value.details()
+    listed = acme.finetune.ListJobs(finetune_pb2.ListJobsRequest(), metadata=acme.metadata).jobs
+    assert "never-trained" not in {j.adapter_name for j in listed}

@@ -188,3 +188,20 @@ def test_tokens_are_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch) -
     with pytest.raises(Unauthenticated):
         authenticator.authenticate((("authorization", "Bearer token-9"),))
     assert len(calls) == 10
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [("UploadTooLarge", "upload_too_large"), ("UploadsBusy", "uploads_busy"), ("QuotaExceeded", "quota_exceeded")],
+)
+def test_storage_refusals_are_resource_exhausted_with_a_retry_hint_and_counted_by_reason(name: str, reason: str) -> None:
+    from adaptgate import errors
+
+    servicer = Servicer(getattr(errors, name)("a sentence naming the limit"))
+    context = FakeContext()
+    with pytest.raises(Aborted) as aborted:
+        asyncio.run(servicer.Unary(None, context))
+    assert aborted.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert aborted.value.details == "a sentence naming the limit"
+    assert context.trailing == (("retry-after-ms", "250"),)
+    assert servicer.runtime.metrics.rejected.labels(reason)._value.get() == 1

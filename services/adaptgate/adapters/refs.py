@@ -7,15 +7,17 @@ from dataclasses import dataclass
 
 from adaptgate.errors import InvalidArgument
 
-NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
-_REF_PATTERN = re.compile(r"^(?:(?P<tenant>[^/@:]+)/)?(?P<name>[^/@:]+)(?:@v?(?P<version>\d+)|:(?P<alias>[^/@:]+))?$")
+# Both patterns are applied with fullmatch: with `$` and match, a trailing newline would pass.
+NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
+_REF_PATTERN = re.compile(r"(?:(?P<tenant>[^/@:]+)/)?(?P<name>[^/@:]+)(?:@v?(?P<version>[0-9]{1,9})|:(?P<alias>[^/@:]+))?")
 
 
 def check_name(value: str, what: str) -> str:
-    """Names become directory names, so only a safe alphabet passes (no `..`, `/`, or absolute paths)."""
-    if not NAME_PATTERN.match(value):
+    """Names become directory names, so only a safe alphabet passes (no `..` anywhere, `/`, or absolute paths)."""
+    if not NAME_PATTERN.fullmatch(value) or ".." in value:
         raise InvalidArgument(
-            f"{what} {value!r} is not valid: use 1-64 lowercase letters, digits, '_', '.', '-', starting with a letter or digit"
+            f"{what} {value[:80]!r} is not valid: use 1-64 lowercase letters, digits, '_', '.', '-', "
+            "starting with a letter or digit, with no '..'"
         )
     return value
 
@@ -36,9 +38,9 @@ def parse_ref(text: str, default_tenant: str) -> AdapterRef:
     text = text.strip()
     if not text:
         raise InvalidArgument("adapter is empty; give a reference like 'acme/spam:prod' or 'spam@v2'")
-    match = _REF_PATTERN.match(text)
+    match = _REF_PATTERN.fullmatch(text)
     if not match:
-        raise InvalidArgument(f"adapter {text!r} is not a reference like 'tenant/name', 'name@v3' or 'name:prod'")
+        raise InvalidArgument(f"adapter {text[:140]!r} is not a reference like 'tenant/name', 'name@v3' or 'name:prod'")
     tenant = check_name(match["tenant"] or default_tenant, "tenant")
     name = check_name(match["name"], "adapter name")
     alias = check_name(match["alias"], "alias") if match["alias"] else None

@@ -1,14 +1,22 @@
 """The versioned adapter store on local disk.
 
-Layout: `<root>/<tenant>/<name>/v<N>/` (the adapter's files plus `record.json`) and
-`<root>/<tenant>/<name>/aliases.json`. A version directory appears by one atomic rename after
-validation, and an alias moves by one atomic file replace, so readers never see half a write.
+Layout: `<root>/<tenant>/<name>/v<N>/` (the adapter's files plus `record.json`),
+`<root>/<tenant>/<name>/aliases.json` and `<root>/<tenant>/<name>/version.json` (the highest
+version ever published, so a deleted version's number is never handed out again while the name
+exists). A version is staged under `<root>/.staging/`, appears by one atomic rename after
+validation and disappears by one atomic rename before its files are removed, and an alias moves by one atomic file replace, so readers never see
+half a write. Every write is fsynced with its directory: a power cut keeps either the old state or
+the new one. Anything else found in the store (`lost+found`, `.DS_Store`, a name the store would
+never write) is skipped, never an error.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
+import secrets
 import shutil
 import tempfile
 import threading
@@ -16,13 +24,21 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from adaptgate.adapters.format import ALLOWED_FILES
-from adaptgate.adapters.refs import AdapterRef, check_name
-from adaptgate.adapters.validation import AdapterValidator
-from adaptgate.errors import AdapterNotFound, InvalidArgument
+from adaptgate.adapters.format import ALLOWED_FILES, WEIGHTS_FILE, AdapterWeights
+from adaptgate.adapters.refs import NAME_PATTERN, AdapterRef, check_name
+from adaptgate.adapters.validation import AdapterValidator, check_filenames
+from adaptgate.errors import AdapterNotFound, FailedPrecondition, InvalidArgument
+from adaptgate.quotas import StorageQuotas, Usage
+
+log = logging.getLogger(__name__)
 
 RECORD_FILE = "record.json"
 ALIASES_FILE = "aliases.json"
+VERSION_FILE = "version.json"
+_VERSION_DIR = re.compile(r"v([0-9]{1,9})")
+STAGING_DIR = ".staging"
+DELETING_PREFIX = ".deleting-"
+STALE_STAGING_S = 24 * 3600.0
 
 
 @dataclass
@@ -43,19 +59,75 @@ class AdapterRecord:
         return AdapterRef(self.tenant, self.name, self.version)
 
 
+@dataclass
+class Deletion:
+    """What a delete removed: concrete versions, and the aliases that pointed at them (force only)."""
+
+    refs: list[AdapterRef]
+    aliases: list[str]
+
+
+def _fsync_dir(path: Path) -> None:
+    """A rename or a new file is durable only once its directory's entry is."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _make_dirs(path: Path) -> None:
+    """mkdir -p, fsyncing the parent of each directory it creates."""
+    missing = []
+    while not path.is_dir():
+        missing.append(path)
+        path = path.parent
+    for directory in reversed(missing):
+        directory.mkdir(exist_ok=True)
+        _fsync_dir(directory.parent)
+
+
+def _stored_bytes(version_dir: Path) -> int:
+    """The adapter's own files (what was uploaded or published), not the store's record."""
+    return sum(e.stat().st_size for e in os.scandir(version_dir) if e.name in ALLOWED_FILES and e.is_file())
 
 
 class AdapterStore:
-    def __init__(self, root: Path, validator: AdapterValidator) -> None:
+    def __init__(self, root: Path, validator: AdapterValidator, quotas: StorageQuotas | None = None) -> None:
         self.root = root.resolve()
         self.validator = validator
         self.root.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()  # version numbers and alias files: one writer at a time
+        self._lock = threading.Lock()  # version numbers, alias files and deletes: one writer at a time
+        self.quotas = quotas or StorageQuotas()
+        self.quotas.track(self.usage)
+        self._staging_root = self.root / STAGING_DIR  # made by the first publish: readers may mount the store read-only
+        self._sweep_staging()
 
     def _adapter_dir(self, tenant: str, name: str) -> Path:
         path = (self.root / check_name(tenant, "tenant") / check_name(name, "adapter name")).resolve()
@@ -65,6 +137,8 @@ class AdapterStore:
 
     def version_dir(self, ref: AdapterRef) -> Path:
         return self._adapter_dir(ref.tenant, ref.name) / f"v{ref.version}"
+
+    # ----- publishing -------------------------------------------------------------------------
 
     def publish(self, tenant: str, name: str, files: dict[str, bytes], alias: str = "", source: str = "upload") -> AdapterRecord:
         """Validate, then write a new version; the alias (if any) moves only once the version is complete.
@@ -76,26 +150,69 @@ class AdapterStore:
             if alias:
                 self.set_alias(existing.ref, alias)
             return self.get(existing.ref)
+        self._check_names(tenant, name, alias)
         weights = self.validator.parse(files)
-        adapter_dir = self._adapter_dir(tenant, name)
-        adapter_dir.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=adapter_dir, prefix=".staging-"))
+        staging = self._new_staging()
         try:
             for filename, data in files.items():
-                (staging / filename).write_bytes(data)
+                _write_synced(staging / filename, data)
+            version = self._commit(staging, tenant, name, weights, source)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return self._finish(AdapterRef(tenant, name, version), alias)
+
+    def publish_dir(self, tenant: str, name: str, directory: Path, alias: str = "", source: str = "upload") -> AdapterRecord:
+        """Publish the files of an upload spooled to `directory`, which they are moved out of.
+
+        The weights' header is checked before a single tensor is read, so a file that claims
+        absurd shapes or foreign tensor names costs nothing; the full validation follows.
+        """
+        self._check_names(tenant, name, alias)
+        check_filenames(sorted(p.name for p in directory.iterdir()))
+        self.validator.check_weights_header(directory / WEIGHTS_FILE)
+        weights = self.validator.parse({p.name: p.read_bytes() for p in directory.iterdir()})
+        staging = self._new_staging()
+        try:
+            for path in list(directory.iterdir()):
+                moved = Path(shutil.move(path, staging / path.name))
+                _fsync_file(moved)
+            version = self._commit(staging, tenant, name, weights, source)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return self._finish(AdapterRef(tenant, name, version), alias)
+
+    def _new_staging(self) -> Path:
+        self._staging_root.mkdir(exist_ok=True)
+        return Path(tempfile.mkdtemp(dir=self._staging_root))
+
+    def _check_names(self, tenant: str, name: str, alias: str) -> None:
+        """Before any work: a bad alias must not surface only after the version exists."""
+        self._adapter_dir(tenant, name)
+        if alias:
+            check_name(alias, "alias")
+
+    def _commit(self, staging: Path, tenant: str, name: str, weights: AdapterWeights, source: str) -> int:
+        """The quota check and the rename that makes the version visible, with no write in between."""
+        adapter_dir = self._adapter_dir(tenant, name)
+        with self.quotas.reserve(tenant, Usage(bytes=_stored_bytes(staging), adapter_versions=1)):
             with self._lock:
-                version = max(self._versions(adapter_dir), default=0) + 1
+                _make_dirs(adapter_dir)
+                version = max([*self._versions(adapter_dir), self._last_version(adapter_dir)]) + 1
                 record = AdapterRecord(
                     tenant, name, version, weights.labels, weights.rank, weights.target_modules,
                     weights.size_bytes, time.time(), source,
                 )
-                (staging / RECORD_FILE).write_text(json.dumps(asdict(record)))
+                _write_synced(staging / RECORD_FILE, json.dumps(asdict(record)).encode())
+                _fsync_dir(staging)
+                _atomic_write(adapter_dir / VERSION_FILE, json.dumps({"last": version}).encode())
                 os.rename(staging, adapter_dir / f"v{version}")
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+                _fsync_dir(adapter_dir)
+        return version
+
+    def _finish(self, ref: AdapterRef, alias: str) -> AdapterRecord:
         if alias:
-            self.set_alias(AdapterRef(tenant, name, version), alias)
-        return self.get(AdapterRef(tenant, name, version))
+            self.set_alias(ref, alias)
+        return self.get(ref)
 
     def _published_by(self, tenant: str, name: str, source: str) -> AdapterRecord | None:
         adapter_dir = self._adapter_dir(tenant, name)
@@ -105,10 +222,17 @@ class AdapterStore:
                 return AdapterRecord(**record)
         return None
 
+    # ----- reading ----------------------------------------------------------------------------
+
     def _versions(self, adapter_dir: Path) -> list[int]:
         if not adapter_dir.is_dir():
             return []
-        return sorted(int(p.name[1:]) for p in adapter_dir.iterdir() if p.name[:1] == "v" and p.name[1:].isdigit())
+        found = ((_VERSION_DIR.fullmatch(e.name), e) for e in os.scandir(adapter_dir))
+        return sorted(int(m[1]) for m, e in found if m and e.is_dir(follow_symlinks=False))
+
+    def _last_version(self, adapter_dir: Path) -> int:
+        path = adapter_dir / VERSION_FILE
+        return int(json.loads(path.read_text())["last"]) if path.exists() else 0
 
     def _aliases(self, adapter_dir: Path) -> dict[str, int]:
         path = adapter_dir / ALIASES_FILE
@@ -129,7 +253,10 @@ class AdapterStore:
     def get(self, ref: AdapterRef) -> AdapterRecord:
         concrete = self.resolve(ref)
         version_dir = self.version_dir(concrete)
-        record = AdapterRecord(**json.loads((version_dir / RECORD_FILE).read_text()))
+        try:
+            record = AdapterRecord(**json.loads((version_dir / RECORD_FILE).read_text()))
+        except FileNotFoundError:  # deleted between resolve and read
+            raise AdapterNotFound(f"adapter {ref} not found") from None
         aliases = self._aliases(version_dir.parent)
         record.aliases = sorted(a for a, v in aliases.items() if v == concrete.version)
         return record
@@ -151,18 +278,113 @@ class AdapterStore:
         concrete = self.resolve(ref)
         adapter_dir = self._adapter_dir(ref.tenant, ref.name)
         with self._lock:
+            self.resolve(concrete)  # still there: a delete may have won the lock first
             aliases = self._aliases(adapter_dir)
             aliases[alias] = concrete.version
             _atomic_write(adapter_dir / ALIASES_FILE, json.dumps(aliases).encode())
         return self.get(concrete)
 
+    def _tenants(self) -> list[str]:
+        return sorted(e.name for e in os.scandir(self.root) if NAME_PATTERN.fullmatch(e.name) and e.is_dir(follow_symlinks=False))
+
+    def _names(self, tenant: str) -> list[Path]:
+        tenant_dir = self.root / tenant
+        if not tenant_dir.is_dir():
+            return []
+        entries = (e for e in os.scandir(tenant_dir) if NAME_PATTERN.fullmatch(e.name) and e.is_dir(follow_symlinks=False))
+        return sorted((Path(e.path) for e in entries), key=lambda p: p.name)
+
     def list(self, tenant: str | None) -> list[AdapterRecord]:
-        tenants = [tenant] if tenant else sorted(p.name for p in self.root.iterdir() if p.is_dir())
         records = []
-        for t in tenants:
-            tenant_dir = self.root / check_name(t, "tenant")
-            names = sorted(p.name for p in tenant_dir.iterdir() if p.is_dir()) if tenant_dir.is_dir() else []
-            for name in names:
-                for version in self._versions(tenant_dir / name):
-                    records.append(self.get(AdapterRef(t, name, version)))
+        for t in [check_name(tenant, "tenant")] if tenant else self._tenants():
+            for adapter_dir in self._names(t):
+                for version in self._versions(adapter_dir):
+                    try:
+                        records.append(self.get(AdapterRef(t, adapter_dir.name, version)))
+                    except AdapterNotFound:
+                        continue  # deleted while we listed
+                    except (OSError, ValueError, TypeError):
+                        log.warning("skipping %s/v%d: its record cannot be read", adapter_dir, version, exc_info=True)
         return records
+
+    def usage(self, tenant: str | None) -> Usage:
+        """Stored bytes and versions of one tenant (None: all tenants), read from the disk each time."""
+        total, count = 0, 0
+        for t in [tenant] if tenant else self._tenants():
+            for adapter_dir in self._names(t):
+                try:
+                    sizes = [_stored_bytes(adapter_dir / f"v{v}") for v in self._versions(adapter_dir)]
+                except FileNotFoundError:
+                    sizes = self._sizes_after_a_race(adapter_dir)
+                total, count = total + sum(sizes), count + len(sizes)
+        return Usage(bytes=total, adapter_versions=count)
+
+    def _sizes_after_a_race(self, adapter_dir: Path) -> list[int]:
+        """A delete ran while we counted: count again under the lock, which deletes hold."""
+        with self._lock:
+            return [_stored_bytes(adapter_dir / f"v{v}") for v in self._versions(adapter_dir)]
+
+    # ----- deleting ---------------------------------------------------------------------------
+
+    def deletable(self, ref: AdapterRef, force: bool = False) -> list[AdapterRef]:
+        """The versions `delete(ref, force)` would remove; raises what it would raise."""
+        versions, _ = self._deletion(ref, force)
+        return [AdapterRef(ref.tenant, ref.name, v) for v in versions]
+
+    def delete(self, ref: AdapterRef, force: bool = False, expected: list[AdapterRef] | None = None) -> Deletion:
+        """One version (`name@v3`) or a whole name (`name`); aliased versions only with `force`.
+
+        Aliases go first, then the version directory is renamed out of sight and removed, so a
+        reader resolves either the old state or NOT_FOUND, never a half-deleted version.
+        `expected` is what `deletable` answered (and the caller cleared from the cache): a version
+        published since then is never deleted unseen.
+        """
+        adapter_dir = self._adapter_dir(ref.tenant, ref.name)
+        with self._lock:
+            versions, aliases = self._deletion(ref, force)
+            if expected is not None and [AdapterRef(ref.tenant, ref.name, v) for v in versions] != expected:
+                raise FailedPrecondition(f"adapter {ref} changed while it was being deleted (a new version?); delete it again")
+            if ref.version is None:
+                self._remove(adapter_dir)
+            else:
+                if aliases:
+                    kept = {a: v for a, v in self._aliases(adapter_dir).items() if a not in aliases}
+                    _atomic_write(adapter_dir / ALIASES_FILE, json.dumps(kept).encode())
+                self._remove(adapter_dir / f"v{ref.version}")
+        return Deletion([AdapterRef(ref.tenant, ref.name, v) for v in versions], aliases)
+
+    def _deletion(self, ref: AdapterRef, force: bool) -> tuple[list[int], list[str]]:
+        if ref.alias:
+            raise InvalidArgument(
+                f"{ref} names an alias; delete a version ('{ref.name}@v3') or the whole name ('{ref.name}'), "
+                "or move the alias with SetAlias"
+            )
+        adapter_dir = self._adapter_dir(ref.tenant, ref.name)
+        existing = self._versions(adapter_dir)
+        versions = existing if ref.version is None else [v for v in existing if v == ref.version]
+        if not versions:
+            raise AdapterNotFound(f"adapter {ref} not found")
+        aliases = self._aliases(adapter_dir)
+        pointing = sorted(a for a, v in aliases.items() if v in versions)
+        if pointing and not force:
+            held = ", ".join(f"{a!r} points at v{aliases[a]}" for a in pointing)
+            raise FailedPrecondition(
+                f"adapter {ref} is still aliased ({held}); move the alias with SetAlias first, "
+                "or delete with force to remove the alias too"
+            )
+        return versions, pointing
+
+    def _remove(self, path: Path) -> None:
+        hidden = path.with_name(f"{DELETING_PREFIX}{path.name}-{secrets.token_hex(4)}")
+        os.rename(path, hidden)
+        _fsync_dir(path.parent)
+        shutil.rmtree(hidden, ignore_errors=True)
+
+    def _sweep_staging(self) -> None:
+        """Staging a crashed process left behind: only old entries, since another process may be publishing."""
+        if not self._staging_root.is_dir():
+            return
+        cutoff = time.time() - STALE_STAGING_S
+        for entry in os.scandir(self._staging_root):
+            if entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                shutil.rmtree(entry.path, ignore_errors=True)

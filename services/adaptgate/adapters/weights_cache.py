@@ -47,3 +47,12 @@ class WeightsCache:
             self._items[ref] = weights
             self._bytes += size
         return evicted
+
+    def discard(self, ref: AdapterRef) -> bool:
+        """A deleted version's weights must never serve a later version of the same number; False if absent."""
+        with self._lock:
+            weights = self._items.pop(ref, None)
+            if weights is None:
+                return False
+            self._bytes -= weights.size_bytes
+            return True

@@ -14,7 +14,9 @@ from adaptgate.adapters.store import AdapterRecord, AdapterStore
 from adaptgate.adapters.validation import check_filenames
 from adaptgate.api.auth import Principal
 from adaptgate.api.rpc import RpcRuntime, unary
-from adaptgate.errors import InvalidArgument, ResourceExhausted
+from adaptgate.api.uploads import SizeLimit, Upload, Uploads, quota_guard
+from adaptgate.errors import InvalidArgument
+from adaptgate.quotas import Usage
 from adaptgate.v1 import adapters_pb2 as pb
 from adaptgate.v1 import adapters_pb2_grpc
 
@@ -28,30 +30,33 @@ def to_proto(record: AdapterRecord, resident: Resident | None) -> pb.Adapter:
     )
 
 
-async def receive_files(chunks: AsyncIterator[pb.UploadAdapterChunk], max_bytes: int) -> tuple[str, str, dict[str, bytes]]:
-    """Reassemble the streamed files; pickle or unknown file names are refused at their first chunk."""
-    name, alias, total = "", "", 0
-    files: dict[str, bytearray] = {}
-    async for chunk in chunks:
-        name, alias = name or chunk.name, alias or chunk.alias
-        if chunk.filename:
-            if chunk.filename not in files:
-                check_filenames([chunk.filename, CONFIG_FILE, WEIGHTS_FILE])
-            files.setdefault(chunk.filename, bytearray()).extend(chunk.data)
-            total += len(chunk.data)
-            if total > max_bytes:
-                raise ResourceExhausted(f"the adapter upload is over the {max_bytes}-byte limit")
-    if not name:
+def upload_header(first: pb.UploadAdapterChunk) -> tuple[str, str]:
+    """The adapter's name and alias, checked before any file byte is accepted."""
+    if not first.name:
         raise InvalidArgument("the first UploadAdapter chunk must carry the adapter name")
-    return name, alias, {k: bytes(v) for k, v in files.items()}
+    if first.alias:
+        check_name(first.alias, "alias")
+    return check_name(first.name, "adapter name"), first.alias
+
+
+async def write_chunk(upload: Upload, chunk: pb.UploadAdapterChunk) -> None:
+    """Pickle or unknown file names are refused at their first chunk, before a byte is written."""
+    if not chunk.filename:
+        return
+    if chunk.filename not in upload.filenames():
+        check_filenames([chunk.filename, CONFIG_FILE, WEIGHTS_FILE])
+    await upload.write(chunk.filename, chunk.data)
 
 
 class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
-    def __init__(self, runtime: RpcRuntime, store: AdapterStore, cache: AdapterCache, max_upload_bytes: int) -> None:
+    def __init__(
+        self, runtime: RpcRuntime, store: AdapterStore, cache: AdapterCache, uploads: Uploads, upload_limit: SizeLimit
+    ) -> None:
         self.runtime = runtime
         self.store = store
         self.cache = cache
-        self.max_upload_bytes = max_upload_bytes
+        self.uploads = uploads
+        self.upload_limit = upload_limit
 
     async def _describe(self, record: AdapterRecord) -> pb.Adapter:
         return to_proto(record, self.cache.resident(record.ref))
@@ -62,13 +67,15 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
     ) -> pb.Adapter:
         if request.pin:
             principal.require_admin("pinning an adapter (it holds a shared engine slot)")
-        resident = await self.cache.load(principal.adapter(request.ref), pin=request.pin)
+        pinned_by = principal.tenant if request.pin else None
+        resident = await self.cache.load(principal.adapter(request.ref), pinned_by=pinned_by)
         return await self._describe(await asyncio.to_thread(self.store.get, resident.record.ref))
 
     @unary
     async def UnloadAdapter(self, request: pb.AdapterRef, context: grpc.aio.ServicerContext, principal: Principal) -> pb.Adapter:
+        """Only an admin lifts an admin's pin; a tenant's unload of a pinned adapter is PERMISSION_DENIED."""
         ref = principal.adapter(request.ref)
-        await self.cache.unload(ref)
+        await self.cache.unload(ref, may_unpin=principal.admin)
         return await self._describe(await asyncio.to_thread(self.store.get, ref))
 
     @unary
@@ -89,9 +96,31 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
     async def UploadAdapter(
         self, request: AsyncIterator[pb.UploadAdapterChunk], context: grpc.aio.ServicerContext, principal: Principal
     ) -> pb.Adapter:
-        name, alias, files = await receive_files(request, self.max_upload_bytes)
-        record = await asyncio.to_thread(self.store.publish, principal.tenant, name, files, alias, "upload")
+        """Streamed to a temporary directory, then validated (header first) and moved into the store."""
+        tenant = principal.tenant
+        async with self.uploads.receive(tenant, self.upload_limit) as upload:
+            chunks = aiter(request)
+            first = await anext(chunks, pb.UploadAdapterChunk())
+            name, alias = upload_header(first)
+            upload.extra_check = await quota_guard(self.store.quotas, tenant, Usage(adapter_versions=1))
+            await write_chunk(upload, first)
+            async for chunk in chunks:
+                await write_chunk(upload, chunk)
+            upload.close()
+            record = await asyncio.to_thread(self.store.publish_dir, tenant, name, upload.directory, alias, "upload")
         return await self._describe(record)
+
+    @unary
+    async def DeleteAdapter(
+        self, request: pb.AdapterRef, context: grpc.aio.ServicerContext, principal: Principal
+    ) -> pb.DeleteAdapterResponse:
+        """The versions leave the cache (all or none; refused while a request holds one), then the disk;
+        no request can load them in between."""
+        ref = principal.adapter(request.ref)
+        versions = await asyncio.to_thread(self.store.deletable, ref, request.force)
+        async with self.cache.deleting(versions):
+            deletion = await asyncio.to_thread(self.store.delete, ref, request.force, versions)
+        return pb.DeleteAdapterResponse(deleted=[str(r) for r in deletion.refs], aliases_removed=deletion.aliases)
 
     @unary
     async def SetAlias(self, request: pb.SetAliasRequest, context: grpc.aio.ServicerContext, principal: Principal) -> pb.Adapter:

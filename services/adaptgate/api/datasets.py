@@ -9,10 +9,14 @@ import grpc
 
 from adaptgate.api.auth import Principal
 from adaptgate.api.rpc import RpcRuntime, unary
-from adaptgate.errors import InvalidArgument, ResourceExhausted
-from adaptgate.training.datasets import DatasetRecord, DatasetStore
+from adaptgate.api.uploads import SizeLimit, Uploads, quota_guard
+from adaptgate.errors import InvalidArgument
+from adaptgate.quotas import Usage
+from adaptgate.training.datasets import DatasetRecord, DatasetStore, check_name
 from adaptgate.v1 import datasets_pb2 as pb
 from adaptgate.v1 import datasets_pb2_grpc
+
+UPLOAD_FILE = "upload"
 
 
 def to_proto(record: DatasetRecord) -> pb.Dataset:
@@ -24,29 +28,38 @@ def to_proto(record: DatasetRecord) -> pb.Dataset:
 
 
 class DatasetsServicer(datasets_pb2_grpc.DatasetsServicer):
-    def __init__(self, runtime: RpcRuntime, datasets: DatasetStore, max_upload_bytes: int) -> None:
+    def __init__(self, runtime: RpcRuntime, datasets: DatasetStore, uploads: Uploads, upload_limit: SizeLimit) -> None:
         self.runtime = runtime
         self.datasets = datasets
-        self.max_upload_bytes = max_upload_bytes
+        self.uploads = uploads
+        self.upload_limit = upload_limit
 
     @unary
     async def UploadDataset(
         self, request: AsyncIterator[pb.UploadDatasetChunk], context: grpc.aio.ServicerContext, principal: Principal
     ) -> pb.Dataset:
-        first: pb.UploadDatasetChunk | None = None
-        data = bytearray()
-        async for chunk in request:
-            first = first or chunk
-            data.extend(chunk.data)
-            if len(data) > self.max_upload_bytes:
-                raise ResourceExhausted(f"the dataset upload is over the {self.max_upload_bytes}-byte limit")
-        if first is None or not first.name.strip():
-            raise InvalidArgument("the first UploadDataset chunk must carry the dataset name and format")
-        record = await asyncio.to_thread(
-            self.datasets.create, principal.tenant, first.name.strip(), first.format.strip().lower() or "jsonl",
-            bytes(data), first.text_field or "text", first.label_field or "label",
-        )
+        """Streamed to a temporary file, then parsed row by row into the normalized JSONL."""
+        tenant = principal.tenant
+        async with self.uploads.receive(tenant, self.upload_limit) as upload:
+            chunks = aiter(request)
+            first = await anext(chunks, pb.UploadDatasetChunk())
+            if not first.name.strip():
+                raise InvalidArgument("the first UploadDataset chunk must carry the dataset name and format")
+            check_name(first.name.strip())
+            upload.extra_check = await quota_guard(self.datasets.quotas, tenant, Usage(datasets=1))
+            await upload.write(UPLOAD_FILE, first.data)
+            async for chunk in chunks:
+                await upload.write(UPLOAD_FILE, chunk.data)
+            upload.close()
+            record = await asyncio.to_thread(
+                self.datasets.create_from_file, tenant, first.name.strip(), first.format.strip().lower() or "jsonl",
+                upload.path(UPLOAD_FILE), first.text_field or "text", first.label_field or "label",
+            )
         return to_proto(record)
+
+    @unary
+    async def DeleteDataset(self, request: pb.DatasetRef, context: grpc.aio.ServicerContext, principal: Principal) -> pb.Dataset:
+        return to_proto(await asyncio.to_thread(self.datasets.delete, principal.scope(), request.id))
 
     @unary
     async def GetDataset(self, request: pb.DatasetRef, context: grpc.aio.ServicerContext, principal: Principal) -> pb.Dataset:

@@ -65,6 +65,7 @@ class FinetuneServicer(finetune_pb2_grpc.FinetuneServicer):
             alias=request.alias, validation_fraction=request.validation_fraction or 0.1, epochs=request.epochs,
             learning_rate=request.learning_rate, seed=request.seed, lora_rank=request.lora_rank,
             batch_size=request.batch_size, max_tokens=request.max_tokens, max_steps=request.max_steps,
+            max_seconds=request.max_seconds,
         )
         return job_proto(await self.jobs.submit(principal.tenant, spec))
 

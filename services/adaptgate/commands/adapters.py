@@ -29,7 +29,11 @@ def run_adapters_command(client: Client, args: argparse.Namespace) -> None:
         print_adapter(client.upload_adapter(directory, args.name or directory.name.lower(), args.alias))
         return
     ref = adapters_pb2.AdapterRef(ref=args.ref)
-    if args.action == "alias":
+    if args.action == "delete":
+        deleted = client.delete_adapter(args.ref, force=args.force)
+        removed = f" (aliases removed: {', '.join(deleted.aliases_removed)})" if deleted.aliases_removed else ""
+        print(f"deleted {', '.join(deleted.deleted)}{removed}")
+    elif args.action == "alias":
         if not args.alias:
             sys.exit("adapters alias needs --alias")
         print_adapter(client.adapters.SetAlias(adapters_pb2.SetAliasRequest(ref=args.ref, alias=args.alias), metadata=md))

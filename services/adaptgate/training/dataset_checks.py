@@ -6,11 +6,15 @@ upload returns (RELIABILITY row 22).
 
 from __future__ import annotations
 
+import io
 from collections import Counter, defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
 
 from adaptgate.errors import InvalidDataset
-from adaptgate.training.dataset_rows import FORMATS, RawRow, RawRows, decode_utf8, interior_blank_lines, read_csv, read_jsonl
+from adaptgate.training.dataset_rows import BlankLines, RawRow, read_rows
 from adaptgate.training.problems import Problems, describe_lines
 
 MIN_ROWS = 4
@@ -74,20 +78,10 @@ def _label_of(row: RawRow, name: str, problems: Problems) -> str | None:
     return label
 
 
-def _read(data: bytes, fmt: str, text_field: str, label_field: str, problems: Problems) -> RawRows:
-    if fmt not in FORMATS:
-        raise InvalidDataset(f"unknown dataset format {fmt!r}; use 'jsonl' or 'csv'")
-    text = decode_utf8(data)
-    if not text.strip():
-        raise InvalidDataset("dataset is empty: the file has no rows")
-    if fmt == "csv":
-        return read_csv(text, (text_field, label_field))
-    return read_jsonl(text, problems)
-
-
-def _extract(raw: RawRows, text_field: str, label_field: str, problems: Problems) -> ParsedDataset:
+def _extract(rows: Iterable[RawRow], text_field: str, label_field: str, problems: Problems) -> ParsedDataset:
+    """Keeps only each row's text, label and line: the row itself is dropped as soon as it is read."""
     parsed = ParsedDataset([], [])
-    for row in raw.rows:
+    for row in rows:
         text = _text_of(row, text_field, problems)
         label = _label_of(row, label_field, problems)
         if text is not None and label is not None:
@@ -151,23 +145,42 @@ def _imbalance_warning(parsed: ParsedDataset) -> list[str]:
     ]
 
 
-def _blank_line_warning(raw: RawRows) -> list[str]:
-    blanks = interior_blank_lines(raw)
-    return [f"skipped {len(blanks)} blank {'line' if len(blanks) == 1 else 'lines'} ({describe_lines(blanks)})"] if blanks else []
+def _blank_line_warning(blanks: BlankLines) -> list[str]:
+    if not blanks.count:
+        return []
+    more = blanks.count - len(blanks.first)
+    where = describe_lines(blanks.first) + (f" and {more} more" if more else "")
+    return [f"skipped {blanks.count} blank {'line' if blanks.count == 1 else 'lines'} ({where})"]
+
+
+def parse_dataset_stream(
+    handle: BinaryIO, fmt: str, text_field: str = "text", label_field: str = "label", max_labels: int | None = None
+) -> ParsedDataset:
+    """Parse and validate an upload read row by row from a binary handle; raises InvalidDataset
+    naming every problem and its lines. The handle stays open (it is the caller's)."""
+    problems, blanks = Problems(), BlankLines()
+    rows = read_rows(handle, fmt.strip().lower(), (text_field, label_field), problems, blanks)
+    parsed = _extract(rows, text_field, label_field, problems)
+    if not parsed.lines and not problems.items:
+        raise InvalidDataset("dataset is empty: the file has no data rows")
+    problems.raise_if_any()
+    _check_conflicts(parsed, problems)
+    _check_classes(parsed, problems, max_labels)
+    problems.raise_if_any()
+    parsed.warnings = _blank_line_warning(blanks) + _duplicate_warning(parsed) + _imbalance_warning(parsed)
+    return parsed
+
+
+def parse_dataset_file(
+    path: Path, fmt: str, text_field: str = "text", label_field: str = "label", max_labels: int | None = None
+) -> ParsedDataset:
+    """parse_dataset_stream on a file (an upload streamed to disk), never reading it whole into memory."""
+    with open(path, "rb") as handle:
+        return parse_dataset_stream(handle, fmt, text_field, label_field, max_labels)
 
 
 def parse_dataset(
     data: bytes, fmt: str, text_field: str = "text", label_field: str = "label", max_labels: int | None = None
 ) -> ParsedDataset:
-    """Parse and validate an upload; raises InvalidDataset naming every problem and its lines."""
-    problems = Problems()
-    raw = _read(data, fmt.strip().lower(), text_field, label_field, problems)
-    if not raw.rows and not problems.items:
-        raise InvalidDataset("dataset is empty: the file has no data rows")
-    parsed = _extract(raw, text_field, label_field, problems)
-    problems.raise_if_any()
-    _check_conflicts(parsed, problems)
-    _check_classes(parsed, problems, max_labels)
-    problems.raise_if_any()
-    parsed.warnings = _blank_line_warning(raw) + _duplicate_warning(parsed) + _imbalance_warning(parsed)
-    return parsed
+    """parse_dataset_stream on an upload already in memory (BytesIO shares the bytes, it does not copy them)."""
+    return parse_dataset_stream(io.BytesIO(data), fmt, text_field, label_field, max_labels)

@@ -2,7 +2,8 @@
 
 The stored file always has `{"text", "label"}` rows whatever the upload's format and field
 names were, so training reads one format. Another tenant's dataset answers exactly like a
-missing one (NOT_FOUND), so ids leak nothing.
+missing one (NOT_FOUND), so ids leak nothing. Datasets count against their tenant's storage quota
+(`size_bytes`, the upload's size, and their number); a delete frees it at once.
 """
 
 from __future__ import annotations
@@ -14,17 +15,20 @@ import re
 import secrets
 import sqlite3
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from adaptgate.errors import InvalidArgument, NotFound
+from adaptgate.errors import FailedPrecondition, InvalidArgument, NotFound
+from adaptgate.quotas import StorageQuotas, Usage
 from adaptgate.training.database import Database
-from adaptgate.training.dataset_checks import ParsedDataset, parse_dataset
+from adaptgate.training.dataset_checks import ParsedDataset, parse_dataset, parse_dataset_file
+from adaptgate.training.job_records import ACTIVE_STATES
 
 __all__ = ["DatasetRecord", "DatasetStore", "ParsedDataset", "parse_dataset"]
 
 MAX_NAME_CHARS = 128
-TENANT_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+TENANT_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # whole string (fullmatch): '$' would let a trailing newline through
 
 
 @dataclass
@@ -52,24 +56,44 @@ def check_name(name: str) -> None:
 
 def check_tenant(tenant: str) -> None:
     """Tenants name directories, so only path-safe names are accepted."""
-    if not TENANT_PATTERN.match(tenant) or tenant in (".", ".."):
+    if not TENANT_PATTERN.fullmatch(tenant) or tenant in (".", ".."):
         raise InvalidArgument(f"tenant {tenant!r} cannot own datasets: use letters, digits, '_', '.', '-'")
 
 
-def write_atomically(path: Path, payload: bytes) -> None:
-    """Readers see the old file or the whole new one, never a torn write."""
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomically(path: Path, payload: bytes | Iterator[bytes]) -> None:
+    """Readers see the old file or the whole new one, never a torn write; it survives a power cut
+    once this returns (file and directory fsynced). `payload` may be an iterator of pieces."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(payload)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as handle:
+            for piece in [payload] if isinstance(payload, bytes) else payload:
+                handle.write(piece)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def jsonl_lines(parsed: ParsedDataset) -> Iterator[bytes]:
+    """The normalized file one row at a time, so a large dataset is never one big string."""
+    for text, label in zip(parsed.texts, parsed.labels):
+        yield (json.dumps({"text": text, "label": label}, ensure_ascii=False) + "\n").encode()
 
 
 def normalized_jsonl(parsed: ParsedDataset) -> bytes:
-    lines = (json.dumps({"text": t, "label": l}, ensure_ascii=False) for t, l in zip(parsed.texts, parsed.labels))
-    return ("\n".join(lines) + "\n").encode()
+    return b"".join(jsonl_lines(parsed))
 
 
 def _record(row: sqlite3.Row) -> DatasetRecord:
@@ -87,10 +111,12 @@ class DatasetStore:
     asyncio.to_thread from the event loop.
     """
 
-    def __init__(self, root: Path, db: Database, max_labels: int | None = None) -> None:
+    def __init__(self, root: Path, db: Database, max_labels: int | None = None, quotas: StorageQuotas | None = None) -> None:
         self.root = Path(root)
         self.db = db
         self.max_labels = max_labels
+        self.quotas = quotas or StorageQuotas()
+        self.quotas.track(self.usage)
 
     def create(
         self, tenant: str, name: str, fmt: str, data: bytes, text_field: str = "text", label_field: str = "label"
@@ -98,17 +124,65 @@ class DatasetStore:
         check_tenant(tenant)
         check_name(name)
         parsed = parse_dataset(data, fmt, text_field, label_field, self.max_labels)
+        return self._store(tenant, name, parsed, len(data))
+
+    def create_from_file(
+        self, tenant: str, name: str, fmt: str, path: Path, text_field: str = "text", label_field: str = "label"
+    ) -> DatasetRecord:
+        """An upload spooled to disk, parsed row by row: it is never one big bytes or str in memory."""
+        check_tenant(tenant)
+        check_name(name)
+        parsed = parse_dataset_file(path, fmt, text_field, label_field, self.max_labels)
+        return self._store(tenant, name, parsed, path.stat().st_size)
+
+    def _store(self, tenant: str, name: str, parsed: ParsedDataset, size_bytes: int) -> DatasetRecord:
+        """The file first, then the quota check and the row (the commit) with no other write of this
+        tenant in between; a refused or failed insert removes the file."""
+        self.quotas.check(tenant, Usage(bytes=size_bytes, datasets=1))  # early: skip writing what cannot fit
         record = DatasetRecord(
             id=new_dataset_id(), tenant=tenant, name=name, rows=len(parsed.texts),
-            label_counts=parsed.label_counts, warnings=parsed.warnings, created_at=time.time(), size_bytes=len(data),
+            label_counts=parsed.label_counts, warnings=parsed.warnings, created_at=time.time(), size_bytes=size_bytes,
         )
         path = self._path(record)
-        write_atomically(path, normalized_jsonl(parsed))
+        write_atomically(path, jsonl_lines(parsed))
         try:
-            self._insert(record, path)
+            with self.quotas.reserve(tenant, Usage(bytes=size_bytes, datasets=1)):
+                self._insert(record, path)
         except BaseException:
             path.unlink(missing_ok=True)
             raise
+        return record
+
+    def usage(self, tenant: str | None) -> Usage:
+        """What the tenant's datasets (None: everyone's) hold, from the table: exact after every delete."""
+        where, params = ("WHERE tenant = ?", (tenant,)) if tenant is not None else ("", ())
+        row = self.db.query_one(f"SELECT COUNT(*) AS n, COALESCE(SUM(size_bytes), 0) AS bytes FROM datasets {where}", params)
+        return Usage(bytes=int(row["bytes"]), datasets=int(row["n"])) if row else Usage()
+
+    def delete(self, tenant: str | None, dataset_id: str) -> DatasetRecord:
+        """Removes the record, then the file; refused while a queued or running job trains on it.
+
+        The job check and the delete are one transaction, so a job that is already recorded as
+        QUEUED can never lose its dataset. tenant None is the admin view.
+        """
+        states = [s.value for s in ACTIVE_STATES]
+        with self.db.transaction() as conn:
+            row = conn.execute("SELECT * FROM datasets WHERE id = ?", (dataset_id,)).fetchone()
+            if row is None or (tenant is not None and row["tenant"] != tenant):
+                raise NotFound(f"dataset {dataset_id!r} not found")
+            jobs = conn.execute(
+                f"SELECT id FROM jobs WHERE dataset_id = ? AND state IN ({', '.join('?' * len(states))}) ORDER BY created_at",
+                (dataset_id, *states),
+            ).fetchall()
+            if jobs:
+                names = ", ".join(j["id"] for j in jobs)
+                raise FailedPrecondition(
+                    f"dataset {dataset_id!r} is in use by {len(jobs)} queued or running job(s) ({names}); "
+                    "cancel them or wait for them to finish, then delete it"
+                )
+            conn.execute("DELETE FROM datasets WHERE id = ?", (dataset_id,))
+        record = _record(row)
+        self._path(record).unlink(missing_ok=True)
         return record
 
     def _insert(self, record: DatasetRecord, path: Path) -> None:

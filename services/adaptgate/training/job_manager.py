@@ -6,6 +6,12 @@ history and a restarted gateway finds its unfinished jobs and runs them again (`
 continue from their checkpoint, see TRAINING.md).
 Publishing is the commit point: a cancel that arrives while the adapter is being written
 waits for it and returns the SUCCEEDED job, so a cancelled job never leaves a version behind.
+
+Every database call runs on the database's own thread (`Database.run`): a lock held by another
+process, or a slow disk, never stalls the event loop. Whatever ends a job's driving task (a
+failure, a cancel, its time limit, the database refusing an event) also cancels its Ray task, and
+the job always reaches a terminal state that readers and watchers see: in the database when it
+can be written, else kept in memory (and written by a later write that succeeds).
 """
 
 from __future__ import annotations
@@ -13,16 +19,17 @@ from __future__ import annotations
 import asyncio
 import builtins
 import dataclasses
+import functools
 import logging
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from adaptgate.adapters.format import head_only_files, lora_files
-from adaptgate.errors import AdaptgateError, JobNotFound, ResourceExhausted, Unavailable
+from adaptgate.errors import AdaptgateError, JobNotFound, Unavailable
 from adaptgate.training.datasets import DatasetStore
 from adaptgate.training.database import Database
 from adaptgate.training.embed import EmbedParams, EmbedResult
@@ -31,10 +38,10 @@ from adaptgate.training.head import HeadParams
 from adaptgate.training.job_records import EVENT_KINDS, JobEvent, JobRecord, JobSpec, JobState, Publish, PublishRequest
 from adaptgate.training.job_signals import JobSignals
 from adaptgate.training.job_store import JobStore
-from adaptgate.training.job_validation import normalized_spec
-from adaptgate.training.lora import LoraOutcome, LoraParams
+from adaptgate.training.job_validation import JobLimits, normalized_spec
+from adaptgate.training.lora import DEFAULT_RANK, LoraOutcome, LoraParams
 from adaptgate.training.methods import TrainParams, TrainResult, choose_method
-from adaptgate.training.runner import Runner, TrainingFailed
+from adaptgate.training.runner import Runner, TrainingFailed, internal_error
 from adaptgate.training.updates import Update
 
 log = logging.getLogger(__name__)
@@ -42,6 +49,26 @@ log = logging.getLogger(__name__)
 CANCEL_WAIT_S = 10.0
 WATCH_SAFETY_WAKE_S = 5.0
 RESUMED = "resumed after gateway restart"
+Sleep = Callable[[float], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a job ends: its terminal state, the message of its last event, and its `error`."""
+
+    state: JobState
+    message: str
+    error: str = ""
+    details: dict[str, object] = field(default_factory=dict)
+
+
+CANCELLED = Outcome(JobState.CANCELLED, "cancelled")
+# The last event a watcher is shown when the log lacks one (the database refused to store it).
+CLOSING_MESSAGES: dict[JobState, Callable[[JobRecord], str]] = {
+    JobState.SUCCEEDED: lambda r: f"published {r.adapter_ref}",
+    JobState.FAILED: lambda r: f"failed: {r.error}",
+    JobState.CANCELLED: lambda r: "cancelled",
+}
 
 
 @dataclass
@@ -49,26 +76,27 @@ class _Run:
     """The live part of a job in this process."""
 
     task: asyncio.Task[None] | None = None
-    cancel_requested: bool = False
-    publishing: bool = False
+    stop: Outcome | None = None  # why the task was cancelled (a tenant's cancel, the time limit); None: shutdown
+    committing: bool = False  # publishing or writing the end: cancels and the time limit wait for it
 
 
 def failure_message(exc: Exception) -> str:
+    """The job's `error`: our own errors' sentences; anything unexpected as a sentence and an error id."""
     if isinstance(exc, AdaptgateError):
         return exc.message
     if isinstance(exc, TrainingFailed):
         return str(exc)
-    return f"internal error: {type(exc).__name__}: {exc}"
+    return internal_error("the job failed with an internal error", exc)
 
 
-def training_params(record: JobRecord) -> TrainParams:
-    """The runner's parameters for a job record (the record keeps what the tenant asked for)."""
+def training_params(record: JobRecord, default_rank: int = DEFAULT_RANK) -> TrainParams:
+    """The runner's parameters for a job record (the record keeps what the tenant asked for; 0 = defaults)."""
     if record.method in ("lora", "embed"):
         kind = EmbedParams if record.method == "embed" else LoraParams
         return kind(
             validation_fraction=record.validation_fraction, epochs=record.epochs, learning_rate=record.learning_rate,
-            seed=record.seed, batch_size=record.batch_size, rank=record.lora_rank, max_tokens=record.max_tokens,
-            max_steps=record.max_steps, auto=record.auto,
+            seed=record.seed, batch_size=record.batch_size, rank=record.lora_rank or default_rank,
+            max_tokens=record.max_tokens, max_steps=record.max_steps, auto=record.auto,
         )
     return HeadParams(
         validation_fraction=record.validation_fraction, epochs=record.epochs,
@@ -101,121 +129,134 @@ def result_files(record: JobRecord, result: TrainResult) -> dict[str, bytes]:
 class JobManager:
     def __init__(
         self, db: Database, datasets: DatasetStore, runner: Runner, publish: Publish, model_dir: Path,
-        max_active_per_tenant: int = 4,
+        limits: JobLimits = JobLimits(), sleep: Sleep = asyncio.sleep,
     ) -> None:
+        """`sleep` is the clock the time limits wait on (tests pass one they control)."""
+        self._db = db
         self._store = JobStore(db)
         self._datasets = datasets
         self._runner = runner
         self._publish = publish
         self._model_dir = Path(model_dir)
-        self._max_active = max_active_per_tenant
+        self._limits = limits
+        self._sleep = sleep
         self._signals = JobSignals()
         self._runs: dict[str, _Run] = {}
+        self._unsaved: dict[str, JobRecord] = {}  # ended jobs whose terminal state the database refused
         self._closed = False
 
     # ----- public API -------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Runs again the jobs a previous gateway process left QUEUED or RUNNING."""
-        for record in self._store.unfinished():
+        for record in await self._db.run(self._store.unfinished):
             if record.id not in self._runs:
                 record.state, record.progress = JobState.QUEUED, 0.0
-                self._emit(record, "log", RESUMED)
-                self._launch(record)
+                self._launch(record, RESUMED)
 
     async def submit(self, tenant: str, spec: JobSpec) -> JobRecord:
         if self._closed:
             raise Unavailable("the gateway is shutting down; submit the job again shortly")
-        resolved = normalized_spec(spec)
-        dataset = self._datasets.get(tenant, resolved.dataset_id)
-        self._check_quota(tenant)
+        resolved = normalized_spec(spec, self._limits)
+        dataset = await self._db.run(self._datasets.get, tenant, resolved.dataset_id)
         note = ""
         if resolved.method == "auto":
             method, note = choose_method(dataset.rows, len(dataset.label_counts))
             resolved = dataclasses.replace(resolved, method=method, auto=True)
         record = JobRecord.new(tenant, resolved)
+        events = [self._event(record, "state", f"queued: {resolved.method} on dataset {dataset.id}")]
         if note:
             record.details["method"] = {"chosen": resolved.method, "reason": note}
-        self._store.insert(record, self._event(record, "state", f"queued: {resolved.method} on dataset {dataset.id}"))
-        if note:
-            self._emit(record, "log", note, details={"method": record.details["method"]})
+            events.append(self._event(record, "log", note, details={"method": record.details["method"]}))
+        await self._save_unsaved()
+        admit = functools.partial(self._limits.check_room, tenant)
+        await self._db.run(functools.partial(self._store.insert, record, *events, admit=admit))
         self._launch(record)
         return dataclasses.replace(record)  # the running task keeps mutating its own copy
 
     async def get(self, tenant: str | None, job_id: str) -> JobRecord:
-        return self._owned(tenant, job_id)
+        return await self._owned(tenant, job_id)
 
     async def list(self, tenant: str | None) -> builtins.list[JobRecord]:
-        return self._store.list_jobs(tenant)
+        records = await self._db.run(self._store.list_jobs, tenant)
+        return [dataclasses.replace(self._unsaved.get(r.id, r)) for r in records]
 
     async def cancel(self, tenant: str | None, job_id: str) -> JobRecord:
         """CANCELLED within seconds and nothing published; a terminal job is returned unchanged."""
-        record = self._owned(tenant, job_id)
+        record = await self._owned(tenant, job_id)
         if record.state.terminal:
             return record
         run = self._runs.get(job_id)
         if run is None or run.task is None:
-            self._set_state(record, JobState.CANCELLED, "cancelled")
+            await self._finish(record, CANCELLED)
             self._discard(job_id)
-            return record
-        if not run.publishing:
-            run.cancel_requested = True
-            self._runner.cancel(job_id)
+            return await self._owned(None, job_id)
+        if not run.committing and run.stop is None:
+            run.stop = CANCELLED
             run.task.cancel()
         await asyncio.wait({run.task}, timeout=CANCEL_WAIT_S)
-        return self._owned(None, job_id)
+        return await self._owned(None, job_id)
 
     async def watch(self, tenant: str | None, job_id: str) -> AsyncIterator[JobEvent]:
-        """Every event from seq 1, then live ones, until the terminal state event."""
-        self._owned(tenant, job_id)
+        """Every event from seq 1, then live ones, until a terminal state event: always one, even when
+        the database could not store it (then it is made from the job's record)."""
+        await self._owned(tenant, job_id)
         seq = 0
         while True:
-            events = self._store.events_after(job_id, seq)
-            if not events:
-                if self._closed or self._finished_without_event(job_id):
-                    return
-                await self._signals.wait(job_id, WATCH_SAFETY_WAKE_S)
-                continue
+            change = self._signals.listen(job_id)
+            record = await self._owned(None, job_id)  # before the events: a terminal row has its event already
+            events = await self._db.run(self._store.events_after, job_id, seq)
             for event in events:
                 yield event
                 seq = event.seq
                 if event.final:
                     return
+            if events:
+                continue
+            if record.state.terminal:
+                yield self._closing_event(record, seq)
+                return
+            if self._closed:
+                raise Unavailable("the gateway is shutting down; watch the job again once it is back")
+            await self._signals.wait(change, WATCH_SAFETY_WAKE_S)
 
     def counts_by_state(self) -> dict[str, int]:
-        return self._store.counts_by_state()
+        """Jobs per state (read by the metrics thread), counting unsaved endings as what they are."""
+        counts = self._store.counts_by_state()
+        for record in builtins.list(self._unsaved.values()):
+            stored = self._store.get(record.id)
+            if stored is not None and stored.state is not record.state:
+                counts[stored.state.value] -= 1
+                counts[record.state.value] += 1
+        return counts
 
     async def close(self) -> None:
         """Stops driving jobs without marking them: the next `start()` runs them again."""
         self._closed = True
         self._signals.notify_all()
         for job_id, run in list(self._runs.items()):
-            if not run.publishing and run.task is not None:
+            if not run.committing and run.task is not None:
                 self._runner.cancel(job_id)
                 run.task.cancel()
         tasks = [run.task for run in self._runs.values() if run.task is not None]
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self._save_unsaved()
 
     # ----- lookups ----------------------------------------------------------------------------
 
-    def _owned(self, tenant: str | None, job_id: str) -> JobRecord:
+    async def _owned(self, tenant: str | None, job_id: str) -> JobRecord:
         """Another tenant's job is 'not found', exactly like a missing one."""
-        record = self._store.get(job_id)
+        record = self._unsaved.get(job_id) or await self._db.run(self._store.get, job_id)
         if record is None or (tenant is not None and record.tenant != tenant):
             raise JobNotFound(f"job {job_id!r} not found")
-        return record
+        return dataclasses.replace(record)
 
-    def _check_quota(self, tenant: str) -> None:
-        active = self._store.active_count(tenant)
-        if active >= self._max_active:
-            raise ResourceExhausted(
-                f"tenant {tenant!r} already has {active} queued or running jobs (the limit is {self._max_active}); "
-                "wait for one to finish or cancel one"
-            )
-
-    def _finished_without_event(self, job_id: str) -> bool:
-        record = self._store.get(job_id)
-        return record is None or record.state.terminal
+    @staticmethod
+    def _closing_event(record: JobRecord, seq: int) -> JobEvent:
+        message = CLOSING_MESSAGES[record.state](record)
+        return JobEvent(
+            record.id, seq + 1, record.updated_at, record.state, "state", message, record.progress, dict(record.metrics)
+        )
 
     # ----- records and events -----------------------------------------------------------------
 
@@ -230,42 +271,93 @@ class JobManager:
             dict(details or {}),
         )
 
-    def _emit(
+    async def _emit(
         self, record: JobRecord, kind: str, message: str, metrics: dict[str, float] | None = None, eta: float = 0.0,
         details: dict[str, object] | None = None,
     ) -> JobEvent:
-        event = self._store.save(record, self._event(record, kind, message, metrics, eta, details))
+        event = await self._db.run(self._store.save, record, self._event(record, kind, message, metrics, eta, details))
         self._signals.notify(record.id)
         return event
 
-    def _set_state(
-        self, record: JobRecord, state: JobState, message: str, error: str = "", details: dict[str, object] | None = None
-    ) -> None:
-        record.state, record.error = state, error
-        self._emit(record, "state", message, record.metrics, details=details)
+    async def _set_state(self, record: JobRecord, state: JobState, message: str) -> None:
+        record.state = state
+        await self._emit(record, "state", message, record.metrics)
+
+    async def _finish(self, record: JobRecord, outcome: Outcome) -> None:
+        """Writes the terminal state. When the database refuses it the job still ends: the row alone is
+        tried (the smallest write), else the ending is kept in memory for readers and watchers, and a
+        later write saves it (`_save_unsaved`)."""
+        record.state, record.error = outcome.state, outcome.error
+        event = self._event(record, "state", outcome.message, record.metrics, details=outcome.details)
+        try:
+            await asyncio.shield(self._db.run(self._store.save, record, event))
+        except Exception as exc:  # noqa: BLE001 - the job ends either way; the reason goes to the log
+            log.error("job %s ended %s but its final event could not be saved: %s", record.id, outcome.state.value, exc)
+            try:
+                await asyncio.shield(self._db.run(self._store.save_row, record))
+            except Exception:  # noqa: BLE001 - kept in memory instead
+                self._unsaved[record.id] = record
+        self._signals.notify(record.id)
+
+    async def _save_unsaved(self) -> None:
+        for job_id, record in builtins.list(self._unsaved.items()):
+            try:
+                await self._db.run(self._store.save_row, record)
+            except Exception:  # noqa: BLE001 - still refused: the next write tries again
+                return
+            self._unsaved.pop(job_id, None)
 
     # ----- running a job ----------------------------------------------------------------------
 
-    def _launch(self, record: JobRecord) -> None:
+    def _launch(self, record: JobRecord, note: str = "") -> None:
         run = _Run()
         self._runs[record.id] = run
-        run.task = asyncio.create_task(self._execute(record, run), name=f"adaptgate {record.id}")
+        run.task = asyncio.create_task(self._execute(record, run, note), name=f"adaptgate {record.id}")
 
-    async def _execute(self, record: JobRecord, run: _Run) -> None:
+    async def _execute(self, record: JobRecord, run: _Run, note: str) -> None:
+        limit = self._limits.time_limit(record.max_seconds)
+        timer = asyncio.create_task(self._expire(run, limit), name=f"adaptgate {record.id} time limit")
         try:
-            result = await self._train(record, run)
-            run.publishing = True
-            self._succeed(record, result, await self._publish_result(record, result))
-        except asyncio.CancelledError:
-            if not run.cancel_requested:
-                raise  # gateway shutdown: the record stays unfinished and resumes on restart
-            self._set_state(record, JobState.CANCELLED, "cancelled")
-        except Exception as exc:  # noqa: BLE001 - every failure becomes the job's FAILED reason
-            self._fail(record, run, exc)
+            outcome = await self._drive(record, run, note)
+            if outcome.state is not JobState.SUCCEEDED:
+                self._runner.cancel(record.id)  # whatever ended the job ends its Ray task too
+            await self._finish(record, outcome)
         finally:
+            timer.cancel()
             self._runs.pop(record.id, None)
             if record.state.terminal:
                 self._discard(record.id)
+
+    async def _drive(self, record: JobRecord, run: _Run, note: str) -> Outcome:
+        """Runs the job to its outcome. A gateway shutdown (a cancel without `run.stop`) propagates:
+        the record stays unfinished and the next gateway resumes it."""
+        try:
+            if note:
+                await self._emit(record, "log", note)
+            result = await self._train(record, run)
+            run.committing = True
+            ref = await self._publish_result(record, result)
+        except asyncio.CancelledError:
+            if run.stop is None:
+                raise
+            run.committing = True
+            return run.stop
+        except Exception as exc:  # noqa: BLE001 - every failure becomes the job's FAILED reason
+            run.committing = True
+            if run.stop is not None:
+                return run.stop
+            reason = failure_message(exc)
+            return Outcome(JobState.FAILED, f"failed: {reason}", reason)
+        return self._success(record, result, ref)
+
+    async def _expire(self, run: _Run, seconds: int) -> None:
+        """The job's wall-clock limit: past it, the job fails and its Ray task is cancelled."""
+        await self._sleep(seconds)
+        if run.committing or run.stop is not None or run.task is None:
+            return
+        reason = f"the job exceeded its time limit of {seconds} s; ask for fewer epochs or steps, or a larger max_seconds"
+        run.stop = Outcome(JobState.FAILED, f"failed: {reason}", reason)
+        run.task.cancel()
 
     def _discard(self, job_id: str) -> None:
         discard = getattr(self._runner, "discard", None)
@@ -277,21 +369,21 @@ class JobManager:
             log.warning("could not remove the checkpoints of job %s", job_id, exc_info=True)
 
     async def _train(self, record: JobRecord, run: _Run) -> TrainResult:
-        dataset = self._datasets.get(None, record.dataset_id)
+        dataset = await self._db.run(self._datasets.get, None, record.dataset_id)
         texts, labels = await asyncio.to_thread(self._datasets.load, dataset)
-        return await self._runner.run(
-            record.id, texts, labels, str(self._model_dir), training_params(record), lambda u: self._on_update(record, run, u)
-        )
+        params = training_params(record, min(DEFAULT_RANK, self._limits.max_lora_rank))
+        on_event = functools.partial(self._on_update, record, run)
+        return await self._runner.run(record.id, texts, labels, str(self._model_dir), params, on_event)
 
-    def _on_update(self, record: JobRecord, run: _Run, update: Update) -> None:
+    async def _on_update(self, record: JobRecord, run: _Run, update: Update) -> None:
         """A runner update becomes an event; the first one moves the job to RUNNING."""
-        if record.state.terminal or run.cancel_requested:
+        if record.state.terminal or run.stop is not None:
             return
         kind, message = str(update.get("kind", "log")), str(update.get("message", ""))
         if kind == "skip":
             return
         if record.state is JobState.QUEUED:
-            self._set_state(record, JobState.RUNNING, message if kind == "started" else "running")
+            await self._set_state(record, JobState.RUNNING, message if kind == "started" else "running")
             if kind == "started":
                 return
         record.progress = max(record.progress, min(1.0, float(update.get("progress", 0.0))))
@@ -303,14 +395,15 @@ class JobManager:
             if key in details:
                 record.details[key] = details[key]
         event_kind = kind if kind in EVENT_KINDS else "log"
-        self._emit(record, event_kind, message, metrics, float(update.get("eta_seconds", 0.0)), details)
+        await self._emit(record, event_kind, message, metrics, float(update.get("eta_seconds", 0.0)), details)
 
     async def _publish_result(self, record: JobRecord, result: TrainResult) -> str:
         files = result_files(record, result)
         request = PublishRequest(record.tenant, record.adapter_name, files, record.alias, f"job:{record.id}")
         return await asyncio.to_thread(self._publish, request)
 
-    def _succeed(self, record: JobRecord, result: TrainResult, ref: str) -> None:
+    @staticmethod
+    def _success(record: JobRecord, result: TrainResult, ref: str) -> Outcome:
         record.adapter_ref, record.metrics, record.progress = ref, dict(result.metrics), 1.0
         alias = f" and moved alias {record.alias!r}" if record.alias else ""
         summary = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
@@ -320,14 +413,4 @@ class JobManager:
             details["confusion"] = record.details["confusion"] = {"labels": result.labels, "matrix": result.confusion}
             if text := describe_confusion(result.labels, result.confusion):
                 confusion = f"; {text}"
-        message = f"published {ref}{alias} (validation {summary}){confusion}"
-        self._set_state(record, JobState.SUCCEEDED, message, details=details)
-
-    def _fail(self, record: JobRecord, run: _Run, exc: Exception) -> None:
-        if run.cancel_requested:
-            self._set_state(record, JobState.CANCELLED, "cancelled")
-            return
-        if not isinstance(exc, (AdaptgateError, TrainingFailed)):
-            log.exception("job %s failed", record.id, exc_info=exc)
-        reason = failure_message(exc)
-        self._set_state(record, JobState.FAILED, f"failed: {reason}", error=reason)
+        return Outcome(JobState.SUCCEEDED, f"published {ref}{alias} (validation {summary}){confusion}", details=details)

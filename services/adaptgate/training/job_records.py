@@ -43,10 +43,12 @@ class JobSpec:
     max_tokens: int = 0
     max_steps: int = 0
     auto: bool = False
+    # Wall-clock seconds the job may run (0 = the server's limit, which also caps it).
+    max_seconds: int = 0
 
 
 # Spec fields stored together as JSON in the jobs table's `options` column.
-OPTION_FIELDS = ("lora_rank", "batch_size", "max_tokens", "max_steps", "auto")
+OPTION_FIELDS = ("lora_rank", "batch_size", "max_tokens", "max_steps", "auto", "max_seconds")
 
 
 @dataclass
@@ -68,6 +70,7 @@ class JobRecord:
     max_tokens: int = 0
     max_steps: int = 0
     auto: bool = False
+    max_seconds: int = 0
     state: JobState = JobState.QUEUED
     error: str = ""
     adapter_ref: str = ""
@@ -86,7 +89,8 @@ class JobRecord:
             adapter_name=spec.adapter_name, method=spec.method, alias=spec.alias,
             validation_fraction=spec.validation_fraction, epochs=spec.epochs,
             learning_rate=spec.learning_rate, seed=spec.seed, lora_rank=spec.lora_rank, batch_size=spec.batch_size,
-            max_tokens=spec.max_tokens, max_steps=spec.max_steps, auto=spec.auto, created_at=now, updated_at=now,
+            max_tokens=spec.max_tokens, max_steps=spec.max_steps, auto=spec.auto, max_seconds=spec.max_seconds,
+            created_at=now, updated_at=now,
         )
 
     @property
@@ -95,7 +99,7 @@ class JobRecord:
             dataset_id=self.dataset_id, adapter_name=self.adapter_name, method=self.method, alias=self.alias,
             validation_fraction=self.validation_fraction, epochs=self.epochs,
             learning_rate=self.learning_rate, seed=self.seed, lora_rank=self.lora_rank, batch_size=self.batch_size,
-            max_tokens=self.max_tokens, max_steps=self.max_steps, auto=self.auto,
+            max_tokens=self.max_tokens, max_steps=self.max_steps, auto=self.auto, max_seconds=self.max_seconds,
         )
 
     @property

@@ -22,14 +22,15 @@ class JobSignals:
         for job_id in list(self._events):
             self.notify(job_id)
 
-    async def wait(self, job_id: str, timeout: float) -> None:
-        """Returns at the job's next change or after `timeout` seconds, whichever is first.
+    def listen(self, job_id: str) -> asyncio.Event:
+        """The Event the job's next change sets. Take it *before* reading the log: reading awaits the
+        database's thread, and a change made meanwhile then still wakes the watcher."""
+        return self._events.setdefault(job_id, asyncio.Event())
 
-        The Event is taken before the first suspension, so a caller that read the log just
-        before awaiting this cannot miss a change made in between.
-        """
-        event = self._events.setdefault(job_id, asyncio.Event())
+    @staticmethod
+    async def wait(change: asyncio.Event, timeout: float) -> None:
+        """Returns at the change `listen` promised or after `timeout` seconds, whichever is first."""
         try:
-            await asyncio.wait_for(event.wait(), timeout)
+            await asyncio.wait_for(change.wait(), timeout)
         except TimeoutError:
             pass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from adaptgate.training.database import Database
 from adaptgate.training.job_records import ACTIVE_STATES, OPTION_FIELDS, JobEvent, JobRecord, JobState
@@ -49,15 +49,30 @@ INSERT_EVENT = (
 )
 
 
+ACTIVE = f"state IN ({', '.join(repr(s.value) for s in ACTIVE_STATES)})"
+# Called with (the tenant's active jobs, the server's active jobs) before an insert; raises to refuse it.
+Admit = Callable[[int, int], None]
+
+
 class JobStore:
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    def insert(self, record: JobRecord, event: JobEvent) -> JobEvent:
+    def insert(self, record: JobRecord, *events: JobEvent, admit: Admit | None = None) -> None:
+        """The job and its first events, after `admit` saw the counts in the same transaction: two
+        concurrent submits cannot both take the last place."""
         marks = ", ".join("?" for _ in JOB_COLUMNS)
         with self.db.transaction() as conn:
+            if admit is not None:
+                admit(*self._active_counts(conn, record.tenant))
             conn.execute(f"INSERT INTO jobs ({', '.join(JOB_COLUMNS)}) VALUES ({marks})", _job_values(record, JOB_COLUMNS))
-            return self._append(conn, event)
+            for event in events:
+                self._append(conn, event)
+
+    @staticmethod
+    def _active_counts(conn: sqlite3.Connection, tenant: str) -> tuple[int, int]:
+        row = conn.execute(f"SELECT COUNT(*), COALESCE(SUM(tenant = ?), 0) FROM jobs WHERE {ACTIVE}", (tenant,)).fetchone()
+        return int(row[1]), int(row[0])
 
     def save(self, record: JobRecord, event: JobEvent) -> JobEvent:
         """Update the job's mutable fields and append `event`; returns the event with its seq."""
@@ -65,6 +80,11 @@ class JobStore:
         with self.db.transaction() as conn:
             conn.execute(f"UPDATE jobs SET {sets} WHERE id = ?", [*_job_values(record, MUTABLE_COLUMNS), record.id])
             return self._append(conn, event)
+
+    def save_row(self, record: JobRecord) -> None:
+        """The job's mutable fields without an event: the smallest write, for when the full one was refused."""
+        sets = ", ".join(f"{c} = ?" for c in MUTABLE_COLUMNS)
+        self.db.execute(f"UPDATE jobs SET {sets} WHERE id = ?", [*_job_values(record, MUTABLE_COLUMNS), record.id])
 
     @staticmethod
     def _append(conn: sqlite3.Connection, event: JobEvent) -> JobEvent:
@@ -84,14 +104,7 @@ class JobStore:
         return [_job(r) for r in rows]
 
     def unfinished(self) -> list[JobRecord]:
-        states = [s.value for s in ACTIVE_STATES]
-        rows = self.db.query("SELECT * FROM jobs WHERE state IN (?, ?) ORDER BY created_at, id", states)
-        return [_job(r) for r in rows]
-
-    def active_count(self, tenant: str) -> int:
-        states = [s.value for s in ACTIVE_STATES]
-        row = self.db.query_one("SELECT COUNT(*) FROM jobs WHERE tenant = ? AND state IN (?, ?)", (tenant, *states))
-        return int(row[0]) if row is not None else 0
+        return [_job(r) for r in self.db.query(f"SELECT * FROM jobs WHERE {ACTIVE} ORDER BY created_at, id")]
 
     def counts_by_state(self) -> dict[str, int]:
         counts = {s.value: 0 for s in JobState}

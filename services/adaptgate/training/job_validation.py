@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
+from dataclasses import dataclass
 
-from adaptgate.errors import InvalidArgument
+from adaptgate.adapters import refs
+from adaptgate.errors import InvalidArgument, ResourceExhausted
 from adaptgate.training.job_records import JobSpec
 
-NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 AVAILABLE_METHODS = ("head", "lora", "embed")
 PLANNED_METHODS: tuple[str, ...] = ()
 DEFAULT_VALIDATION_FRACTION = 0.1
@@ -24,6 +24,35 @@ MAX_LORA_RANK = 64
 MAX_BATCH_SIZE = 1024
 MAX_TOKENS = 8192
 MAX_STEPS = 10_000_000
+DEFAULT_MAX_JOB_SECONDS = 6 * 3600
+
+
+@dataclass(frozen=True)
+class JobLimits:
+    """What one server allows: jobs in flight per tenant and in all (0 = no limit), a job's wall-clock
+    seconds, and the LoRA rank its adapter store accepts (training a rank publishing refuses wastes the run)."""
+
+    active_per_tenant: int = 4
+    active_total: int = 32
+    max_job_seconds: int = DEFAULT_MAX_JOB_SECONDS
+    max_lora_rank: int = 16
+
+    def time_limit(self, max_seconds: int) -> int:
+        """A job's limit: what it asked for (0 = the server's), never above the server's."""
+        return min(max_seconds or self.max_job_seconds, self.max_job_seconds)
+
+    def check_room(self, tenant: str, tenant_active: int, total_active: int) -> None:
+        """Refuses one more job when the tenant, or the server, is at its limit of queued and running jobs."""
+        if self.active_per_tenant and tenant_active >= self.active_per_tenant:
+            raise ResourceExhausted(
+                f"tenant {tenant!r} already has {tenant_active} queued or running jobs (the limit is "
+                f"{self.active_per_tenant}); wait for one to finish or cancel one"
+            )
+        if self.active_total and total_active >= self.active_total:
+            raise ResourceExhausted(
+                f"the server already has {total_active} queued or running jobs (the limit is {self.active_total}); "
+                "submit again when one has finished"
+            )
 
 
 def resolve_method(method: str) -> str:
@@ -37,13 +66,11 @@ def resolve_method(method: str) -> str:
 
 
 def check_name(kind: str, value: str) -> None:
-    if not NAME_PATTERN.match(value):
-        raise InvalidArgument(
-            f"{kind} {value!r} is not valid: use 1-64 lowercase letters, digits, '_', '.' or '-', starting with a letter or digit"
-        )
+    """The adapter store's own rule, so a job never trains an adapter it then cannot publish."""
+    refs.check_name(value, kind)
 
 
-def _check_numbers(spec: JobSpec) -> None:
+def _check_numbers(spec: JobSpec, limits: JobLimits) -> None:
     if not 0 < spec.validation_fraction <= MAX_VALIDATION_FRACTION:
         raise InvalidArgument(f"validation_fraction must be in (0, {MAX_VALIDATION_FRACTION}]; got {spec.validation_fraction}")
     if not 0 <= spec.epochs <= MAX_EPOCHS:
@@ -52,16 +79,24 @@ def _check_numbers(spec: JobSpec) -> None:
         raise InvalidArgument(f"learning_rate must be between 0 (the default) and 10; got {spec.learning_rate}")
     if not 0 <= spec.seed <= MAX_SEED:
         raise InvalidArgument(f"seed must be between 0 and {MAX_SEED}; got {spec.seed}")
-    for name, limit in (("lora_rank", MAX_LORA_RANK), ("batch_size", MAX_BATCH_SIZE), ("max_tokens", MAX_TOKENS),
-                        ("max_steps", MAX_STEPS)):
+    rank = min(MAX_LORA_RANK, limits.max_lora_rank)
+    if not 0 <= spec.lora_rank <= rank:
+        whose = " (this server's max_lora_rank)" if rank == limits.max_lora_rank else ""
+        raise InvalidArgument(f"lora_rank must be between 0 (the default) and {rank}{whose}; got {spec.lora_rank}")
+    for name, limit in (("batch_size", MAX_BATCH_SIZE), ("max_tokens", MAX_TOKENS), ("max_steps", MAX_STEPS)):
         value = getattr(spec, name)
         if not 0 <= value <= limit:
             raise InvalidArgument(f"{name} must be between 0 (the default) and {limit}; got {value}")
+    if not 0 <= spec.max_seconds <= limits.max_job_seconds:
+        raise InvalidArgument(
+            f"max_seconds must be between 0 (this server's limit, {limits.max_job_seconds} s) and "
+            f"{limits.max_job_seconds}; got {spec.max_seconds}"
+        )
     if spec.max_tokens == 1:
         raise InvalidArgument("max_tokens must be at least 2 (the special tokens take two)")
 
 
-def normalized_spec(spec: JobSpec) -> JobSpec:
+def normalized_spec(spec: JobSpec, limits: JobLimits) -> JobSpec:
     """The spec with its method's name checked and defaults filled in; raises InvalidArgument.
 
     'auto' stays 'auto' here: choosing needs the dataset (see methods.choose_method)."""
@@ -70,5 +105,5 @@ def normalized_spec(spec: JobSpec) -> JobSpec:
         check_name("alias", spec.alias)
     fraction = spec.validation_fraction or DEFAULT_VALIDATION_FRACTION
     resolved = dataclasses.replace(spec, method=resolve_method(spec.method), validation_fraction=fraction)
-    _check_numbers(resolved)
+    _check_numbers(resolved, limits)
     return resolved

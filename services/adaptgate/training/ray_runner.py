@@ -34,8 +34,8 @@ from typing import Any
 from adaptgate.training.checkpoints import CheckpointDir
 from adaptgate.training.lora import LoraParams
 from adaptgate.training.methods import TrainParams, TrainResult
-from adaptgate.training.runner import TrainingFailed
-from adaptgate.training.updates import Report, Update, make_update
+from adaptgate.training.runner import OnEvent, TrainingFailed, internal_error
+from adaptgate.training.updates import Update, make_update
 
 log = logging.getLogger(__name__)
 
@@ -88,21 +88,24 @@ def train_task(texts: list[str], labels: list[str], model_dir: str, params: Trai
 
 
 def failure_reason(exc: BaseException) -> str:
-    """A sentence for the job's `error`: the training exception itself, or what Ray reports."""
+    """A sentence for the job's `error`. Only errors written for tenants (divergence, a dataset that
+    cannot train) are shown as they are; anything else is an internal error: a sentence and an error
+    id, with the exception (paths, library internals) in the server log."""
     from ray.exceptions import RayTaskError, TaskCancelledError, WorkerCrashedError
 
+    from adaptgate.errors import AdaptgateError
     from adaptgate.training.head import TrainingDiverged
 
     if isinstance(exc, RayTaskError):
         cause = exc.cause
-        if isinstance(cause, TrainingDiverged):
+        if isinstance(cause, (TrainingDiverged, AdaptgateError)):
             return str(cause)
-        return f"training failed: {type(cause).__name__}: {cause}" if cause else f"training failed: {exc}"
+        return internal_error("the training task failed with an internal error", cause or exc)
     if isinstance(exc, TaskCancelledError):
         return "the training task was cancelled on Ray"
     if isinstance(exc, WorkerCrashedError):
         return f"the Ray worker running the job died {TASK_RETRIES + 1} times (killed or out of memory)"
-    return f"Ray could not run the job: {type(exc).__name__}: {exc}"
+    return internal_error("Ray could not run the job", exc)
 
 
 class RayRunner:
@@ -159,20 +162,20 @@ class RayRunner:
         return self.checkpoint_root / job_id
 
     async def run(
-        self, job_id: str, texts: list[str], labels: list[str], model_dir: str, params: TrainParams, on_event: Report
+        self, job_id: str, texts: list[str], labels: list[str], model_dir: str, params: TrainParams, on_event: OnEvent
     ) -> TrainResult:
         try:
             await asyncio.to_thread(self.start)
         except Exception as exc:  # noqa: BLE001 - ray.init raises several types; each fails this job, not the gateway
-            raise TrainingFailed(f"could not start Ray ({self.address or 'local'}): {type(exc).__name__}: {exc}") from None
+            raise TrainingFailed(internal_error(f"could not start Ray ({self.address or 'local'})", exc)) from None
         if isinstance(params, LoraParams) and not params.checkpoint_dir:
             params = dataclasses.replace(params, checkpoint_dir=str(self.checkpoint_dir(job_id)))
         stream = self._submit(texts, labels, model_dir, params)
         self._active[job_id] = stream
         try:
             return await self._drain(stream, on_event)
-        except asyncio.CancelledError:
-            self._cancel_stream(stream)
+        except BaseException:
+            self._cancel_stream(stream)  # cancelled, or on_event failed (a full disk): the worker must not train on
             raise
         finally:
             self._active.pop(job_id, None)
@@ -186,7 +189,7 @@ class RayRunner:
             raise TrainingFailed(failure_reason(exc)) from None
 
     @staticmethod
-    async def _drain(stream: Any, on_event: Report) -> TrainResult:
+    async def _drain(stream: Any, on_event: OnEvent) -> TrainResult:
         from ray.exceptions import RayError
 
         try:
@@ -196,7 +199,7 @@ class RayRunner:
                 if kind == "result":
                     return item["result"]
                 if kind != "skip":
-                    on_event(item)
+                    await on_event(item)
         except RayError as exc:
             raise TrainingFailed(failure_reason(exc)) from None
         raise TrainingFailed("the training task ended without a result")

@@ -11,7 +11,8 @@ from adaptgate.training.head import HeadParams, HeadResult
 from adaptgate.training.job_records import PublishRequest
 from adaptgate.training.lora import LoraParams, LoraResult
 from adaptgate.training.methods import TrainParams, TrainResult
-from adaptgate.training.updates import Report, make_update
+from adaptgate.training.runner import OnEvent
+from adaptgate.training.updates import make_update
 
 METRICS = {"accuracy": 0.95, "macro_f1": 0.9, "loss": 0.2}
 LORA_MODULE = "encoder.layer.1.attention.self.query"
@@ -30,13 +31,13 @@ class FakeRunner:
     mid_training: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def run(
-        self, job_id: str, texts: list[str], labels: list[str], model_dir: str, params: TrainParams, on_event: Report
+        self, job_id: str, texts: list[str], labels: list[str], model_dir: str, params: TrainParams, on_event: OnEvent
     ) -> TrainResult:
         self.calls.append(job_id)
         self.params.append(params)
-        on_event(make_update("started", "fake worker started", 0.0))
-        on_event({"kind": "skip"})
-        on_event(make_update("progress", f"embedded {len(texts)}/{len(texts)} texts", 0.8, 1.5))
+        await on_event(make_update("started", "fake worker started", 0.0))
+        await on_event({"kind": "skip"})
+        await on_event(make_update("progress", f"embedded {len(texts)}/{len(texts)} texts", 0.8, 1.5))
         self.mid_training.set()
         if self.gate is not None:
             await self.gate.wait()
@@ -45,7 +46,7 @@ class FakeRunner:
         names = sorted(set(labels))
         confusion = [[5 if i == j else 1 for j in range(len(names))] for i in range(len(names))]
         details = {"confusion": {"labels": names, "matrix": confusion}}
-        on_event(make_update("eval", "step 25/25", 0.99, 0.0, METRICS, details=details))
+        await on_event(make_update("eval", "step 25/25", 0.99, 0.0, METRICS, details=details))
         if isinstance(params, LoraParams):
             lora = {LORA_MODULE: (torch.randn(4, 8), torch.randn(8, 4))}
             return LoraResult(

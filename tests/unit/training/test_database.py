@@ -1,11 +1,16 @@
 from __future__ import annotations
 
+import shutil
+import sqlite3
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
 import pytest
 
-from adaptgate.training.database import Database
+from adaptgate.errors import ResourceExhausted, Unavailable
+from adaptgate.training.database import Database, DatabaseBusy, DatabaseFull
 from adaptgate.training.job_records import JobEvent, JobRecord, JobSpec, JobState
 from adaptgate.training.job_store import JobStore
 
@@ -56,3 +61,67 @@ def test_concurrent_event_appends_get_distinct_seqs(tmp_path: Path) -> None:
     for t in threads:
         t.join()
     assert [e.seq for e in store.events_after("job-x", 0)] == list(range(1, 201))
+
+
+def fill(db: Database) -> None:
+    """Writes until the database refuses: what a full disk looks like to SQLite."""
+    with pytest.raises(DatabaseFull):
+        for i in range(100_000):
+            db.execute("INSERT INTO job_events VALUES (?, 1, 0, 'QUEUED', 'state', ?, 0, '{}', 0, '{}')", (f"j{i}", "x" * 500))
+
+
+def test_a_full_disk_is_a_clear_error_and_the_database_stays_usable(tmp_path: Path) -> None:
+    """SQLITE_FULL rolls the transaction back itself; the error that surfaces is the full disk, not the ROLLBACK's."""
+    db = Database(tmp_path / "a.db")
+    db.query_one("PRAGMA max_page_count = 1")  # the file may not grow (never below its size): a full disk, deterministically
+    fill(db)
+    with pytest.raises(ResourceExhausted, match="the job database cannot be written because the disk is full") as info:
+        with db.transaction() as conn:
+            conn.execute("INSERT INTO job_events VALUES ('k', 1, 0, 'QUEUED', 'state', ?, 0, '{}', 0, '{}')", ("y" * 5000,))
+    assert isinstance(info.value, DatabaseFull)
+    assert db.query("SELECT * FROM job_events WHERE job_id = 'k'") == []
+    db.query_one("PRAGMA max_page_count = 1000000")  # space is freed: writes work again on the same connection
+    assert db.execute("DELETE FROM job_events WHERE job_id = 'j0'") == 1
+
+
+def test_a_database_locked_by_another_process_is_a_clear_error(tmp_path: Path) -> None:
+    db = Database(tmp_path / "a.db", busy_timeout_s=0.05)
+    other = sqlite3.connect(tmp_path / "a.db", isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    with pytest.raises(Unavailable, match=r"the job database is locked by another process \(waited 0.05 s\); try again shortly") as info:
+        db.execute("INSERT INTO job_events VALUES ('j', 1, 0, 'QUEUED', 'state', '', 0, '{}', 0, '{}')")
+    assert isinstance(info.value, DatabaseBusy)
+    assert db.query("SELECT * FROM job_events") == []  # reads go on (WAL)
+    other.execute("ROLLBACK")
+    other.close()
+    assert db.execute("INSERT INTO job_events VALUES ('j', 1, 0, 'QUEUED', 'state', '', 0, '{}', 0, '{}')") == 1
+
+
+FULL_FILESYSTEM = """
+import subprocess, sys, tempfile
+from pathlib import Path
+from adaptgate.training.database import Database
+mount = Path(tempfile.mkdtemp())
+subprocess.run(["mount", "-t", "tmpfs", "-o", "size=192k", "tmpfs", str(mount)], check=True)
+db = Database(mount / "a.db")
+try:
+    for i in range(100_000):
+        db.execute("INSERT INTO job_events VALUES (?, 1, 0, 'QUEUED', 'state', ?, 0, '{}', 0, '{}')", (f"j{i}", "x" * 500))
+except Exception as exc:
+    print(type(exc).__name__, exc, sep=": ")
+print(len(db.query("SELECT job_id FROM job_events")) > 0)
+"""
+
+
+def test_a_really_full_filesystem_is_the_same_clear_error(tmp_path: Path) -> None:
+    """The same on a real ENOSPC: a 192 KiB tmpfs in a private mount namespace (skipped where that is not allowed)."""
+    probe = subprocess.run(["unshare", "-rm", "true"], capture_output=True) if shutil.which("unshare") else None
+    if probe is None or probe.returncode != 0:
+        pytest.skip("unprivileged mount namespaces are not available here")
+    done = subprocess.run(
+        ["unshare", "-rm", sys.executable, "-c", FULL_FILESYSTEM], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    first, second = done.stdout.strip().splitlines()
+    assert first.startswith("DatabaseFull: the job database cannot be written because the disk is full"), first
+    assert second == "True"  # what was committed before is still readable

@@ -1,6 +1,10 @@
 from __future__ import annotations
 
+import csv
+import io
 import json
+import tracemalloc
+from pathlib import Path
 
 import pytest
 
@@ -144,3 +148,98 @@ def test_max_labels() -> None:
 def test_describe_lines() -> None:
     assert describe_lines([3]) == "line 3"
     assert describe_lines([1, 2, 3, 4, 5, 6, 7]) == "lines 1, 2, 3, 4, 5 and 2 more"
+
+
+# --- uploads read row by row: bounded lines, bounded rows, memory in proportion to what is kept ---
+
+
+def parse_file(tmp_path: Path, data: bytes, fmt: str = "jsonl", **kwargs: object):
+    from adaptgate.training.dataset_checks import parse_dataset_file
+
+    path = tmp_path / f"upload.{fmt}"
+    path.write_bytes(data)
+    return parse_dataset_file(path, fmt, **kwargs)  # type: ignore[arg-type]
+
+
+def rejected_file(tmp_path: Path, data: bytes, fmt: str = "jsonl", **kwargs: object) -> str:
+    with pytest.raises(InvalidDataset) as info:
+        parse_file(tmp_path, data, fmt, **kwargs)
+    return info.value.message
+
+
+def test_a_file_parses_like_the_same_bytes(tmp_path: Path) -> None:
+    rows = GOOD + [GOOD[0]]
+    data = jsonl(GOOD[:2]) + b"\n\n" + jsonl(GOOD[2:]) + jsonl([GOOD[0]])
+    from_file, from_bytes = parse_file(tmp_path, data), parse_dataset(data, "jsonl")
+    assert from_file.texts == from_bytes.texts == [r["text"] for r in rows]
+    assert from_file.lines == from_bytes.lines == [1, 2, 5, 6, 7]
+    assert from_file.warnings == from_bytes.warnings and len(from_file.warnings) == 2
+    csv_data = b'text,label\r\n"two\r\nlines",a\r\nb,b\r\nc,a\r\nd,b\r\n'
+    assert parse_file(tmp_path, csv_data, "csv").lines == [3, 4, 5, 6]
+
+
+def test_memory_follows_the_kept_rows_not_the_file(tmp_path: Path) -> None:
+    """A 10 MB upload whose rows carry a large ignored field costs about one row of memory, not the file.
+
+    (100 kB stays under the csv module's own 128 kB bound on one field.)"""
+    pad = "p" * 100_000
+    rows = [{"text": f"row {i}", "label": "ab"[i % 2], "notes": pad} for i in range(100)]
+    for fmt, data in (("jsonl", jsonl(rows)), ("csv", csv_bytes(rows))):
+        for parse in (parse_dataset, lambda data, fmt: parse_file(tmp_path, data, fmt)):
+            tracemalloc.start()
+            try:
+                parsed = parse(data, fmt)
+                peak = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+            assert len(parsed.texts) == 100
+            assert peak < len(data) / 4, f"{fmt}: parsing a {len(data)}-byte upload peaked at {peak} bytes"
+
+
+def csv_bytes(rows: list[dict[str, object]]) -> bytes:
+    out = io.StringIO(newline="")
+    writer = csv.DictWriter(out, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue().encode()
+
+
+def test_a_line_over_the_limit_is_refused_with_its_number(tmp_path: Path) -> None:
+    from adaptgate.training.dataset_rows import MAX_LINE_BYTES
+
+    long_row = json.dumps({"text": "x" * MAX_LINE_BYTES, "label": "spam"}).encode() + b"\n"
+    message = rejected_file(tmp_path, jsonl(GOOD[:2]) + long_row + jsonl(GOOD[2:]))
+    assert "line 3 is longer than 1,048,576 bytes" in message
+    csv_row = b"y" * (MAX_LINE_BYTES + 1) + b",spam\n"
+    assert "line 2 is longer than" in rejected_file(tmp_path, b"text,label\n" + csv_row + b"a,b\n", "csv")
+    assert "line 2 is longer than" in rejected(b"text,label\n" + csv_row, "csv")
+
+
+def test_the_row_count_is_capped_with_a_clear_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from adaptgate.training import dataset_rows
+
+    monkeypatch.setattr(dataset_rows, "MAX_ROWS", 6)
+    rows = [{"text": f"t{i}", "label": "ab"[i % 2]} for i in range(7)]
+    assert len(parse_file(tmp_path, jsonl(rows[:6])).texts) == 6
+    message = rejected_file(tmp_path, jsonl(rows[:3]) + b"\n" + jsonl(rows[3:]))
+    assert "more than 6 rows" in message and "line 8" in message
+    assert "more than 6 rows" in rejected_file(tmp_path, b"text,label\n" + b"".join(b"t%d,a\n" % i for i in range(7)), "csv")
+
+
+def test_bad_utf8_deep_in_a_csv_names_its_line(tmp_path: Path) -> None:
+    """Decoding happens in chunks; the line of the bad byte is still exact."""
+    lines = [b"text,label"] + [b"row number %d,%s" % (i, b"ab"[i % 2 : i % 2 + 1]) for i in range(5000)]
+    lines[3001] = b"caf\xe9,a"
+    message = rejected_file(tmp_path, b"\r\n".join(lines) + b"\r\n", "csv")
+    assert "byte 0xe9 on line 3002" in message
+    message = rejected_file(tmp_path, b"\r".join(lines).replace(b"row number 7,", b'"multi\nline",'), "csv")
+    assert "byte 0xe9 on line 3003" in message  # a bare CR ends a line too, and the quoted LF counts as one
+
+
+@pytest.mark.parametrize(
+    "line",
+    [b'{"text": "a", "label": 1' + b"0" * 5000 + b"}", b"[" * 100_000 + b"]" * 100_000],
+)
+def test_json_too_large_to_read_is_a_row_problem(line: bytes) -> None:
+    message = rejected(jsonl(GOOD) + line + b"\n")
+    assert "invalid JSON on line 5" in message

@@ -2,15 +2,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load
 
 from adaptgate.errors import InvalidArgument, JobNotFound, NotFound, ResourceExhausted
-from adaptgate.training.database import Database
+from adaptgate.training.database import Database, DatabaseFull
 from adaptgate.training.datasets import DatasetStore
+from adaptgate.training.job_manager import Sleep
 from adaptgate.training.job_store import JobStore
+from adaptgate.training.job_validation import JobLimits
 from adaptgate.training.jobs import JobEvent, JobManager, JobRecord, JobSpec, JobState, TrainingFailed
 
 from .conftest import jsonl, separable_rows
@@ -20,14 +25,14 @@ from .fakes import FakePublisher, FakeRunner
 class World:
     """A manager over a temp database with one dataset per tenant ('acme' and 'globex')."""
 
-    def __init__(self, root: Path, runner: FakeRunner, max_active: int = 4) -> None:
+    def __init__(self, root: Path, runner: FakeRunner, limits: JobLimits = JobLimits(), sleep: Sleep = asyncio.sleep) -> None:
         self.root, self.runner, self.publisher = root, runner, FakePublisher()
         self.db = Database(root / "jobs.db")
         self.datasets = DatasetStore(root / "datasets", self.db)
         existing = {r.tenant: r.id for r in self.datasets.list(None)}
         self.dataset = existing.get("acme") or self.datasets.create("acme", "d", "jsonl", jsonl(separable_rows(4))).id
         self.other = existing.get("globex") or self.datasets.create("globex", "d", "jsonl", jsonl(separable_rows(4))).id
-        self.manager = JobManager(self.db, self.datasets, runner, self.publisher, root / "model", max_active)
+        self.manager = JobManager(self.db, self.datasets, runner, self.publisher, root / "model", limits, sleep)
 
     def spec(self, **kw: object) -> JobSpec:
         return JobSpec(**{"dataset_id": self.dataset, "adapter_name": "spam", "method": "head", **kw})  # type: ignore[arg-type]
@@ -84,11 +89,18 @@ async def test_failure_is_failed_with_reason_and_nothing_published(tmp_path: Pat
     assert w.publisher.requests == []
 
 
-async def test_unexpected_exception_fails_the_job(tmp_path: Path) -> None:
-    w = World(tmp_path, FakeRunner(error=ZeroDivisionError("oops")))
+async def test_an_internal_error_shows_a_sentence_and_an_error_id_and_logs_the_details(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    w = World(tmp_path, FakeRunner(error=ZeroDivisionError("division by zero in /srv/secret/trainer.py")))
     job = await w.manager.submit("acme", w.spec())
-    await events_of(w.manager, job.id)
-    assert (await w.manager.get(None, job.id)).error == "internal error: ZeroDivisionError: oops"
+    events = await events_of(w.manager, job.id)
+    error = (await w.manager.get(None, job.id)).error
+    found = re.fullmatch(r"the job failed with an internal error \(error id ([0-9a-f]{12})\); the server log has the details", error)
+    assert found, error
+    assert events[-1].state is JobState.FAILED and "secret" not in events[-1].message
+    logged = [r for r in caplog.records if found.group(1) in r.getMessage()]
+    assert logged and logged[0].exc_info is not None and "/srv/secret" in str(logged[0].exc_info[1])
 
 
 async def test_cancel_is_prompt_and_publishes_nothing(tmp_path: Path) -> None:
@@ -131,6 +143,9 @@ async def test_submit_checks(world: World) -> None:
         await world.manager.submit("acme", world.spec(method="lora", lora_rank=65))
     with pytest.raises(InvalidArgument, match="adapter_name"):
         await world.manager.submit("acme", world.spec(adapter_name="Bad Name"))
+    for publishable_nowhere in ("spam\n", "a..b"):  # names the adapter store refuses would fail only at publish
+        with pytest.raises(InvalidArgument, match="adapter_name"):
+            await world.manager.submit("acme", world.spec(adapter_name=publishable_nowhere))
     with pytest.raises(InvalidArgument, match="validation_fraction"):
         await world.manager.submit("acme", world.spec(validation_fraction=0.9))
     with pytest.raises(NotFound, match="dataset"):
@@ -146,16 +161,18 @@ async def test_auto_resolves_to_head_and_says_so(world: World) -> None:
 
 
 async def test_quota_per_tenant(tmp_path: Path) -> None:
-    w = World(tmp_path, FakeRunner(gate=asyncio.Event()), max_active=2)
+    w = World(tmp_path, FakeRunner(gate=asyncio.Event()), JobLimits(active_per_tenant=2))
     for _ in range(2):
         await w.manager.submit("acme", w.spec())
     with pytest.raises(ResourceExhausted, match="limit is 2"):
         await w.manager.submit("acme", w.spec())
     await w.manager.submit("globex", w.spec(dataset_id=w.other))  # other tenants unaffected
     assert w.manager.counts_by_state()["QUEUED"] + w.manager.counts_by_state()["RUNNING"] == 3
+    first = [j.id for j in await w.manager.list("acme")]
     w.runner.gate.set()  # type: ignore[union-attr]
-    await asyncio.sleep(0.1)
-    await w.manager.submit("acme", w.spec())
+    for job_id in first:
+        assert (await events_of(w.manager, job_id))[-1].state is JobState.SUCCEEDED
+    await w.manager.submit("acme", w.spec())  # finished jobs no longer count
     await w.manager.close()
 
 
@@ -185,4 +202,102 @@ async def test_restart_reruns_a_job_found_running_in_the_database(tmp_path: Path
     events = await events_of(w.manager, record.id)
     assert events[1].message == "resumed after gateway restart" and events[-1].state is JobState.SUCCEEDED
     assert w.manager.counts_by_state()["SUCCEEDED"] == 1
+    await w.manager.close()
+
+
+async def test_a_lora_rank_above_the_servers_max_lora_rank_is_refused_at_submit(world: World) -> None:
+    """Publishing refuses ranks above max_lora_rank (16 by default), so the job must not train first."""
+    refusal = r"lora_rank must be between 0 \(the default\) and 16 \(this server's max_lora_rank\); got 32"
+    with pytest.raises(InvalidArgument, match=refusal):
+        await world.manager.submit("acme", world.spec(method="lora", lora_rank=32))
+    assert await world.manager.list(None) == [] and world.runner.calls == []
+
+
+def write_until_full(write: Callable[[int], object]) -> None:
+    for i in range(100_000):
+        try:
+            write(i)
+        except DatabaseFull:
+            return
+    raise AssertionError("the database never filled up")
+
+
+def fill_the_disk(db: Database, job_id: str, rows_too: bool = False) -> None:
+    """A full disk, deterministically: the file may not grow, and the job's own pages are packed with tiny events
+    (with `rows_too`, the jobs table's page with tiny finished jobs), so every later event of the job (and any
+    growth of its row) needs space that is not there."""
+    db.query_one("PRAGMA max_page_count = 1")  # never below the current size
+    store = JobStore(db)
+
+    def event(i: int) -> None:
+        with db.transaction() as conn:
+            store._append(conn, JobEvent(job_id, 0, 0.0, JobState.RUNNING, "log", ""))
+
+    write_until_full(event)
+    if rows_too:
+        write_until_full(lambda i: db.execute(
+            f"INSERT INTO jobs VALUES ('{i}', 't', 'd', 'a', 'h', '', 0, 0, 0, 0, 'SUCCEEDED', '', '', 0, '', 0, 0, '', '')"
+        ))
+
+
+async def test_a_full_disk_mid_job_fails_it_stops_its_worker_and_ends_its_watchers(tmp_path: Path) -> None:
+    w = World(tmp_path, FakeRunner(gate=asyncio.Event()))
+    job = await w.manager.submit("acme", w.spec())
+    await asyncio.wait_for(w.runner.mid_training.wait(), 5)
+    watcher = asyncio.create_task(events_of(w.manager, job.id))
+    fill_the_disk(w.db, job.id)
+    w.runner.gate.set()  # type: ignore[union-attr]  # the worker reports its evaluation: that event cannot be written
+    events = await watcher
+    assert (events[-1].kind, events[-1].state) == ("state", JobState.FAILED)
+    assert "the disk is full" in events[-1].message
+    final = await w.manager.get("acme", job.id)
+    assert final.state is JobState.FAILED and "the job database cannot be written because the disk is full" in final.error
+    assert w.runner.cancelled == [job.id] and w.publisher.requests == []
+    assert w.manager.counts_by_state()["RUNNING"] == 0
+    await w.manager.close()
+
+
+async def test_when_not_even_the_job_row_can_be_written_the_ending_is_kept_and_saved_by_a_later_write(
+    tmp_path: Path,
+) -> None:
+    w = World(tmp_path, FakeRunner(gate=asyncio.Event()))
+    job = await w.manager.submit("acme", w.spec())
+    await asyncio.wait_for(w.runner.mid_training.wait(), 5)
+    watcher = asyncio.create_task(events_of(w.manager, job.id))
+    fill_the_disk(w.db, job.id, rows_too=True)
+    w.runner.gate.set()  # type: ignore[union-attr]
+    events = await watcher
+    assert (events[-1].kind, events[-1].state) == ("state", JobState.FAILED) and "the disk is full" in events[-1].message
+    assert JobStore(w.db).get(job.id).state is JobState.RUNNING  # type: ignore[union-attr]  # what the file says...
+    assert (await w.manager.get("acme", job.id)).state is JobState.FAILED  # ...and what everyone is told
+    assert [j.state for j in await w.manager.list("acme")] == [JobState.FAILED]
+    assert (w.manager.counts_by_state()["RUNNING"], w.manager.counts_by_state()["FAILED"]) == (0, 1)
+    assert w.runner.cancelled == [job.id]
+    w.db.query_one("PRAGMA max_page_count = 1000000")  # space is freed
+    await w.manager.submit("acme", w.spec(adapter_name="next"))
+    assert JobStore(w.db).get(job.id).state is JobState.FAILED  # type: ignore[union-attr]
+    await w.manager.close()
+
+
+async def test_a_database_locked_by_another_process_does_not_stall_the_event_loop(tmp_path: Path) -> None:
+    """Job calls wait for the lock in a thread: other coroutines (other tenants' requests) keep running."""
+    w = World(tmp_path, FakeRunner())
+    other = sqlite3.connect(tmp_path / "jobs.db", isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    submit = asyncio.create_task(w.manager.submit("acme", w.spec()))
+    ticked = asyncio.Event()
+
+    async def heartbeat() -> None:
+        for _ in range(20):
+            await asyncio.sleep(0.01)
+        ticked.set()
+
+    beat = asyncio.create_task(heartbeat())
+    await asyncio.wait_for(ticked.wait(), 3)  # well inside the database's 5 s busy timeout
+    assert not submit.done()  # still waiting for the lock, without holding up the loop
+    other.execute("ROLLBACK")
+    other.close()
+    job = await asyncio.wait_for(submit, 10)
+    assert (await events_of(w.manager, job.id))[-1].state is JobState.SUCCEEDED
+    await beat
     await w.manager.close()

@@ -5,16 +5,18 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import re
 import signal
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from adaptgate.training.head import HeadParams
 from adaptgate.training.lora import LoraParams, LoraResult
 from adaptgate.training.ray_runner import RayRunner
-from adaptgate.training.runner import TrainingFailed
+from adaptgate.training.runner import OnEvent, TrainingFailed
 from adaptgate.training.updates import Update
 
 from .conftest import separable_rows
@@ -23,6 +25,17 @@ pytestmark = pytest.mark.integration
 
 ROWS = separable_rows(30)
 TEXTS, LABELS = [r["text"] for r in ROWS], [r["label"] for r in ROWS]
+
+
+async def ignore(update: Update) -> None:
+    return None
+
+
+def collect(updates: list[Update]) -> OnEvent:
+    async def append(update: Update) -> None:
+        updates.append(update)
+
+    return append
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +49,7 @@ def runner(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayRunner]:
 async def test_run_streams_updates_and_returns_the_head(runner: RayRunner, tiny_model_dir: Path) -> None:
     updates: list[Update] = []
     params = HeadParams(seed=0, epochs=100, eval_every=50)
-    result = await asyncio.wait_for(runner.run("job-a", TEXTS, LABELS, str(tiny_model_dir), params, updates.append), 120)
+    result = await asyncio.wait_for(runner.run("job-a", TEXTS, LABELS, str(tiny_model_dir), params, collect(updates)), 120)
     assert result.weight.shape == (2, 32) and result.labels == ["animal", "money"]
     assert result.metrics["accuracy"] >= 0.9
     kinds = [u["kind"] for u in updates]
@@ -47,13 +60,13 @@ async def test_run_streams_updates_and_returns_the_head(runner: RayRunner, tiny_
 async def test_training_error_becomes_training_failed(runner: RayRunner, tiny_model_dir: Path) -> None:
     params = HeadParams(epochs=10, eval_every=5, learning_rate=1e30)
     with pytest.raises(TrainingFailed, match="training diverged: loss became .* at step 2"):
-        await asyncio.wait_for(runner.run("job-b", TEXTS, LABELS, str(tiny_model_dir), params, lambda u: None), 120)
+        await asyncio.wait_for(runner.run("job-b", TEXTS, LABELS, str(tiny_model_dir), params, ignore), 120)
 
 
 async def test_cancel_stops_the_task(runner: RayRunner, tiny_model_dir: Path) -> None:
     started = asyncio.Event()
 
-    def on_event(update: Update) -> None:
+    async def on_event(update: Update) -> None:
         started.set()
 
     params = HeadParams(epochs=100_000, eval_every=100_000)  # would run for minutes
@@ -64,7 +77,7 @@ async def test_cancel_stops_the_task(runner: RayRunner, tiny_model_dir: Path) ->
         await asyncio.wait_for(task, 10)
     # The CPU is free again: a short job still runs.
     quick = HeadParams(epochs=5, eval_every=5)
-    result = await asyncio.wait_for(runner.run("job-d", TEXTS, LABELS, str(tiny_model_dir), quick, lambda u: None), 60)
+    result = await asyncio.wait_for(runner.run("job-d", TEXTS, LABELS, str(tiny_model_dir), quick, ignore), 60)
     assert result.labels == ["animal", "money"]
 
 
@@ -72,7 +85,7 @@ async def test_a_killed_worker_is_retried_and_the_job_finishes(runner: RayRunner
     pids: list[int] = []
     updates: list[Update] = []
 
-    def on_event(update: Update) -> None:
+    async def on_event(update: Update) -> None:
         updates.append(update)
         if "worker_pid" in update and not pids:
             pids.append(update["worker_pid"])
@@ -93,7 +106,7 @@ async def test_a_killed_lora_worker_resumes_from_its_checkpoint(runner: RayRunne
     pids: list[int] = []
     updates: list[Update] = []
 
-    def on_event(update: Update) -> None:
+    async def on_event(update: Update) -> None:
         updates.append(update)
         if "worker_pid" in update and not pids:
             pids.append(update["worker_pid"])
@@ -111,7 +124,7 @@ async def test_a_killed_lora_worker_resumes_from_its_checkpoint(runner: RayRunne
     runner.discard("job-lora-kill")
     assert not runner.checkpoint_dir("job-lora-kill").exists()
 
-    straight = await asyncio.wait_for(runner.run("job-lora-straight", TEXTS, LABELS, str(tiny_model_dir), LORA, lambda u: None), 180)
+    straight = await asyncio.wait_for(runner.run("job-lora-straight", TEXTS, LABELS, str(tiny_model_dir), LORA, ignore), 180)
     runner.discard("job-lora-straight")
     assert straight.metrics["accuracy"] >= 0.9
     assert result.metrics["accuracy"] == pytest.approx(straight.metrics["accuracy"], abs=0.05)
@@ -120,7 +133,7 @@ async def test_a_killed_lora_worker_resumes_from_its_checkpoint(runner: RayRunne
 async def test_a_diverging_lora_job_fails_with_the_reason(runner: RayRunner, tiny_model_dir: Path) -> None:
     params = dataclasses.replace(LORA, learning_rate=1e4, max_steps=50, eval_every=25)
     with pytest.raises(TrainingFailed, match="training diverged: loss became NaN at step"):
-        await asyncio.wait_for(runner.run("job-lora-nan", TEXTS, LABELS, str(tiny_model_dir), params, lambda u: None), 120)
+        await asyncio.wait_for(runner.run("job-lora-nan", TEXTS, LABELS, str(tiny_model_dir), params, ignore), 120)
     runner.discard("job-lora-nan")
 
 
@@ -131,7 +144,7 @@ async def test_a_job_run_again_after_a_gateway_restart_resumes_from_its_checkpoi
     gateway runs the job again under the same id and it continues from the checkpoint, not from step 0."""
     first_eval = asyncio.Event()
 
-    def on_event(update: Update) -> None:
+    async def on_event(update: Update) -> None:
         if update["kind"] == "eval":
             first_eval.set()
 
@@ -144,14 +157,16 @@ async def test_a_job_run_again_after_a_gateway_restart_resumes_from_its_checkpoi
     assert runner.checkpoint_dir("job-restart").exists()
 
     updates: list[Update] = []
-    result = await asyncio.wait_for(runner.run("job-restart", TEXTS, LABELS, str(tiny_model_dir), LORA, updates.append), 180)
+    result = await asyncio.wait_for(runner.run("job-restart", TEXTS, LABELS, str(tiny_model_dir), LORA, collect(updates)), 180)
     assert result.resumed_from >= 100 and result.steps == 600
     assert updates[0]["kind"] == "started" and "continuing from its checkpoint" in updates[0]["message"]
     assert all(u["kind"] != "skip" for u in updates)
     runner.discard("job-restart")
 
 
-async def test_ray_that_cannot_start_fails_the_job_not_the_gateway(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+async def test_ray_that_cannot_start_fails_the_job_not_the_gateway(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """A local Ray starts with the first job, so its failure to start is that job's FAILED reason."""
     import ray
 
@@ -161,6 +176,44 @@ async def test_ray_that_cannot_start_fails_the_job_not_the_gateway(monkeypatch: 
     monkeypatch.setattr(ray, "init", refuse)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     lazy = RayRunner(None, num_cpus=1, checkpoint_root=tmp_path)
-    with pytest.raises(TrainingFailed, match=r"could not start Ray \(local\): RuntimeError: Timed out"):
-        await lazy.run("job-x", TEXTS, LABELS, str(tmp_path), HeadParams(), lambda u: None)
+    with pytest.raises(TrainingFailed) as info:
+        await lazy.run("job-x", TEXTS, LABELS, str(tmp_path), HeadParams(), ignore)
+    error_id = internal_error_id(str(info.value), "could not start Ray (local)")
+    assert "Timed out" not in str(info.value) and logged_with(caplog, error_id, "gcs_server_port")
     lazy.stop()  # nothing started, nothing to stop
+
+
+def internal_error_id(message: str, what: str) -> str:
+    """The error id in "<what> (error id <id>); the server log has the details", the only form an internal error takes."""
+    found = re.fullmatch(re.escape(what) + r" \(error id ([0-9a-f]{12})\); the server log has the details", message)
+    assert found, message
+    return found.group(1)
+
+
+def logged_with(caplog: pytest.LogCaptureFixture, error_id: str, detail: str) -> bool:
+    return any(error_id in r.getMessage() and detail in str(r.exc_info[1] if r.exc_info else r.getMessage()) for r in caplog.records)
+
+
+async def test_an_internal_worker_error_reaches_the_job_as_a_sentence_and_an_error_id(
+    runner: RayRunner, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Tenants read a sentence; the worker's exception (paths, library internals) goes to the log only."""
+    missing = tmp_path / "no-model-here"
+    with pytest.raises(TrainingFailed) as info:
+        await asyncio.wait_for(runner.run("job-internal", TEXTS, LABELS, str(missing), HeadParams(), ignore), 120)
+    error_id = internal_error_id(str(info.value), "the training task failed with an internal error")
+    assert "no-model-here" not in str(info.value) and logged_with(caplog, error_id, "no-model-here")
+
+
+async def test_a_failing_event_handler_stops_the_worker(runner: RayRunner, tiny_model_dir: Path) -> None:
+    """Whatever ends the run (here: the job database refusing the event) also ends its Ray task."""
+    pids: list[int] = []
+
+    async def on_event(update: Update) -> None:
+        pids.append(update["worker_pid"])
+        raise OSError("the job database cannot be written because the disk is full")
+
+    params = HeadParams(epochs=100_000, eval_every=100_000)  # would run for minutes
+    with pytest.raises(OSError, match="disk is full"):
+        await asyncio.wait_for(runner.run("job-f", TEXTS, LABELS, str(tiny_model_dir), params, on_event), 60)
+    psutil.Process(pids[0]).wait(timeout=30)  # the worker is gone (psutil raises TimeoutExpired if it is not)
