@@ -31,7 +31,7 @@ from adaptgate.training.database import Database
 from adaptgate.training.datasets import DatasetStore
 from adaptgate.v1 import adapters_pb2 as pb
 from adaptgate.v1 import datasets_pb2
-from tests.unit.peft_adapters import adapter_files, make_peft_adapter
+from tests.unit.peft_adapters import make_peft_adapter
 from tests.unit.test_adapter_store import Aborted, Context
 
 MiB = 1 << 20

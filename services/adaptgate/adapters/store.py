@@ -27,6 +27,7 @@ from pathlib import Path
 from adaptgate.adapters.format import ALLOWED_FILES, WEIGHTS_FILE, AdapterWeights
 from adaptgate.adapters.refs import NAME_PATTERN, AdapterRef, check_name
 from adaptgate.adapters.validation import AdapterValidator, check_filenames
+from adaptgate.durable import fsync_dir, fsync_file, write_atomically, write_synced
 from adaptgate.errors import AdapterNotFound, FailedPrecondition, InvalidArgument
 from adaptgate.quotas import StorageQuotas, Usage
 
@@ -67,41 +68,6 @@ class Deletion:
     aliases: list[str]
 
 
-def _fsync_dir(path: Path) -> None:
-    """A rename or a new file is durable only once its directory's entry is."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
 def _make_dirs(path: Path) -> None:
     """mkdir -p, fsyncing the parent of each directory it creates."""
     missing = []
@@ -110,7 +76,7 @@ def _make_dirs(path: Path) -> None:
         path = path.parent
     for directory in reversed(missing):
         directory.mkdir(exist_ok=True)
-        _fsync_dir(directory.parent)
+        fsync_dir(directory.parent)
 
 
 def _stored_bytes(version_dir: Path) -> int:
@@ -155,7 +121,7 @@ class AdapterStore:
         staging = self._new_staging()
         try:
             for filename, data in files.items():
-                _write_synced(staging / filename, data)
+                write_synced(staging / filename, data)
             version = self._commit(staging, tenant, name, weights, source)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -175,7 +141,7 @@ class AdapterStore:
         try:
             for path in list(directory.iterdir()):
                 moved = Path(shutil.move(path, staging / path.name))
-                _fsync_file(moved)
+                fsync_file(moved)
             version = self._commit(staging, tenant, name, weights, source)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -202,11 +168,11 @@ class AdapterStore:
                     tenant, name, version, weights.labels, weights.rank, weights.target_modules,
                     weights.size_bytes, time.time(), source,
                 )
-                _write_synced(staging / RECORD_FILE, json.dumps(asdict(record)).encode())
-                _fsync_dir(staging)
-                _atomic_write(adapter_dir / VERSION_FILE, json.dumps({"last": version}).encode())
+                write_synced(staging / RECORD_FILE, json.dumps(asdict(record)).encode())
+                fsync_dir(staging)
+                write_atomically(adapter_dir / VERSION_FILE, json.dumps({"last": version}).encode())
                 os.rename(staging, adapter_dir / f"v{version}")
-                _fsync_dir(adapter_dir)
+                fsync_dir(adapter_dir)
         return version
 
     def _finish(self, ref: AdapterRef, alias: str) -> AdapterRecord:
@@ -281,7 +247,7 @@ class AdapterStore:
             self.resolve(concrete)  # still there: a delete may have won the lock first
             aliases = self._aliases(adapter_dir)
             aliases[alias] = concrete.version
-            _atomic_write(adapter_dir / ALIASES_FILE, json.dumps(aliases).encode())
+            write_atomically(adapter_dir / ALIASES_FILE, json.dumps(aliases).encode())
         return self.get(concrete)
 
     def _tenants(self) -> list[str]:
@@ -349,7 +315,7 @@ class AdapterStore:
             else:
                 if aliases:
                     kept = {a: v for a, v in self._aliases(adapter_dir).items() if a not in aliases}
-                    _atomic_write(adapter_dir / ALIASES_FILE, json.dumps(kept).encode())
+                    write_atomically(adapter_dir / ALIASES_FILE, json.dumps(kept).encode())
                 self._remove(adapter_dir / f"v{ref.version}")
         return Deletion([AdapterRef(ref.tenant, ref.name, v) for v in versions], aliases)
 
@@ -377,7 +343,7 @@ class AdapterStore:
     def _remove(self, path: Path) -> None:
         hidden = path.with_name(f"{DELETING_PREFIX}{path.name}-{secrets.token_hex(4)}")
         os.rename(path, hidden)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         shutil.rmtree(hidden, ignore_errors=True)
 
     def _sweep_staging(self) -> None:

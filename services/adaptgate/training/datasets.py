@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import builtins
 import json
-import os
 import re
 import secrets
 import sqlite3
@@ -19,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from adaptgate.durable import write_atomically
 from adaptgate.errors import FailedPrecondition, InvalidArgument, NotFound
 from adaptgate.quotas import StorageQuotas, Usage
 from adaptgate.training.database import Database
@@ -58,32 +58,6 @@ def check_tenant(tenant: str) -> None:
     """Tenants name directories, so only path-safe names are accepted."""
     if not TENANT_PATTERN.fullmatch(tenant) or tenant in (".", ".."):
         raise InvalidArgument(f"tenant {tenant!r} cannot own datasets: use letters, digits, '_', '.', '-'")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomically(path: Path, payload: bytes | Iterator[bytes]) -> None:
-    """Readers see the old file or the whole new one, never a torn write; it survives a power cut
-    once this returns (file and directory fsynced). `payload` may be an iterator of pieces."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            for piece in [payload] if isinstance(payload, bytes) else payload:
-                handle.write(piece)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 def jsonl_lines(parsed: ParsedDataset) -> Iterator[bytes]:
