@@ -140,8 +140,13 @@ class Client:
         """Refused (FAILED_PRECONDITION) while a queued or running job trains on it."""
         return self.datasets.DeleteDataset(datasets_pb2.DatasetRef(id=dataset_id), metadata=self.metadata, timeout=self.timeout)
 
-    def submit_job(self, dataset_id: str, adapter_name: str, method: str = "head", alias: str = "") -> finetune_pb2.Job:
-        request = finetune_pb2.SubmitJobRequest(dataset_id=dataset_id, adapter_name=adapter_name, method=method, alias=alias)
+    def submit_job(
+        self, dataset_id: str, adapter_name: str, method: str = "head", alias: str = "", max_seconds: int = 0
+    ) -> finetune_pb2.Job:
+        """`max_seconds`: the job's wall-clock limit (0 = the server's `max_job_seconds`)."""
+        request = finetune_pb2.SubmitJobRequest(
+            dataset_id=dataset_id, adapter_name=adapter_name, method=method, alias=alias, max_seconds=max_seconds
+        )
         return self.finetune.SubmitJob(request, metadata=self.metadata, timeout=self.timeout)
 
     def watch_job(self, job_id: str) -> Iterator[finetune_pb2.JobEvent]:
