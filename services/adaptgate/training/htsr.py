@@ -3,9 +3,8 @@
 HTSR (Martin & Mahoney, JMLR 2021) reads how well trained a weight matrix is from the tail of
 its empirical spectral density: the eigenvalues of WᵀW follow a power law whose exponent alpha
 is small (about 2) for well-trained, strongly correlated layers and large (over 4-6) for layers
-that have learnt little. Layer-wise schedules built on it (TempBalance, Zhou et al. 2023; the
-automated finetuning notes in ../shared/background) give the less-trained blocks (higher alpha)
-a larger learning rate and the well-trained ones a smaller one.
+that have learnt little. Layer-wise schedules built on it (TempBalance, Zhou et al. 2023) give the less-trained blocks
+(higher alpha) a larger learning rate and the well-trained ones a smaller one.
 
 alpha is the Hill estimator on the top half of the spectrum (k = n/2):
     alpha = 1 + k / sum_{i<=k} ln(lambda_i / lambda_{k+1}),   lambda_1 >= lambda_2 >= ...
