@@ -49,21 +49,26 @@ class Inference:
 
     async def embed(
         self, texts: list[str], ref: AdapterRef | None, pooling: Pooling | None, normalize: bool,
-        truncate: bool, deadline: float | None,
+        truncate: bool, deadline: float | None, tenant: str = "",
     ) -> Embedded:
+        """`tenant` keys the batcher's fair queue: one tenant's backlog never holds another's rows back."""
         self._check_count(texts)
         ids = await self.engine.tokenize(texts, truncate)
         mode = pooling or self.engine.spec.default_pooling
         if ref is None:
-            results = await self.engine.run([Row(i, pooling=mode, normalize=normalize, deadline=deadline) for i in ids])
+            results = await self.engine.run(
+                [Row(i, pooling=mode, normalize=normalize, deadline=deadline, tenant=tenant) for i in ids]
+            )
         else:
             async with self.cache.lease(ref) as adapter:
                 rows = [Row(i, lora_slot=adapter.slot if adapter.has_lora else -1, pooling=mode,
-                            normalize=normalize, deadline=deadline) for i in ids]
+                            normalize=normalize, deadline=deadline, tenant=tenant) for i in ids]
                 results = await self.engine.run(rows)
         return Embedded([r.embedding for r in results if r.embedding is not None], [len(i) for i in ids])
 
-    async def classify(self, texts: list[str], refs: list[AdapterRef], truncate: bool, deadline: float | None) -> list[Classified]:
+    async def classify(
+        self, texts: list[str], refs: list[AdapterRef], truncate: bool, deadline: float | None, tenant: str = ""
+    ) -> list[Classified]:
         """One forward per text for all head-only adapters together, plus one per LoRA adapter."""
         self._check_count(texts)
         if len(refs) > MAX_ADAPTERS_PER_REQUEST:
@@ -78,7 +83,7 @@ class Inference:
                     raise FailedPrecondition(f"adapter {adapter.record.ref} has no task head; use it with Embed")
             groups = [[a for a in leased if not a.has_lora]] + [[a] for a in leased if a.has_lora]
             groups = [g for g in groups if g]
-            rows = [Row(i, lora_slot=_lora_slot(g), head_slots=tuple(a.slot for a in g), deadline=deadline)
+            rows = [Row(i, lora_slot=_lora_slot(g), head_slots=tuple(a.slot for a in g), deadline=deadline, tenant=tenant)
                     for g in groups for i in ids]
             results = await self.engine.run(rows)
         answers: dict[int, Classified] = {}

@@ -30,8 +30,10 @@ from adaptgate.api.malformed import MalformedRequestInterceptor
 from adaptgate.api.roles import Plane, role_interceptor, serves, serves_service
 from adaptgate.api.rpc import RpcRuntime
 from adaptgate.api.uploads import SizeLimit, Uploads
+from adaptgate.engine.batcher import BatchStats
 from adaptgate.engine.engine import Engine, EngineConfig
 from adaptgate.engine.model import BaseModel, load_base_model
+from adaptgate.engine.rate import RowRate
 from adaptgate.engine.thread import EngineThread
 from adaptgate.inference import Inference
 from adaptgate.metrics import Metrics
@@ -97,14 +99,18 @@ def _tokens(settings: Settings) -> TokenAuthenticator:
     return TokenAuthenticator(load_tokens(path))
 
 
-def _engine(settings: Settings, base: BaseModel, metrics: Metrics, thread: EngineThread) -> Engine:
+def _engine(settings: Settings, base: BaseModel, metrics: Metrics, thread: EngineThread, rate: RowRate) -> Engine:
     config = EngineConfig(
         n_slots=settings.max_loaded_adapters, max_rank=settings.max_lora_rank, max_labels=settings.max_labels,
         max_batch_tokens=settings.max_batch_tokens, max_wait_s=settings.max_batch_wait_ms / 1000,
         max_queue_rows=settings.max_queue_texts, max_input_tokens=settings.max_input_tokens,
         cpu_kernels=settings.cpu_kernels == "auto",
     )
-    engine = Engine(base, config, metrics.observe_batch, thread)
+    def on_batch(stats: BatchStats) -> None:
+        metrics.observe_batch(stats)
+        rate.observe(stats)
+
+    engine = Engine(base, config, on_batch, thread)
     metrics.track_queue(lambda: engine.queued_rows)
     return engine
 
@@ -163,7 +169,8 @@ async def build(settings: Settings) -> Gateway:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     thread = EngineThread(settings.torch_threads)  # before any other torch work (engine.thread says why)
     metrics = Metrics(max_adapter_labels=settings.metrics_max_adapter_labels)
-    runtime = RpcRuntime(_tokens(settings), metrics, TenantAdmission(settings.max_inflight_per_tenant))
+    rate = RowRate()  # the engine measures it, admission reads it (deadline-aware refusals)
+    runtime = RpcRuntime(_tokens(settings), metrics, TenantAdmission.from_settings(settings, rate))
     runner = RayRunner(
         settings.ray_address, settings.ray_num_cpus, settings.training_cpus, checkpoint_root=settings.checkpoints_dir
     ) if serves(settings.role, Plane.CONTROL) else None  # an inference replica opens no job state (api/roles.py)
@@ -172,7 +179,7 @@ async def build(settings: Settings) -> Gateway:
     if runner is not None and runner.address is not None:  # a cluster: join now, so a wrong address fails the start
         startup.append(asyncio.to_thread(runner.start))
     base, *_ = await asyncio.gather(*startup)  # a local Ray starts with the first job (RayRunner.run)
-    engine = _engine(settings, base, metrics, thread)
+    engine = _engine(settings, base, metrics, thread, rate)
     engine.start()
     validator = AdapterValidator(base.spec, settings.max_lora_rank, settings.max_labels)
     quotas = StorageQuotas(StorageLimits.from_settings(settings))  # adapters and datasets share each tenant's quota

@@ -36,7 +36,9 @@ class Settings(BaseSettings):
     torch_threads: int = Field(0, description="Intra-op threads for the engine thread (0 = OMP_NUM_THREADS, else every core).")
     max_batch_tokens: int = Field(2048, description="Tokens per forward pass: real ones where the encoder packs rows, padded ones otherwise.")
     max_batch_wait_ms: float = Field(2.0, description="How long a batch waits for company.")
-    max_queue_texts: int = Field(4096, description="Queued texts beyond which requests get RESOURCE_EXHAUSTED.")
+    max_queue_texts: int = Field(
+        4096, description="Texts admitted and unanswered, all tenants together, beyond which requests get RESOURCE_EXHAUSTED."
+    )
     max_texts_per_request: int = Field(512, description="Texts in one Embed/Classify request.")
     max_input_tokens: int = Field(0, description="Token limit per text (0 = the model's own limit).")
     max_message_bytes: int = Field(16 * 1024 * 1024, description="Largest gRPC message accepted.")
@@ -62,6 +64,24 @@ class Settings(BaseSettings):
     max_datasets_per_tenant: int = Field(100, description="Datasets one tenant may store (0 = no limit).")
     max_storage_bytes: int = Field(0, description="Stored bytes of all tenants together (0 = no limit but the disk).")
     max_inflight_per_tenant: int = Field(64, description="Embed/Classify requests one tenant may have in flight (0 = no limit).")
+    max_queued_texts_per_tenant: int = Field(
+        1024,
+        description="Texts one tenant may have admitted and unanswered (a Classify's count once per adapter); past it "
+        "RESOURCE_EXHAUSTED, a request larger than it INVALID_ARGUMENT; checked before tokenizing (0 = max_queue_texts only).",
+    )
+    max_leased_adapters_per_tenant: int = Field(
+        16,
+        description="Distinct adapters one tenant's requests in flight may use at once, so one tenant cannot pin every "
+        "adapter slot; checked before resolving any (0 = max_loaded_adapters only).",
+    )
+    refusal_rate_per_tenant: float = Field(
+        20.0,
+        description="RESOURCE_EXHAUSTED refusals per second one tenant gets at once (a burst of one second's worth); "
+        "past it each is held until its turn, so retrying without backoff cannot spend the server's CPU (0 = never held).",
+    )
+    refusal_rate: float = Field(
+        200.0, description="The same pacing for all tenants' refusals together (0 = never held)."
+    )
     reflection: bool = Field(True, description="Serve gRPC server reflection (turn off in production if you prefer).")
     drain_seconds: float = Field(10.0, description="On SIGTERM: how long in-flight RPCs get to finish.")
     max_loaded_adapters: int = Field(64, description="Adapter slots resident in the engine (LRU beyond).")

@@ -41,20 +41,38 @@ def test_padding_free_batches_count_real_tokens_and_bound_the_grid() -> None:
 
 
 class Recorder:
-    """A fake forward: records batch sizes, optionally blocks until released."""
+    """A fake forward: records batch sizes, optionally blocks until released; `entered` is set once a batch runs."""
 
     def __init__(self, gate: threading.Event | None = None, fail: bool = False) -> None:
         self.sizes: list[int] = []
         self.gate = gate
         self.fail = fail
+        self.entered = threading.Event()
 
     def __call__(self, rows: list[Row]) -> list[RowResult]:
+        self.entered.set()
         if self.gate:
             self.gate.wait(5)
         if self.fail:
             raise RuntimeError("boom")
         self.sizes.append(len(rows))
         return [RowResult(probabilities=None, embedding=None) for _ in rows]
+
+
+async def submitted(batcher: Batcher, rows: list[Row]) -> asyncio.Task[list[RowResult]]:
+    """Submits in a task and returns once the rows are queued: the task's first step (which queues them)
+    was scheduled before the marker's callback, and the loop runs callbacks in order."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(batcher.submit(rows))
+    marker = loop.create_future()
+    loop.call_soon(marker.set_result, None)
+    await marker
+    return task
+
+
+async def running(recorder: Recorder) -> None:
+    """Waits until the fake forward has a batch in hand."""
+    assert await asyncio.to_thread(recorder.entered.wait, 5), "no batch reached the forward"
 
 
 async def with_batcher(run, limits: BatcherLimits, body):
@@ -80,12 +98,13 @@ def test_concurrent_requests_share_forward_passes() -> None:
 
 def test_full_queue_rejects_at_once() -> None:
     gate = threading.Event()
+    recorder = Recorder(gate)
 
     async def body(batcher: Batcher) -> None:
-        first = asyncio.ensure_future(batcher.submit([Row([1])] * 4))
-        await asyncio.sleep(0.05)  # the first batch is running (blocked); now fill the queue
-        queued = asyncio.ensure_future(batcher.submit([Row([1])] * 4))
-        await asyncio.sleep(0.01)
+        first = await submitted(batcher, [Row([1])] * 4)
+        await running(recorder)  # the first batch is running (blocked); now fill the queue
+        queued = await submitted(batcher, [Row([1])] * 4)
+        assert batcher.queued_rows == 4
         started = time.monotonic()
         with pytest.raises(QueueFull, match="queue is full"):
             await batcher.submit([Row([1])])
@@ -93,7 +112,7 @@ def test_full_queue_rejects_at_once() -> None:
         gate.set()
         await asyncio.gather(first, queued)
 
-    asyncio.run(with_batcher(Recorder(gate), BatcherLimits(10_000, 0.0, 4), body))
+    asyncio.run(with_batcher(recorder, BatcherLimits(10_000, 0.0, 4), body))
 
 
 def test_expired_rows_never_reach_the_model() -> None:
@@ -124,11 +143,12 @@ def test_a_cancelled_request_is_dropped_before_compute() -> None:
     recorder = Recorder(gate)
 
     async def body(batcher: Batcher) -> None:
-        first = asyncio.ensure_future(batcher.submit([Row([1])]))
-        await asyncio.sleep(0.05)  # the first batch is running (blocked)
-        doomed = asyncio.ensure_future(batcher.submit([Row([2])] * 3))
-        await asyncio.sleep(0.01)
+        first = await submitted(batcher, [Row([1])])
+        await running(recorder)  # the first batch is running (blocked)
+        doomed = await submitted(batcher, [Row([2])] * 3)
         doomed.cancel()
+        await asyncio.gather(doomed, return_exceptions=True)  # its rows' futures are cancelled now
+        assert batcher.queued_rows == 3  # still queued: dropped when the batcher reaches them
         gate.set()
         await first
         assert len(await batcher.submit([Row([3])])) == 1

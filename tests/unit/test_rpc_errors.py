@@ -191,13 +191,22 @@ def test_tokens_are_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch) -
 
 
 @pytest.mark.parametrize(
-    ("name", "reason"),
-    [("UploadTooLarge", "upload_too_large"), ("UploadsBusy", "uploads_busy"), ("QuotaExceeded", "quota_exceeded")],
+    ("module", "name", "reason"),
+    [
+        ("adaptgate.errors", "UploadTooLarge", "upload_too_large"),
+        ("adaptgate.errors", "UploadsBusy", "uploads_busy"),
+        ("adaptgate.errors", "QuotaExceeded", "quota_exceeded"),
+        ("adaptgate.api.admission", "TenantBusy", "tenant_busy"),
+        ("adaptgate.api.admission", "TenantQueueFull", "tenant_queue_full"),
+        ("adaptgate.api.admission", "TenantAdaptersBusy", "tenant_adapters_busy"),
+        ("adaptgate.api.admission", "AdapterSlotsBusy", "adapter_slots_busy"),
+        ("adaptgate.api.admission", "DeadlineTooShort", "deadline_too_short"),
+    ],
 )
-def test_storage_refusals_are_resource_exhausted_with_a_retry_hint_and_counted_by_reason(name: str, reason: str) -> None:
-    from adaptgate import errors
+def test_refusals_are_resource_exhausted_with_a_retry_hint_and_counted_by_reason(module: str, name: str, reason: str) -> None:
+    import importlib
 
-    servicer = Servicer(getattr(errors, name)("a sentence naming the limit"))
+    servicer = Servicer(getattr(importlib.import_module(module), name)("a sentence naming the limit"))
     context = FakeContext()
     with pytest.raises(Aborted) as aborted:
         asyncio.run(servicer.Unary(None, context))

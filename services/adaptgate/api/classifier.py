@@ -34,8 +34,10 @@ class ClassifierServicer(classifier_pb2_grpc.ClassifierServicer):
             raise InvalidArgument("give either adapter or adapters, not both")
         names = list(request.adapters) or [request.adapter]
         refs = [principal.adapter(name) for name in names]
-        with self.runtime.admission.admit(principal.tenant):
-            answers = await self.inference.classify(list(request.texts), refs, request.truncate, deadline_of(context))
+        texts, deadline = list(request.texts), deadline_of(context)
+        # Rows: one forward per text and adapter at most (head-only adapters share one, known only once resolved).
+        async with self.runtime.admission.admitted(principal.tenant, len(texts) * len(refs), refs, deadline):
+            answers = await self.inference.classify(texts, refs, request.truncate, deadline, principal.tenant)
         self.runtime.metrics.texts.labels("Classify").inc(len(request.texts) * len(answers))
         by_adapter = [
             pb.AdapterResults(

@@ -61,9 +61,10 @@ class EmbeddingsServicer(embeddings_pb2_grpc.EmbeddingsServicer):
     ) -> pb.EmbedResponse:
         ref = principal.adapter(request.adapter) if request.adapter else None
         normalize = request.normalize if request.HasField("normalize") else True
-        with self.runtime.admission.admit(principal.tenant):
+        texts, deadline = list(request.texts), deadline_of(context)
+        async with self.runtime.admission.admitted(principal.tenant, len(texts), (ref,) if ref else (), deadline):
             out = await self.inference.embed(
-                list(request.texts), ref, POOLING.get(request.pooling), normalize, request.truncate, deadline_of(context)
+                texts, ref, POOLING.get(request.pooling), normalize, request.truncate, deadline, principal.tenant
             )
         self.runtime.metrics.texts.labels(method).inc(len(out.vectors))
         if request.encoding == pb.ENCODING_BYTES_F32:

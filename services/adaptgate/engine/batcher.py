@@ -5,11 +5,21 @@ how long the first row waits; rows are grouped by length to cut padding. A full 
 once (QueueFull) instead of queueing forever; rows whose caller went away or whose deadline passed
 are dropped before compute. A batch that runs out of device memory is retried in halves, so only
 the rows that cannot fit on their own fail (RESOURCE_EXHAUSTED) and their batch mates are answered.
+
+Fair across tenants: every queue key (`Row.tenant`) has its own FIFO, and rows are taken from them
+by deficit round robin with a quantum in tokens, so backlogged tenants share the forward passes'
+tokens evenly and a light tenant's rows go into the next batch, however long a heavy tenant's
+backlog. With a single tenant queued the batcher looks a few batches ahead (better length groups);
+when another tenant arrives meanwhile, the rows not yet run go back to their queues and the next
+take is a short one, one quantum per tenant queued, so the newcomer waits for the batch running
+and a small batch of its own, not for the look-ahead or a full batch of someone else's rows. The
+batch after that is half size: a tenant sending one request at a time is back before it ends.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import time
 from collections import deque
 from collections.abc import Callable
@@ -26,6 +36,11 @@ RunBatch = Callable[[list[Row]], list[RowResult]]
 # A padding-free forward still lays its batch out as rows x longest row for the embeddings and the
 # pooling (hidden-size wide, no FFN): that grid may reach this many times the token budget.
 PADDING_FREE_GRID_FACTOR = 8
+# Batches' worth of rows taken at once while one tenant alone is queued: more rows to group by length.
+LOOKAHEAD_BATCHES = 4
+# Deficit round robin: tokens a backlogged tenant may take per turn, as a share of the batch budget.
+# Small enough that several tenants meet in one batch; a row longer than the quantum waits a few turns.
+QUANTUM_SHARE = 8
 
 
 @dataclass
@@ -66,12 +81,24 @@ def run_splitting_on_oom(run_batch: RunBatch, rows: list[Row]) -> list[RowResult
     return run_splitting_on_oom(run_batch, rows[:half]) + run_splitting_on_oom(run_batch, rows[half:])
 
 
+class Round(enum.Enum):
+    """How much the next take may hold (see Batcher._take_budget)."""
+
+    NORMAL = "normal"  # a few batches' worth for a lone tenant, one batch's worth among several
+    NEWCOMER = "newcomer"  # one quantum per tenant queued: a tenant that just arrived goes out at once
+    SETTLING = "settling"  # half a batch: a tenant sending one request at a time comes back meanwhile
+
+
 @dataclass
 class BatcherLimits:
     max_batch_tokens: int
     max_wait_s: float
     max_queue_rows: int
     padding_free: bool = False  # the forward packs rows, so its cost is real tokens (engine.packed)
+
+    @property
+    def quantum_tokens(self) -> int:
+        return max(1, self.max_batch_tokens // QUANTUM_SHARE)
 
 
 @dataclass
@@ -100,6 +127,99 @@ def plan_batches(items: list[_Pending], max_batch_tokens: int, padding_free: boo
     return batches
 
 
+class FairQueues:
+    """Per-key FIFOs served by deficit round robin (Shreedhar & Varghese), the cost of a row its tokens.
+
+    `active` holds the keys with queued rows in turn order; the key in front may be mid-turn (its
+    quantum granted, some deficit left) when a take ran out of budget, and goes on next take.
+    A key whose queue empties leaves the rotation and forgets its deficit, as DRR prescribes.
+    """
+
+    def __init__(self, quantum: int) -> None:
+        self.quantum = quantum
+        self.rows = 0  # queued rows, live or not, in all queues
+        self._queues: dict[str, deque[_Pending]] = {}
+        self._active: deque[str] = deque()
+        self._deficit: dict[str, int] = {}
+        self._turn: str | None = None  # the key in front whose quantum is granted for this turn
+
+    @property
+    def keys(self) -> int:
+        return len(self._active)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._queues
+
+    def push(self, item: _Pending) -> None:
+        self._queue_of(item.row.tenant).append(item)
+        self.rows += 1
+
+    def push_front(self, items: list[_Pending]) -> None:
+        """Rows taken but not run go back to the heads of their queues, in their order."""
+        for item in reversed(items):
+            self._queue_of(item.row.tenant).appendleft(item)
+            self.rows += 1
+
+    def _queue_of(self, key: str) -> deque[_Pending]:
+        queue = self._queues.get(key)
+        if queue is None:
+            queue = self._queues[key] = deque()
+            self._active.append(key)
+            self._deficit[key] = 0
+        return queue
+
+    def take(self, budget: int) -> list[_Pending]:
+        """Live rows worth about `budget` tokens in fair order; dead rows (cancelled, expired) are dropped."""
+        taken: list[_Pending] = []
+        while self._active and budget > 0:
+            key = self._active[0]
+            if self._turn != key:
+                self._turn = key
+                self._deficit[key] += self.quantum
+            queue = self._queues[key]
+            budget = self._serve(key, queue, budget, taken)
+            if not queue:
+                self._retire(key)
+            elif budget <= 0 and self._deficit[key] >= len(queue[0].row.input_ids):
+                break  # out of budget mid-turn: the turn goes on next take
+            else:
+                self._active.rotate(-1)
+                self._turn = None
+        return taken
+
+    def _serve(self, key: str, queue: deque[_Pending], budget: int, taken: list[_Pending]) -> int:
+        while queue and budget > 0:
+            item = queue[0]
+            if _dead(item):
+                queue.popleft()
+                self.rows -= 1
+                continue
+            cost = len(item.row.input_ids)
+            if cost > self._deficit[key]:
+                break
+            queue.popleft()
+            self.rows -= 1
+            self._deficit[key] -= cost
+            budget -= cost
+            taken.append(item)
+        return budget
+
+    def _retire(self, key: str) -> None:
+        self._active.popleft()
+        del self._queues[key], self._deficit[key]
+        self._turn = None
+
+
+def _dead(item: _Pending) -> bool:
+    """A row nobody waits for any more; an expired one is answered DEADLINE_EXCEEDED on the way out."""
+    if item.future.done():
+        return True
+    if item.row.deadline is not None and time.monotonic() > item.row.deadline:
+        item.future.set_exception(DeadlineExceeded("the request's deadline passed while it was queued"))
+        return True
+    return False
+
+
 class Batcher:
     def __init__(
         self,
@@ -112,13 +232,15 @@ class Batcher:
         self._executor = executor
         self._limits = limits
         self._on_batch = on_batch
-        self._queue: deque[_Pending] = deque()
+        self._queues = FairQueues(limits.quantum_tokens)
+        self._running: set[str] = set()  # keys of the rows of the current take
+        self._newcomer = False  # a key outside the current take queued rows meanwhile
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     @property
     def queued_rows(self) -> int:
-        return len(self._queue)
+        return self._queues.rows
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="batcher")
@@ -129,14 +251,16 @@ class Batcher:
             await asyncio.gather(self._task, return_exceptions=True)
 
     async def submit(self, rows: list[Row]) -> list[RowResult]:
-        if len(self._queue) + len(rows) > self._limits.max_queue_rows:
+        if self._queues.rows + len(rows) > self._limits.max_queue_rows:
             raise QueueFull(
-                f"the server queue is full ({len(self._queue)} texts waiting, limit "
+                f"the server queue is full ({self._queues.rows} texts waiting, limit "
                 f"{self._limits.max_queue_rows}); retry with backoff"
             )
         loop = asyncio.get_running_loop()
         pending = [_Pending(row, loop.create_future()) for row in rows]
-        self._queue.extend(pending)
+        for p in pending:
+            self._newcomer = self._newcomer or (p.row.tenant not in self._running and p.row.tenant not in self._queues)
+            self._queues.push(p)
         self._wakeup.set()
         try:
             return list(await asyncio.gather(*(p.future for p in pending)))
@@ -145,21 +269,6 @@ class Batcher:
                 p.future.cancel()
             raise
 
-    def _take(self) -> list[_Pending]:
-        """Up to a few batches' worth of live rows; the rest wait for the next round."""
-        budget = self._limits.max_batch_tokens * 4
-        taken: list[_Pending] = []
-        while self._queue and budget > 0:
-            item = self._queue.popleft()
-            if item.future.done():
-                continue
-            if item.row.deadline is not None and time.monotonic() > item.row.deadline:
-                item.future.set_exception(DeadlineExceeded("the request's deadline passed while it was queued"))
-                continue
-            taken.append(item)
-            budget -= len(item.row.input_ids)
-        return taken
-
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
@@ -167,9 +276,37 @@ class Batcher:
             self._wakeup.clear()
             if self._limits.max_wait_s > 0:
                 await asyncio.sleep(self._limits.max_wait_s)
-            while self._queue:
-                for batch in plan_batches(self._take(), self._limits.max_batch_tokens, self._limits.padding_free):
-                    await self._run(loop, batch)
+            kind = Round.NORMAL
+            while self._queues.rows:
+                kind = await self._round(loop, kind)
+
+    def _take_budget(self, kind: Round) -> int:
+        keys, budget = self._queues.keys, self._limits.max_batch_tokens
+        if kind is Round.NEWCOMER:
+            return min(budget, self._queues.quantum * keys)
+        if kind is Round.SETTLING:
+            return budget // 2
+        return budget * (LOOKAHEAD_BATCHES if keys <= 1 else 1)
+
+    async def _round(self, loop: asyncio.AbstractEventLoop, kind: Round) -> Round:
+        """One take, cut into batches by length; returns the kind of the next. A newcomer ends the
+        take after the batch running, and the rows not run go back to the heads of their queues."""
+        taken = self._queues.take(self._take_budget(kind))
+        self._running = {p.row.tenant for p in taken}
+        self._newcomer = False
+        batches = plan_batches(taken, self._limits.max_batch_tokens, self._limits.padding_free)
+        try:
+            for k, batch in enumerate(batches):
+                if k and self._newcomer:
+                    ran = {id(p) for b in batches[:k] for p in b}
+                    self._queues.push_front([p for p in taken if id(p) not in ran])
+                    break
+                await self._run(loop, batch)
+        finally:
+            self._running = set()
+        if self._newcomer:
+            return Round.NEWCOMER
+        return Round.SETTLING if kind is Round.NEWCOMER else Round.NORMAL
 
     async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending]) -> None:
         batch = [p for p in batch if not p.future.done()]

@@ -17,6 +17,7 @@ class Row:
     pooling: Pooling | None = None  # set when the row wants an embedding
     normalize: bool = True
     deadline: float | None = None  # time.monotonic() after which the row is dropped unrun
+    tenant: str = ""  # the batcher's fair-queueing key: rows of one tenant share a queue (engine.batcher)
 
 
 @dataclass
