@@ -11,7 +11,6 @@ import time
 from dataclasses import dataclass
 
 import grpc
-import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
@@ -159,10 +158,20 @@ async def _control_plane(
     limits = JobLimits(
         settings.max_active_jobs_per_tenant, settings.max_active_jobs, settings.max_job_seconds, settings.max_lora_rank
     )
-    jobs = JobManager(database, datasets, runner, publish, base.path, limits)
+    jobs = JobManager(database, datasets, runner, publish, base.path, limits, base_fingerprint=base.spec.fingerprint)
     await jobs.start()
     metrics.track_jobs(jobs.counts_by_state)
     return ControlPlane(datasets, jobs)
+
+
+def ray_runner(settings: Settings) -> RayRunner | None:
+    """The job runner of a control-plane replica; an inference replica opens no job state (api/roles.py)."""
+    if not serves(settings.role, Plane.CONTROL):
+        return None
+    return RayRunner(
+        settings.ray_address, settings.ray_num_cpus, settings.training_cpus, checkpoint_root=settings.checkpoints_dir,
+        task_gpus=settings.training_gpus,
+    )
 
 
 async def build(settings: Settings) -> Gateway:
@@ -171,9 +180,7 @@ async def build(settings: Settings) -> Gateway:
     metrics = Metrics(max_adapter_labels=settings.metrics_max_adapter_labels)
     rate = RowRate()  # the engine measures it, admission reads it (deadline-aware refusals)
     runtime = RpcRuntime(_tokens(settings), metrics, TenantAdmission.from_settings(settings, rate))
-    runner = RayRunner(
-        settings.ray_address, settings.ray_num_cpus, settings.training_cpus, checkpoint_root=settings.checkpoints_dir
-    ) if serves(settings.role, Plane.CONTROL) else None  # an inference replica opens no job state (api/roles.py)
+    runner = ray_runner(settings)
     load = functools.partial(load_base_model, settings.base_model, settings.dtype, settings.device)
     startup = [asyncio.get_running_loop().run_in_executor(thread.executor, load)]
     if runner is not None and runner.address is not None:  # a cluster: join now, so a wrong address fails the start

@@ -102,6 +102,7 @@ class Settings(BaseSettings):
     )
     ray_num_cpus: int = Field(0, description="CPUs of the local Ray (0 = all).")
     training_cpus: float = Field(1.0, description="CPUs one training job reserves on Ray.")
+    training_gpus: float = Field(0.0, description="GPUs one training job reserves on Ray (0 = CPU workers).")
     max_active_jobs_per_tenant: int = Field(4, description="Queued or running finetuning jobs one tenant may have (0 = no limit).")
     max_active_jobs: int = Field(32, description="Queued or running finetuning jobs of all tenants together (0 = no limit).")
     max_job_seconds: int = Field(

@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from adaptgate.engine.model import BaseModel, load_base_model
+from adaptgate.engine.model import BaseModel
 from adaptgate.training.evaluation import confusion_matrix
 from adaptgate.training.head_embed import embed_texts
 from adaptgate.training.head_fit import Evaluation, FitConfig, FittedHead, TrainingDiverged, fit_linear_head
 from adaptgate.training.head_split import Split, stratified_split
 from adaptgate.training.updates import Report, make_update
+from adaptgate.training.worker_base import load_training_base
 
 __all__ = ["HeadParams", "HeadResult", "TrainingDiverged", "train_head"]
 
@@ -39,6 +39,7 @@ class HeadParams:
     eval_every: int = 25
     dtype: str = "auto"
     device: str = "auto"
+    base_fingerprint: str = ""  # the gateway's base model; the worker refuses another ("" = not checked)
 
     def fit_config(self) -> FitConfig:
         return FitConfig(
@@ -67,7 +68,7 @@ def label_order(labels: list[str]) -> list[str]:
 
 def _load(model_dir: str, params: HeadParams, report: Report) -> BaseModel:
     started = time.monotonic()
-    base = load_base_model(Path(model_dir), dtype=params.dtype, device=params.device)
+    base = load_training_base(model_dir, params.base_fingerprint, params.dtype, params.device)
     took = time.monotonic() - started
     message = f"loaded base model {base.spec.model_type} (hidden {base.spec.hidden_size}, {base.dtype}) in {took:.1f} s"
     report(make_update("log", message, LOADED))

@@ -89,18 +89,20 @@ def failure_message(exc: Exception) -> str:
     return internal_error("the job failed with an internal error", exc)
 
 
-def training_params(record: JobRecord, default_rank: int = DEFAULT_RANK) -> TrainParams:
-    """The runner's parameters for a job record (the record keeps what the tenant asked for; 0 = defaults)."""
+def training_params(record: JobRecord, default_rank: int = DEFAULT_RANK, base_fingerprint: str = "") -> TrainParams:
+    """The runner's parameters for a job record (the record keeps what the tenant asked for; 0 = defaults);
+    `base_fingerprint` is the gateway's base model, which the worker checks its own against."""
     if record.method in ("lora", "embed"):
         kind = EmbedParams if record.method == "embed" else LoraParams
         return kind(
             validation_fraction=record.validation_fraction, epochs=record.epochs, learning_rate=record.learning_rate,
             seed=record.seed, batch_size=record.batch_size, rank=record.lora_rank or default_rank,
             max_tokens=record.max_tokens, max_steps=record.max_steps, auto=record.auto,
+            base_fingerprint=base_fingerprint,
         )
     return HeadParams(
         validation_fraction=record.validation_fraction, epochs=record.epochs,
-        learning_rate=record.learning_rate, seed=record.seed,
+        learning_rate=record.learning_rate, seed=record.seed, base_fingerprint=base_fingerprint,
     )
 
 
@@ -129,15 +131,17 @@ def result_files(record: JobRecord, result: TrainResult) -> dict[str, bytes]:
 class JobManager:
     def __init__(
         self, db: Database, datasets: DatasetStore, runner: Runner, publish: Publish, model_dir: Path,
-        limits: JobLimits = JobLimits(), sleep: Sleep = asyncio.sleep,
+        limits: JobLimits = JobLimits(), sleep: Sleep = asyncio.sleep, *, base_fingerprint: str = "",
     ) -> None:
-        """`sleep` is the clock the time limits wait on (tests pass one they control)."""
+        """`sleep` is the clock the time limits wait on (tests pass one they control); `base_fingerprint`
+        is the base model at `model_dir` as the gateway loaded it, which workers check theirs against."""
         self._db = db
         self._store = JobStore(db)
         self._datasets = datasets
         self._runner = runner
         self._publish = publish
         self._model_dir = Path(model_dir)
+        self._base_fingerprint = base_fingerprint
         self._limits = limits
         self._sleep = sleep
         self._signals = JobSignals()
@@ -371,7 +375,7 @@ class JobManager:
     async def _train(self, record: JobRecord, run: _Run) -> TrainResult:
         dataset = await self._db.run(self._datasets.get, None, record.dataset_id)
         texts, labels = await asyncio.to_thread(self._datasets.load, dataset)
-        params = training_params(record, min(DEFAULT_RANK, self._limits.max_lora_rank))
+        params = training_params(record, min(DEFAULT_RANK, self._limits.max_lora_rank), self._base_fingerprint)
         on_event = functools.partial(self._on_update, record, run)
         return await self._runner.run(record.id, texts, labels, str(self._model_dir), params, on_event)
 

@@ -23,13 +23,12 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from adaptgate.engine.model import BaseModel, load_base_model
+from adaptgate.engine.model import BaseModel
 from adaptgate.training.checkpoints import CheckpointDir, load_optimizer, optimizer_tensors, signature
 from adaptgate.training.evaluation import Scores, describe_confusion, score
 from adaptgate.training.head import label_order
@@ -39,6 +38,7 @@ from adaptgate.training.htsr import BlockRate, describe, hill_alpha, multipliers
 from adaptgate.training.lora_data import epoch_batches, eval_batches, pad, steps_per_epoch, tokenize
 from adaptgate.training.lora_model import LoraClassifier, block_count, block_of, default_first_block, select_targets
 from adaptgate.training.updates import Report, make_update
+from adaptgate.training.worker_base import load_training_base
 
 __all__ = ["LoraParams", "LoraResult", "TrainingDiverged", "train_lora"]
 
@@ -85,10 +85,12 @@ class LoraParams:
     dtype: str = "auto"
     device: str = "auto"
     checkpoint_dir: str = ""
+    base_fingerprint: str = ""  # the gateway's base model; the worker refuses another ("" = not checked)
 
     def identity(self) -> dict[str, Any]:
-        """What makes two runs the same run (for checkpoint signatures): everything but where to save."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "checkpoint_dir"}
+        """What makes two runs the same run (for checkpoint signatures): everything but where to save
+        and the base model check (a resumed run on another base fails that check before it loads a checkpoint)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("checkpoint_dir", "base_fingerprint")}
 
 
 @dataclass(kw_only=True)
@@ -202,7 +204,7 @@ class _Trainer:
 
     def _load(self, model_dir: str) -> BaseModel:
         began = time.monotonic()
-        base = load_base_model(Path(model_dir), dtype=self.params.dtype, device=self.params.device)
+        base = load_training_base(model_dir, self.params.base_fingerprint, self.params.dtype, self.params.device)
         took = time.monotonic() - began
         self.report(make_update(
             "log", f"loaded base model {base.spec.model_type} (hidden {base.spec.hidden_size}, {base.dtype}) in {took:.1f} s", LOADED,

@@ -198,11 +198,22 @@ async def test_an_internal_worker_error_reaches_the_job_as_a_sentence_and_an_err
     runner: RayRunner, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Tenants read a sentence; the worker's exception (paths, library internals) goes to the log only."""
-    missing = tmp_path / "no-model-here"
+    broken = tmp_path / "no-model-here"
+    broken.mkdir()  # there, but holds no model: transformers fails inside the worker
     with pytest.raises(TrainingFailed) as info:
-        await asyncio.wait_for(runner.run("job-internal", TEXTS, LABELS, str(missing), HeadParams(), ignore), 120)
+        await asyncio.wait_for(runner.run("job-internal", TEXTS, LABELS, str(broken), HeadParams(), ignore), 120)
     error_id = internal_error_id(str(info.value), "the training task failed with an internal error")
     assert "no-model-here" not in str(info.value) and logged_with(caplog, error_id, "no-model-here")
+
+
+async def test_a_worker_without_the_base_model_fails_the_job_with_the_fix(runner: RayRunner, tmp_path: Path) -> None:
+    missing = tmp_path / "models" / "base"
+    with pytest.raises(TrainingFailed) as info:
+        await asyncio.wait_for(runner.run("job-no-model", TEXTS, LABELS, str(missing), HeadParams(), ignore), 120)
+    assert str(info.value) == (
+        f"the Ray worker cannot find the base model at {missing}; "
+        "mount the gateway's model directory on the Ray workers at the same path"
+    )
 
 
 async def test_a_failing_event_handler_stops_the_worker(runner: RayRunner, tiny_model_dir: Path) -> None:
