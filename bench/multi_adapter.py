@@ -6,7 +6,7 @@ adapters (saved by PEFT, loaded by adaptgate from those files) and the same batc
 Also: adapter load-to-live latency through the store and cache (cache miss to a live slot), and
 model FLOP utilisation against this device's own measured bf16 matmul peak.
 
-GPU run (issue 3/7's figures): `--bert-base --seq-len 128 --batch 256 --rank 16` builds a randomly
+GPU run (the figures to compare on a GPU): `--bert-base --seq-len 128 --batch 256 --rank 16` builds a randomly
 initialised BERT-base-sized encoder (768 hidden, 12 layers) and feeds fixed-length synthetic rows.
 On CUDA the mixed batches run on both LoRA paths in the same rounds: the gathered bmm, and
 engine.lora_triton's fused GEMM (written without a GPU at hand: this A/B is its first measurement).

