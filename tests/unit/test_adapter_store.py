@@ -187,3 +187,30 @@ def test_delete_rpc_waits_for_requests_holding_the_version_and_hides_other_tenan
         await engine.stop()
 
     asyncio.run(body())
+
+
+def test_two_replicas_sharing_the_store_publish_distinct_versions(tmp_path: Path, base, files) -> None:
+    """Control replicas share one adapter volume: a version number another replica took first is skipped, never
+    overwritten or failed on."""
+    import threading
+
+    replicas = [AdapterStore(tmp_path / "adapters", AdapterValidator(base.spec, 8, 8)) for _ in range(2)]
+    start, published, errors = threading.Barrier(2), [], []
+
+    def publish(store: AdapterStore, index: int) -> None:
+        start.wait()
+        for i in range(12):
+            try:
+                published.append(str(store.publish("acme", "spam", files, source=f"job:r{index}-{i}").ref))
+            except Exception as exc:  # noqa: BLE001 - collected for the assertion
+                errors.append(exc)
+
+    threads = [threading.Thread(target=publish, args=(store, i)) for i, store in enumerate(replicas)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert sorted(published) == sorted(f"acme/spam@v{v}" for v in range(1, 25))
+    sources = {r.source for r in replicas[0].list("acme")}
+    assert sources == {f"job:r{r}-{i}" for r in range(2) for i in range(12)}

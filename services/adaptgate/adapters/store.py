@@ -12,6 +12,7 @@ never write) is skipped, never an error.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -164,16 +165,29 @@ class AdapterStore:
             with self._lock:
                 _make_dirs(adapter_dir)
                 version = max([*self._versions(adapter_dir), self._last_version(adapter_dir)]) + 1
-                record = AdapterRecord(
-                    tenant, name, version, weights.labels, weights.rank, weights.target_modules,
-                    weights.size_bytes, time.time(), source,
-                )
-                write_synced(staging / RECORD_FILE, json.dumps(asdict(record)).encode())
-                fsync_dir(staging)
-                write_atomically(adapter_dir / VERSION_FILE, json.dumps({"last": version}).encode())
-                os.rename(staging, adapter_dir / f"v{version}")
+                while not self._claim_version(staging, AdapterRef(tenant, name, version), weights, source):
+                    version += 1  # another replica sharing the store took this number first
                 fsync_dir(adapter_dir)
         return version
+
+    def _claim_version(self, staging: Path, ref: AdapterRef, weights: AdapterWeights, source: str) -> bool:
+        """Renames the staged version into place as `ref`'s version; False when that directory exists
+        already (a rename onto a non-empty directory fails, so two writers can never share a number)."""
+        adapter_dir, version = self._adapter_dir(ref.tenant, ref.name), ref.version
+        record = AdapterRecord(
+            ref.tenant, ref.name, version, weights.labels, weights.rank, weights.target_modules, weights.size_bytes,
+            time.time(), source,
+        )
+        write_synced(staging / RECORD_FILE, json.dumps(asdict(record)).encode())
+        fsync_dir(staging)
+        write_atomically(adapter_dir / VERSION_FILE, json.dumps({"last": version}).encode())
+        try:
+            os.rename(staging, adapter_dir / f"v{version}")
+        except OSError as exc:
+            if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                return False
+            raise
+        return True
 
     def _finish(self, ref: AdapterRef, alias: str) -> AdapterRecord:
         if alias:
