@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -40,3 +41,26 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def other_tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Same architecture, different weights: adapters made for it must be refused by the first."""
     return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert-other"), seed=1)
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A throwaway PostgreSQL server for the session (tests/postgres.py); skipped only where none is installed."""
+    from tests.postgres import NOT_INSTALLED, PostgresServer, binaries
+
+    bindir = binaries()
+    if bindir is None:
+        pytest.skip(NOT_INSTALLED)
+    server = PostgresServer(bindir)
+    try:
+        yield server.start().url
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def pg_database_url(postgres_url: str) -> str:
+    """A fresh, empty database on the session's server: tests never see each other's rows."""
+    from tests.postgres import create_database
+
+    return create_database(postgres_url)

@@ -38,7 +38,7 @@ from adaptgate.inference import Inference
 from adaptgate.metrics import Metrics
 from adaptgate.quotas import StorageLimits, StorageQuotas
 from adaptgate.settings import Settings
-from adaptgate.training.database import Database
+from adaptgate.training.database import open_database
 from adaptgate.training.datasets import DatasetStore
 from adaptgate.training.job_validation import JobLimits
 from adaptgate.training.jobs import JobManager, PublishRequest
@@ -148,7 +148,7 @@ class ControlPlane:
 async def _control_plane(
     settings: Settings, base: BaseModel, store: AdapterStore, quotas: StorageQuotas, runner: RayRunner, metrics: Metrics
 ) -> ControlPlane:
-    database = Database(settings.database_path)
+    database = open_database(settings.database_url, settings.database_path)
     datasets = DatasetStore(settings.datasets_dir, database, settings.max_labels, quotas)
 
     def publish(request: PublishRequest) -> str:
@@ -158,7 +158,10 @@ async def _control_plane(
     limits = JobLimits(
         settings.max_active_jobs_per_tenant, settings.max_active_jobs, settings.max_job_seconds, settings.max_lora_rank
     )
-    jobs = JobManager(database, datasets, runner, publish, base.path, limits, base_fingerprint=base.spec.fingerprint)
+    jobs = JobManager(
+        database, datasets, runner, publish, base.path, limits, base_fingerprint=base.spec.fingerprint,
+        owner=settings.replica_name, lease_seconds=settings.job_lease_seconds,
+    )
     await jobs.start()
     metrics.track_jobs(jobs.counts_by_state)
     return ControlPlane(datasets, jobs)
@@ -169,8 +172,8 @@ def ray_runner(settings: Settings) -> RayRunner | None:
     if not serves(settings.role, Plane.CONTROL):
         return None
     return RayRunner(
-        settings.ray_address, settings.ray_num_cpus, settings.training_cpus, checkpoint_root=settings.checkpoints_dir,
-        task_gpus=settings.training_gpus,
+        settings.ray_address, settings.ray_num_cpus, settings.training_cpus, checkpoint_root=settings.checkpoints_dir.uri,
+        task_gpus=settings.training_gpus, task_resources=settings.training_resources,
     )
 
 

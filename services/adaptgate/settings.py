@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import os
+import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, model_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from adaptgate.storage import Storage
 
 # What a replica serves (adaptgate.api.roles has the method registry): all = one machine,
 # inference = the scaled stateless replicas, control = the one replica that owns jobs and writes.
@@ -103,6 +108,27 @@ class Settings(BaseSettings):
     ray_num_cpus: int = Field(0, description="CPUs of the local Ray (0 = all).")
     training_cpus: float = Field(1.0, description="CPUs one training job reserves on Ray.")
     training_gpus: float = Field(0.0, description="GPUs one training job reserves on Ray (0 = CPU workers).")
+    training_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description='Ray custom resources one training job reserves on a cluster, as a JSON object: pins training to a '
+        'worker group, e.g. {"adaptgate-training": 1} (empty = any worker; a local Ray, one node, ignores it).',
+    )
+    database_url: str = Field(
+        "",
+        description="Job database: empty = the SQLite file data_dir/adaptgate.db (one control replica); "
+        "postgresql://user:password@host:5432/db = PostgreSQL, shared by any number of control replicas, each job owned through a lease.",
+    )
+    storage_uri: str = Field(
+        "",
+        description="Where datasets and training checkpoints live: a directory every control replica and Ray worker mounts, "
+        "or a filesystem URI (file://..., or s3://..., gs://... when that fsspec driver is installed); empty = data_dir.",
+    )
+    job_lease_seconds: float = Field(
+        30.0,
+        description="How long a control replica owns a running job without renewing it (renewed every third of it); "
+        "when its owner dies, another replica takes the job over after this and resumes it from its checkpoint.",
+    )
+    replica_id: str = Field("", description="This replica's name in job leases (empty = hostname-pid).")
     max_active_jobs_per_tenant: int = Field(4, description="Queued or running finetuning jobs one tenant may have (0 = no limit).")
     max_active_jobs: int = Field(32, description="Queued or running finetuning jobs of all tenants together (0 = no limit).")
     max_job_seconds: int = Field(
@@ -122,6 +148,12 @@ class Settings(BaseSettings):
         "", description="host:port of the control replica, named in the answer an inference replica gives to writes and job calls."
     )
     log_level: str = Field("INFO", description="Python logging level.")
+
+    @field_validator("training_resources", mode="before")
+    @classmethod
+    def _resources_from_json(cls, value: object) -> object:
+        """A --training-resources flag arrives as its JSON text (the env var is parsed by pydantic-settings)."""
+        return json.loads(value) if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _tls_is_all_or_nothing(self) -> Settings:
@@ -147,14 +179,26 @@ class Settings(BaseSettings):
         return self.data_dir / "adapters"
 
     @property
-    def datasets_dir(self) -> Path:
-        return self.data_dir / "datasets"
+    def datasets_dir(self) -> Storage:
+        """Uploaded datasets, on shared storage: every control replica trains on them."""
+        return Storage(self.storage_root).child("datasets")
 
     @property
-    def checkpoints_dir(self) -> Path:
-        """Training checkpoints, one folder per unfinished job; Ray workers must see it (a shared volume on a cluster)."""
-        return self.data_dir / "checkpoints"
+    def storage_root(self) -> str:
+        """Shared storage (storage.py): storage_uri, else data_dir (one machine, or a volume mounted at the same path)."""
+        return self.storage_uri or str(self.data_dir)
+
+    @property
+    def checkpoints_dir(self) -> Storage:
+        """Training checkpoints, one folder per unfinished job, on shared storage: every Ray worker reads and writes them."""
+        return Storage(self.storage_root).child("checkpoints")
 
     @property
     def database_path(self) -> Path:
+        """The embedded job database, used when database_url is empty."""
         return self.data_dir / "adaptgate.db"
+
+    @property
+    def replica_name(self) -> str:
+        """This process in job leases: unique among replicas sharing a database, unless set to a pod's name."""
+        return self.replica_id or f"{socket.gethostname()}-{os.getpid()}"

@@ -20,6 +20,15 @@ REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 KUSTOMIZE = DEPLOY / "kustomize"
 OVERLAYS = sorted(p.name for p in (KUSTOMIZE / "overlays").iterdir() if (p / "kustomization.yaml").is_file())
+# What each overlay promises, so the tests know what to hold it to: "gpu" = CUDA inference and a
+# GPU Ray worker group; "ha" = several control replicas on PostgreSQL (components/ha). A new
+# overlay must be listed here (tests/deploy checks that every overlay directory is).
+OVERLAY_TRAITS: dict[str, frozenset[str]] = {
+    "cpu": frozenset(),
+    "gpu": frozenset({"gpu"}),
+    "ha": frozenset({"ha"}),
+    "gpu-ha": frozenset({"gpu", "ha"}),
+}
 CRDS = DEPLOY / "crds"
 DASHBOARD = KUSTOMIZE / "base" / "dashboards" / "adaptgate.json"
 SETTINGS_ENV = KUSTOMIZE / "base" / "settings.env"
@@ -96,16 +105,37 @@ def all_pod_specs(objects: Objects) -> Iterator[tuple[str, dict[str, Any]]]:
             yield f"RayCluster/{rc['metadata']['name']}/{group['groupName']}", group["template"]["spec"]
 
 
+# The variables a manifest may fill from elsewhere (valueFrom), with the source each must use and
+# a stand-in value for it: the tests cannot read a Secret the operator creates in the cluster.
+VALUE_FROM: dict[str, tuple[str, str]] = {
+    "ADAPTGATE_DATABASE_URL": ("secretKeyRef", "postgresql://adaptgate:stand-in@postgres.example:5432/adaptgate"),
+    "ADAPTGATE_REPLICA_ID": ("fieldRef", "adaptgate-control-5d8f7c9b4-x2k8q"),
+}
+
+
 def effective_env(container: dict[str, Any], objects: Objects) -> dict[str, str]:
-    """envFrom ConfigMaps first, then env (which wins), as the kubelet does."""
+    """envFrom ConfigMaps first, then env (which wins), as the kubelet does; a valueFrom becomes
+    the stand-in value of VALUE_FROM."""
     env: dict[str, str] = {}
     for source in container.get("envFrom", []):
         ref = source["configMapRef"]["name"]
         env.update(objects.one("ConfigMap", ref).get("data", {}))
     for var in container.get("env", []):
-        assert "valueFrom" not in var or var["name"] in ("POD_IP", "POD_NAME"), f"unexpected valueFrom for {var['name']}"
-        env[var["name"]] = var.get("value", "")
+        if "valueFrom" in var:
+            assert var["name"] in VALUE_FROM, f"unexpected valueFrom for {var['name']}"
+            source, stand_in = VALUE_FROM[var["name"]]
+            assert set(var["valueFrom"]) == {source}, f"{var['name']} must come from a {source}, not {var['valueFrom']}"
+            env[var["name"]] = stand_in
+        else:
+            env[var["name"]] = var.get("value", "")
     return env
+
+
+def env_var(container: dict[str, Any], name: str) -> dict[str, Any] | None:
+    """A container's own `env` entry for one variable (None when only envFrom could set it)."""
+    found = [v for v in container.get("env", []) if v["name"] == name]
+    assert len(found) <= 1, f"{container['name']} sets {name} twice"
+    return found[0] if found else None
 
 
 def port_number(container: dict[str, Any], port: int | str) -> int:

@@ -14,12 +14,15 @@ import pytest
 from tests.deploy.manifests import (
     DASHBOARD,
     DEPLOY,
+    OVERLAY_TRAITS,
+    OVERLAYS,
     SETTINGS_ENV,
     Objects,
     SettingsEnv,
     all_pod_specs,
     containers,
     effective_env,
+    env_var,
     match_labels,
     pod_labels,
     port_number,
@@ -66,6 +69,17 @@ def volume_for(pod: dict[str, Any], container: dict[str, Any], path: str) -> tup
 
 
 GATEWAYS = (INFERENCE, CONTROL)
+README = DEPLOY / "README.md"
+
+
+def traits(overlay: str) -> frozenset[str]:
+    assert overlay in OVERLAY_TRAITS, f"overlays/{overlay} is not listed in tests/deploy/manifests.py OVERLAY_TRAITS"
+    return OVERLAY_TRAITS[overlay]
+
+
+def test_every_overlay_is_declared_and_ha_exists_for_cpu_and_gpu() -> None:
+    assert set(OVERLAYS) == set(OVERLAY_TRAITS), f"overlays {OVERLAYS} != declared {sorted(OVERLAY_TRAITS)}"
+    assert {frozenset({"ha"}), frozenset({"gpu", "ha"})} <= {OVERLAY_TRAITS[o] for o in OVERLAYS}
 
 
 # ------------------------------------------------------------------ settings <-> ConfigMap / env
@@ -112,6 +126,28 @@ def test_settings_env_documents_each_key() -> None:
     assert text.startswith("#")
     keys = re.findall(r"^((?:ADAPTGATE|RAY)_[A-Z0-9_]+)=", text, flags=re.M)
     assert len(keys) == len(set(keys)), "a key appears twice in settings.env"
+    # A section is a run of lines between blank lines: each one that sets a key explains it.
+    bare = [
+        re.findall(r"^([A-Z0-9_]+)=", block, flags=re.M)
+        for block in re.split(r"\n\s*\n", text)
+        if re.search(r"^[A-Z]", block, flags=re.M) and not re.search(r"^#", block, flags=re.M)
+    ]
+    assert not bare, f"keys without a comment section in settings.env: {bare}"
+
+
+def test_settings_env_names_every_setting() -> None:
+    """Every Settings field is named in settings.env: a key, a commented optional line, or (for the
+    few the Deployments set per pod) the header that lists them."""
+    from adaptgate.settings import Settings as S
+
+    text = SETTINGS_ENV.read_text()
+    env_names = SettingsEnv.load().env_names
+    missing = [
+        field_name
+        for field_name in S.model_fields
+        if not any(re.search(rf"\b{env}\b", text) for env, f in env_names.items() if f == field_name)
+    ]
+    assert not missing, f"settings.env does not name {missing}"
 
 
 @pytest.mark.parametrize("name", GATEWAYS)
@@ -202,7 +238,7 @@ def test_shipped_tokens_file_holds_no_token() -> None:
     assert json.loads((DEPLOY / "kustomize" / "base" / "tokens.json").read_text()) == {"tokens": {}}
 
 
-def test_data_and_adapter_volumes(objects: Objects, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_data_and_adapter_volumes(objects: Objects, overlay: str, monkeypatch: pytest.MonkeyPatch) -> None:
     claims = {c["metadata"]["name"]: c for c in objects.of("PersistentVolumeClaim")}
     layout: dict[str, dict[str, Any]] = {}
     for name in GATEWAYS:
@@ -215,11 +251,20 @@ def test_data_and_adapter_volumes(objects: Objects, monkeypatch: pytest.MonkeyPa
         assert data_volume is db_volume
         layout[name] = {"data": data_volume, "adapters": (ad_mount, ad_volume)}
 
-    # Control: the job database on its own ReadWriteOnce claim; the adapter store read-write.
     control_data = layout[CONTROL]["data"]
-    assert "persistentVolumeClaim" in control_data, "the job database must survive pod restarts"
-    db_claim = claims[control_data["persistentVolumeClaim"]["claimName"]]
-    assert db_claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    if "ha" in traits(overlay):
+        # The job database is PostgreSQL: nothing durable lives in the data dir, only the upload spool.
+        assert "emptyDir" in control_data, "with PostgreSQL the control data dir is scratch (two replicas share no RWO claim)"
+        spool = server_settings(objects, CONTROL, monkeypatch).max_upload_bytes_in_flight
+        assert quantity_bytes(control_data["emptyDir"]["sizeLimit"]) >= spool, (
+            "the upload spool (data_dir/uploads) holds up to ADAPTGATE_MAX_UPLOAD_BYTES_IN_FLIGHT"
+        )
+    else:
+        # Control: the SQLite job database on its own ReadWriteOnce claim.
+        assert "persistentVolumeClaim" in control_data, "the job database must survive pod restarts"
+        db_claim = claims[control_data["persistentVolumeClaim"]["claimName"]]
+        assert db_claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    # The adapter store read-write on control.
     mount, volume = layout[CONTROL]["adapters"]
     assert not mount.get("readOnly")
     store_claim = volume["persistentVolumeClaim"]["claimName"]
@@ -231,10 +276,7 @@ def test_data_and_adapter_volumes(objects: Objects, monkeypatch: pytest.MonkeyPa
     assert mount.get("readOnly") is True and volume["persistentVolumeClaim"]["claimName"] == store_claim
 
 
-def test_control_is_a_single_replica_and_inference_scales(objects: Objects) -> None:
-    control = gateway(objects, CONTROL)["spec"]
-    assert control["replicas"] == 1, "one writer of the SQLite job database"
-    assert control["strategy"]["type"] == "Recreate", "a rolling update would run two writers at once"
+def test_inference_scales_and_drains_one_replica_at_a_time(objects: Objects) -> None:
     inference = gateway(objects, INFERENCE)
     assert "replicas" not in inference["spec"], "the HPA owns replicas; a replicas field resets it on every apply"
     hpas = objects.of("HorizontalPodAutoscaler")
@@ -246,11 +288,9 @@ def test_control_is_a_single_replica_and_inference_scales(objects: Objects) -> N
     for metric in hpa["metrics"]:
         if metric["type"] == "Resource":
             assert metric["resource"]["name"] in container["resources"]["requests"], "utilization needs a request"
-    pdbs = objects.of("PodDisruptionBudget")
-    assert len(pdbs) == 1
-    pdb = pdbs[0]["spec"]
+    pdb = objects.one("PodDisruptionBudget", INFERENCE)["spec"]
     assert selects(match_labels(pdb["selector"]), pod_labels(inference))
-    assert not selects(match_labels(pdb["selector"]), pod_labels(gateway(objects, CONTROL))), "a PDB on one replica blocks drains"
+    assert not selects(match_labels(pdb["selector"]), pod_labels(gateway(objects, CONTROL)))
     # Never a budget that blocks node drains: some replica may always be evicted.
     if "minAvailable" in pdb:
         assert pdb["minAvailable"] < hpa["minReplicas"]
@@ -379,7 +419,7 @@ def test_ray_groups_and_gpus(objects: Objects, overlay: str) -> None:
     def gpus(container: dict[str, Any]) -> int:
         return int(container.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0))
 
-    if overlay == "gpu":
+    if "gpu" in traits(overlay):
         assert "gpu" in groups and gpus(groups["gpu"]["template"]["spec"]["containers"][0]) >= 1
         assert gpus(gateway_container(objects, INFERENCE)) == 1
     else:
@@ -400,7 +440,7 @@ def test_images_are_one_release_and_cuda_where_gpus_are(objects: Objects, overla
         wants_gpu = int(container.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0)) > 0
         assert (match["flavor"] == "cuda") == wants_gpu, f"{where}: {image} with GPUs={wants_gpu}"
     assert len(repos) == 1 and len(versions) == 1, f"one image release per overlay, got {sorted(images)}"
-    if overlay == "cpu":
+    if "gpu" not in traits(overlay):
         assert all(image.endswith("-cpu") for image, _ in images.values())
 
 
@@ -415,8 +455,9 @@ def test_grafana_dashboard_configmap_is_the_json_file(objects: Objects) -> None:
 # ------------------------------------------------------------------ the operator's own overlay
 
 def test_an_operators_overlay_replaces_the_tokens_and_the_registry(tmp_path: Path, overlay: str, objects: Objects) -> None:
-    """deploy/README.md step 3, as written: a kustomization outside the repo that uses an overlay,
-    replaces the token Secret and points the images at a registry."""
+    """deploy/README.md step 2, as written: a kustomization outside the repo that uses an overlay,
+    replaces the token Secret, points the images at a registry and makes the shared claims
+    ReadWriteOnce for a single-node cluster."""
     import os
     import subprocess
 
@@ -440,6 +481,14 @@ secretGenerator:
 images:
   - name: adaptgate
     newName: registry.example.com/team/adaptgate
+patches:
+  - target:
+      kind: PersistentVolumeClaim
+      name: adaptgate-adapters|adaptgate-storage
+    patch: |
+      - op: replace
+        path: /spec/accessModes
+        value: [ReadWriteOnce]
 """)
     out = subprocess.run([kubectl(), "kustomize", str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
@@ -453,6 +502,9 @@ images:
         )
     images = {c["image"] for _, pod in all_pod_specs(mine) for c in containers(pod)}
     assert all(i.startswith("registry.example.com/team/adaptgate:0.1.0-") for i in images), images
+    # The single-node patch reaches both shared claims.
+    for claim in ("adaptgate-adapters", "adaptgate-storage"):
+        assert mine.one("PersistentVolumeClaim", claim)["spec"]["accessModes"] == ["ReadWriteOnce"]
 
 
 # ------------------------------------------------------------------ replica roles
@@ -533,3 +585,232 @@ def test_peers_from_other_namespaces_name_their_namespace_and_reach_only_metrics
             if foreign and (not ports or any(p not in allowed for p in ports)):
                 problems.append(f"{name}: pods of another namespace reach ports {ports or 'all'} (metrics only: {sorted(map(str, allowed))})")
     assert not problems, "\n".join(problems)
+
+
+# ------------------------------------------------------------------ shared storage: datasets and checkpoints
+
+DATABASE_URL, REPLICA_ID, STORAGE_URI = "ADAPTGATE_DATABASE_URL", "ADAPTGATE_REPLICA_ID", "ADAPTGATE_STORAGE_URI"
+SINGLE_NODE_MODES = {"ReadWriteOnce", "ReadWriteOncePod"}
+
+
+def quantity_bytes(quantity: str | int) -> float:
+    """A Kubernetes quantity (512Mi, 2Gi, 1G, 1000) in bytes."""
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([KMGT]i|[kMGT])?", str(quantity))
+    assert match, f"unreadable quantity {quantity!r}"
+    return float(match[1]) * units.get(match[2] or "", 1)
+
+
+def storage_path(uri: str) -> str | None:
+    """The directory a storage URI names on the pod (a path or file:///path); None for an object
+    store (s3://, gs://: nothing to mount) or when unset."""
+    if uri.startswith("file://"):
+        return uri.removeprefix("file://")
+    return uri if uri.startswith("/") else None
+
+
+def claim_of(objects: Objects, volume: dict[str, Any]) -> dict[str, Any] | None:
+    pvc = volume.get("persistentVolumeClaim")
+    return objects.one("PersistentVolumeClaim", pvc["claimName"]) if pvc else None
+
+
+def ray_task_pods(objects: Objects) -> list[tuple[str, dict[str, Any]]]:
+    """The Ray pods that run training tasks: every worker group, and the head if it offers resources."""
+    (ray,) = objects.of("RayCluster")
+    pods = [(f"worker group {g['groupName']}", g["template"]["spec"]) for g in ray["spec"]["workerGroupSpecs"]]
+    head = ray["spec"]["headGroupSpec"]
+    head_gpus = any(
+        int(c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0)) for c in head["template"]["spec"]["containers"]
+    )
+    if head["rayStartParams"].get("num-cpus") != "0" or head_gpus:
+        pods.append(("head", head["template"]["spec"]))
+    return pods
+
+
+def test_every_storage_path_is_a_mounted_read_write_many_claim(objects: Objects, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Datasets and checkpoints live under ADAPTGATE_STORAGE_URI: wherever a container sets it to a
+    path, a writable ReadWriteMany claim is mounted at that path (another pod, on another node, reads
+    what this one wrote)."""
+    control = storage_path(server_settings(objects, CONTROL, monkeypatch).storage_uri)
+    assert control, "control keeps datasets and checkpoints where Ray workers can read them, not in its own data dir"
+    problems = []
+    for owner, pod in all_pod_specs(objects):
+        for container in containers(pod):
+            path = storage_path(effective_env(container, objects).get(STORAGE_URI, ""))
+            if path is None:
+                continue
+            mount, volume = volume_for(pod, container, path)
+            claim = claim_of(objects, volume)
+            where = f"{owner}/{container['name']}: {STORAGE_URI}={path}"
+            if mount["mountPath"] != path:
+                problems.append(f"{where} lies inside the mount at {mount['mountPath']}, not a volume of its own")
+            if claim is None or "ReadWriteMany" not in claim["spec"]["accessModes"]:
+                problems.append(f"{where} is not a ReadWriteMany claim ({sorted(volume)})")
+            if mount.get("readOnly"):
+                problems.append(f"{where} is mounted read-only")
+    assert not problems, "\n".join(problems)
+
+
+def test_every_ray_worker_group_mounts_the_control_storage_claim_at_the_same_path(
+    objects: Objects, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Control sends workers the storage path of a job's dataset and checkpoints: a task retried on
+    another worker pod (of any group) finds the checkpoint only if that pod mounts the same claim
+    at the same path."""
+    path = storage_path(server_settings(objects, CONTROL, monkeypatch).storage_uri)
+    assert path
+    control_pod = gateway(objects, CONTROL)["spec"]["template"]["spec"]
+    control_mount, control_volume = volume_for(control_pod, gateway_container(objects, CONTROL), path)
+    claim = claim_of(objects, control_volume)
+    assert claim is not None and "ReadWriteMany" in claim["spec"]["accessModes"]
+    task_pods = ray_task_pods(objects)
+    assert task_pods
+    for owner, pod in task_pods:
+        for container in pod["containers"]:
+            mount, volume = volume_for(pod, container, path)
+            where = f"Ray {owner}/{container['name']}"
+            assert mount["mountPath"] == control_mount["mountPath"], f"{where} mounts {path} at {mount['mountPath']}"
+            assert volume.get("persistentVolumeClaim", {}).get("claimName") == claim["metadata"]["name"], (
+                f"{where}: {path} is {sorted(volume)}, not the claim {claim['metadata']['name']} control writes"
+            )
+            assert not mount.get("readOnly"), f"{where}: checkpoints are written there"
+
+
+# ------------------------------------------------------------------ one control replica (SQLite) or several (PostgreSQL)
+
+def pods_selected(objects: Objects, selector: dict[str, str]) -> list[str]:
+    """Every pod template (Deployments, Ray groups) a matchLabels selector picks."""
+    return [owner for owner, _ in all_pod_specs(objects) if selects(selector, pod_labels_of(objects, owner))]
+
+
+def test_control_replicas_rollout_and_disruption_budget(objects: Objects, overlay: str) -> None:
+    deployment = gateway(objects, CONTROL)
+    spec = deployment["spec"]
+    pod = spec["template"]["spec"]
+    control_pdbs = [p for p in objects.of("PodDisruptionBudget") if selects(match_labels(p["spec"]["selector"]), pod_labels(deployment))]
+    if "ha" not in traits(overlay):
+        assert spec["replicas"] == 1, "one writer of the SQLite job database"
+        assert spec["strategy"]["type"] == "Recreate", "a rolling update would run two writers at once"
+        assert not control_pdbs, "a PDB on the single control replica blocks every node drain"
+        return
+    replicas = spec["replicas"]
+    assert replicas >= 2, "a second control replica takes a dead one's jobs over"
+    assert spec["strategy"]["type"] == "RollingUpdate"
+    rolling = spec["strategy"].get("rollingUpdate", {})
+    assert rolling.get("maxUnavailable") in (0, 1) and rolling.get("maxUnavailable") < replicas, (
+        "a rollout keeps a control replica serving"
+    )
+    (pdb,) = control_pdbs
+    assert pods_selected(objects, match_labels(pdb["spec"]["selector"])) == [f"Deployment/{CONTROL}"], (
+        "the control PDB selects the control pods and nothing else"
+    )
+    assert pdb["spec"].get("minAvailable") == 1 and "maxUnavailable" not in pdb["spec"]
+    assert pdb["spec"]["minAvailable"] < replicas, "a drain must still be able to evict one control replica"
+    preferred = pod.get("affinity", {}).get("podAntiAffinity", {}).get("preferredDuringSchedulingIgnoredDuringExecution", [])
+    assert any(
+        term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+        and selects(match_labels(term["podAffinityTerm"]["labelSelector"]), pod_labels(deployment))
+        for term in preferred
+    ), "control replicas prefer different nodes, so one node's loss leaves one serving"
+    assert "requiredDuringSchedulingIgnoredDuringExecution" not in pod.get("affinity", {}).get("podAntiAffinity", {}), (
+        "preferred, not required: a one-node cluster must still run both"
+    )
+    for volume in pod["volumes"]:
+        claim = claim_of(objects, volume)
+        if claim is not None:
+            modes = set(claim["spec"]["accessModes"])
+            assert not modes & SINGLE_NODE_MODES, (
+                f"control mounts {claim['metadata']['name']} ({sorted(modes)}): two replicas on two nodes cannot share it"
+            )
+
+
+def readme_secrets() -> dict[str, set[str]]:
+    """The Secrets deploy/README.md tells operators to create: `kubectl -n <ns> create secret generic
+    <name> --from-literal=<key>=… | --from-file=<key>=…`, name -> keys."""
+    from tests.deploy.manifests import NAMESPACE
+
+    found: dict[str, set[str]] = {}
+    text = README.read_text().replace("\\\n", " ")
+    for namespace, name, options in re.findall(r"kubectl -n (\S+) create secret generic ([\w.-]+)((?:\s+--[\w-]+=\S+)+)", text):
+        assert namespace == NAMESPACE, f"deploy/README.md creates the Secret {name} in {namespace}"
+        found.setdefault(name, set()).update(re.findall(r"--from-(?:literal|file)=([\w.-]+)=", options))
+    return found
+
+
+def test_control_database_and_replica_identity(objects: Objects, overlay: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The database URL holds a password: no manifest carries one. Without ha it is empty (SQLite);
+    with ha it comes from a Secret the operator creates, as deploy/README.md says, and each replica
+    names itself in job leases by its pod name."""
+    for config in objects.of("ConfigMap"):
+        assert config.get("data", {}).get(DATABASE_URL, "") == "", f"ConfigMap {config['metadata']['name']} sets {DATABASE_URL}"
+    for owner, pod in all_pod_specs(objects):
+        for container in containers(pod):
+            var = env_var(container, DATABASE_URL)
+            assert var is None or "secretKeyRef" in var.get("valueFrom", {}), f"{owner}/{container['name']}: {DATABASE_URL} as a literal"
+    container = gateway_container(objects, CONTROL)
+    if "ha" not in traits(overlay):
+        assert server_settings(objects, CONTROL, monkeypatch).database_url == "", "one control replica on SQLite"
+        return
+    # env wins over envFrom (the ConfigMap's empty value), so the Secret's URL is what the server reads.
+    var = env_var(container, DATABASE_URL)
+    assert var is not None, f"ha: control sets {DATABASE_URL} in env, from a Secret"
+    ref = var["valueFrom"]["secretKeyRef"]
+    assert not ref.get("optional"), "without the Secret the pod must not start (it would fall back to SQLite)"
+    assert not [s for s in objects.of("Secret") if s["metadata"]["name"] == ref["name"]], (
+        f"the overlay ships a Secret {ref['name']}: the operator creates it with the real password"
+    )
+    assert readme_secrets().get(ref["name"], set()) >= {ref["key"]}, (
+        f"deploy/README.md must tell operators to create Secret {ref['name']} with key {ref['key']} (it says {readme_secrets()})"
+    )
+    identity = env_var(container, REPLICA_ID)
+    assert identity is not None and identity["valueFrom"].get("fieldRef", {}).get("fieldPath") == "metadata.name", (
+        f"ha: {REPLICA_ID} is the pod name (unique, and readable in kubectl get pods)"
+    )
+    # The database is outside the namespace: if a policy restricts control's egress, PostgreSQL stays reachable.
+    for policy in objects.of("NetworkPolicy"):
+        if "Egress" in policy["spec"].get("policyTypes", []) and selects(match_labels(policy["spec"]["podSelector"]), pod_labels(gateway(objects, CONTROL))):
+            assert any(
+                not rule.get("ports") or any(p.get("port") == 5432 for p in rule["ports"]) for rule in policy["spec"].get("egress", [])
+            ), f"NetworkPolicy {policy['metadata']['name']} cuts control off from PostgreSQL (TCP 5432)"
+
+
+def local_path(location: Any) -> str | None:
+    """A settings location (a Path, or a shared-storage handle) as a path on the pod; None for an object store."""
+    fs = getattr(location, "fs", None)
+    if fs is None:
+        return str(location)
+    from fsspec.implementations.local import LocalFileSystem
+
+    return str(location.path) if isinstance(fs, LocalFileSystem) else None
+
+
+def test_control_keeps_nothing_durable_in_pod_scratch(objects: Objects, overlay: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Datasets, checkpoints and (without PostgreSQL) the SQLite file outlive the pod: each lies on a
+    claim. With several control replicas, on one they all share, so any replica reads any dataset."""
+    settings = server_settings(objects, CONTROL, monkeypatch)
+    pod = gateway(objects, CONTROL)["spec"]["template"]["spec"]
+    container = gateway_container(objects, CONTROL)
+    durable = {"datasets": settings.datasets_dir, "checkpoints": settings.checkpoints_dir}
+    if not settings.database_url:
+        durable["the SQLite job database"] = settings.database_path
+    problems = []
+    for what, location in durable.items():
+        path = local_path(location)
+        if path is None:
+            continue  # an object store: nothing to mount
+        _, volume = volume_for(pod, container, path)
+        claim = claim_of(objects, volume)
+        if claim is None:
+            problems.append(f"{what} ({path}) lie on {sorted(set(volume) - {'name'})}, lost with the pod")
+        elif "ha" in traits(overlay) and "ReadWriteMany" not in claim["spec"]["accessModes"]:
+            problems.append(f"{what} ({path}) lie on {claim['metadata']['name']}, which the other control replicas cannot mount")
+    assert not problems, "\n".join(problems)
+
+
+def test_every_claim_is_mounted(objects: Objects) -> None:
+    """A claim no pod mounts only holds a disk (the ha overlays drop control's SQLite volume)."""
+    mounted = {
+        v["persistentVolumeClaim"]["claimName"] for _, pod in all_pod_specs(objects) for v in pod.get("volumes", []) if "persistentVolumeClaim" in v
+    }
+    unused = sorted({c["metadata"]["name"] for c in objects.of("PersistentVolumeClaim")} - mounted)
+    assert not unused, f"claims no pod mounts: {unused}"

@@ -58,12 +58,12 @@ def _wait_ready(proc: subprocess.Popen[str], log_path: Path, timeout: float) -> 
 
 
 @contextmanager
-def running_gateway(data_dir: Path, *flags: str) -> Iterator[Gateway]:
+def running_gateway(data_dir: Path, *flags: str, log_name: str = "server.log") -> Iterator[Gateway]:
     """A real `adaptgate serve` subprocess on loopback (its own local Ray); SIGTERM on exit."""
     data_dir.mkdir(parents=True, exist_ok=True)
     tokens = data_dir / "tokens.json"
     tokens.write_text(json.dumps({"tokens": TOKENS}))
-    log_path = data_dir / "server.log"
+    log_path = data_dir / log_name
     cmd = [
         sys.executable, "-m", "adaptgate.cli", "serve", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
         "--data-dir", str(data_dir), "--tokens-file", str(tokens), *flags,

@@ -74,8 +74,8 @@ def test_storage_bytes_count_adapter_versions_and_datasets_together(tmp_path: Pa
         s.adapters.publish("acme", "spam", files)
     used, limit = describe_bytes(size + len(DATA)), describe_bytes(size + len(DATA) + 100)
     assert f"it uses {used} of {limit}, and this adds {describe_bytes(size)}" in refused.value.message
-    assert len(s.datasets.list("acme")) == 1 and not any((s.datasets.root / "acme").glob("*.tmp"))
-    assert len(list((s.datasets.root / "acme").iterdir())) == 1, "a refused dataset leaves no file"
+    assert len(s.datasets.list("acme")) == 1 and not any((Path(s.datasets.root.path) / "acme").glob("*.tmp"))
+    assert len(list((Path(s.datasets.root.path) / "acme").iterdir())) == 1, "a refused dataset leaves no file"
 
 
 def test_dataset_count_quota(tmp_path: Path, base) -> None:

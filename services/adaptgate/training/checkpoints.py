@@ -1,10 +1,13 @@
 """A job's checkpoint directory: the latest training state, and the journal of its event stream.
 
-Layout under `<root>/<job id>/` (root: the gateway's data dir, `checkpoints/`):
+Layout under `<checkpoints>/<job id>/`, on shared storage (storage.py: `ADAPTGATE_STORAGE_URI`, else
+the gateway's data dir), so the Ray worker that resumes a job may run on another node than the
+one that saved it:
   state.safetensors   trainable weights, optimizer moments, best weights so far, RNG state; the
                       step, epoch, scores and learning-rate table as JSON in the file's metadata.
-                      One file written to a temporary name and renamed, so a reader sees the old
-                      checkpoint or the new one, never half of each.
+                      Serialized in memory and written as one atomic whole-file write (a rename
+                      on a mounted filesystem, one upload on an object store), so a reader sees
+                      the old checkpoint or the new one, never half of each.
   journal.json        how many updates the job's Ray stream has carried so far (see ray_runner.py).
 
 Only safetensors and JSON are read back: no pickle, even of our own files. A checkpoint records a
@@ -17,18 +20,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import secrets
-import shutil
+import struct
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load, save
+
+from adaptgate.storage import Storage
 
 STATE_FILE = "state.safetensors"
 JOURNAL_FILE = "journal.json"
 FORMAT = 1
+META_KEY = "adaptgate"
 
 
 def signature(*parts: object) -> str:
@@ -46,54 +51,48 @@ class Checkpoint:
     meta: dict[str, Any]
 
 
-def _replace(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+def _metadata(data: bytes) -> dict[str, Any]:
+    """Our JSON from a safetensors file's header (8-byte little-endian length, then a JSON header):
+    read before the tensors, so another run's checkpoint costs no tensor decoding."""
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    return json.loads((header.get("__metadata__") or {}).get(META_KEY, "{}"))
 
 
 class CheckpointDir:
-    def __init__(self, directory: Path | str) -> None:
-        self.path = Path(directory)
+    def __init__(self, location: Storage | str | os.PathLike[str]) -> None:
+        self.storage = location if isinstance(location, Storage) else Storage(location)
 
     def save(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
         body = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-        header = {"adaptgate": json.dumps({**meta, "format": FORMAT})}
-        _replace(self.path / STATE_FILE, lambda tmp: save_file(body, str(tmp), metadata=header))
+        header = {META_KEY: json.dumps({**meta, "format": FORMAT})}
+        self.storage.child(STATE_FILE).write_bytes(save(body, metadata=header))
 
     def load(self, expected_signature: str) -> Checkpoint | None:
         """The saved state when it exists and was made for these inputs, else None."""
-        path = self.path / STATE_FILE
-        if not path.exists():
-            return None
         try:
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as handle:
-                meta = json.loads((handle.metadata() or {}).get("adaptgate", "{}"))
+            data = self.storage.child(STATE_FILE).read_bytes()
+            meta = _metadata(data)
             if meta.get("format") != FORMAT or meta.get("signature") != expected_signature:
                 return None
-            return Checkpoint(load_file(str(path)), meta)
-        except (OSError, ValueError, json.JSONDecodeError):  # a torn or foreign file: start afresh
+            return Checkpoint(load(data), meta)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, AttributeError, TypeError, struct.error, SafetensorError):  # torn or foreign: start afresh
             return None
 
     def journal(self) -> int:
         """Updates already carried by the job's stream (0 when unknown)."""
         try:
-            return int(json.loads((self.path / JOURNAL_FILE).read_text())["updates"])
+            return int(json.loads(self.storage.child(JOURNAL_FILE).read_bytes())["updates"])
         except (OSError, ValueError, KeyError, TypeError):
             return 0
 
     def set_journal(self, updates: int) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
-        _replace(self.path / JOURNAL_FILE, lambda tmp: tmp.write_text(json.dumps({"updates": updates})))
+        self.storage.child(JOURNAL_FILE).write_bytes(json.dumps({"updates": updates}).encode())
 
     def remove(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
+        self.storage.remove_tree()
 
 
 # ----- optimizer state as flat tensors (safetensors holds tensors only) ----------------------------

@@ -1,4 +1,4 @@
-"""Tenant datasets: validated at upload, stored as normalized JSONL, recorded in SQLite.
+"""Tenant datasets: validated at upload, stored as normalized JSONL, recorded in the job database (SQLite or PostgreSQL).
 
 The stored file always has `{"text", "label"}` rows whatever the upload's format and field
 names were, so training reads one format. Another tenant's dataset answers exactly like a
@@ -10,20 +10,24 @@ from __future__ import annotations
 
 import builtins
 import json
+import os
 import re
 import secrets
-import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from adaptgate.durable import write_atomically
+import sqlalchemy as sa
+
 from adaptgate.errors import FailedPrecondition, InvalidArgument, NotFound
 from adaptgate.quotas import StorageQuotas, Usage
+from adaptgate.storage import Storage
 from adaptgate.training.database import Database
 from adaptgate.training.dataset_checks import ParsedDataset, parse_dataset, parse_dataset_file
 from adaptgate.training.job_records import ACTIVE_STATES
+from adaptgate.training.schema import datasets, jobs
 
 __all__ = ["DatasetRecord", "DatasetStore", "ParsedDataset", "parse_dataset"]
 
@@ -66,11 +70,16 @@ def jsonl_lines(parsed: ParsedDataset) -> Iterator[bytes]:
         yield (json.dumps({"text": text, "label": label}, ensure_ascii=False) + "\n").encode()
 
 
+def _relative_path(record: DatasetRecord) -> str:
+    """Where a dataset's file lies under the store's root (kept in its row as `path`)."""
+    return f"{record.tenant}/{record.id}.jsonl"
+
+
 def normalized_jsonl(parsed: ParsedDataset) -> bytes:
     return b"".join(jsonl_lines(parsed))
 
 
-def _record(row: sqlite3.Row) -> DatasetRecord:
+def _record(row: Mapping[str, Any]) -> DatasetRecord:
     return DatasetRecord(
         id=row["id"], tenant=row["tenant"], name=row["name"], rows=row["rows"],
         label_counts=json.loads(row["label_counts"]), warnings=json.loads(row["warnings"]),
@@ -79,14 +88,18 @@ def _record(row: sqlite3.Row) -> DatasetRecord:
 
 
 class DatasetStore:
-    """Datasets under `root/<tenant>/<id>.jsonl`, their records in the shared database.
+    """Datasets under `root/<tenant>/<id>.jsonl` on storage every control replica shares (a path or a
+    storage URI, storage.py), their records in the shared database.
 
     Methods are synchronous (parsing a large upload is CPU work): call them via
     asyncio.to_thread from the event loop.
     """
 
-    def __init__(self, root: Path, db: Database, max_labels: int | None = None, quotas: StorageQuotas | None = None) -> None:
-        self.root = Path(root)
+    def __init__(
+        self, root: Storage | str | os.PathLike[str], db: Database, max_labels: int | None = None,
+        quotas: StorageQuotas | None = None,
+    ) -> None:
+        self.root = root if isinstance(root, Storage) else Storage(root)
         self.db = db
         self.max_labels = max_labels
         self.quotas = quotas or StorageQuotas()
@@ -117,21 +130,23 @@ class DatasetStore:
             id=new_dataset_id(), tenant=tenant, name=name, rows=len(parsed.texts),
             label_counts=parsed.label_counts, warnings=parsed.warnings, created_at=time.time(), size_bytes=size_bytes,
         )
-        path = self._path(record)
-        write_atomically(path, jsonl_lines(parsed))
+        file = self._file(record)
+        file.write_chunks(jsonl_lines(parsed))
         try:
             with self.quotas.reserve(tenant, Usage(bytes=size_bytes, datasets=1)):
-                self._insert(record, path)
+                self._insert(record)
         except BaseException:
-            path.unlink(missing_ok=True)
+            file.remove_tree()
             raise
         return record
 
     def usage(self, tenant: str | None) -> Usage:
         """What the tenant's datasets (None: everyone's) hold, from the table: exact after every delete."""
-        where, params = ("WHERE tenant = ?", (tenant,)) if tenant is not None else ("", ())
-        row = self.db.query_one(f"SELECT COUNT(*) AS n, COALESCE(SUM(size_bytes), 0) AS bytes FROM datasets {where}", params)
-        return Usage(bytes=int(row["bytes"]), datasets=int(row["n"])) if row else Usage()
+        statement = sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(datasets.c.size_bytes), 0))
+        if tenant is not None:
+            statement = statement.where(datasets.c.tenant == tenant)
+        row = self.db.query_one(statement)
+        return Usage(bytes=int(row[1]), datasets=int(row[0])) if row else Usage()
 
     def delete(self, tenant: str | None, dataset_id: str) -> DatasetRecord:
         """Removes the record, then the file; refused while a queued or running job trains on it.
@@ -141,53 +156,50 @@ class DatasetStore:
         """
         states = [s.value for s in ACTIVE_STATES]
         with self.db.transaction() as conn:
-            row = conn.execute("SELECT * FROM datasets WHERE id = ?", (dataset_id,)).fetchone()
+            row = conn.execute(sa.select(datasets).where(datasets.c.id == dataset_id)).mappings().first()
             if row is None or (tenant is not None and row["tenant"] != tenant):
                 raise NotFound(f"dataset {dataset_id!r} not found")
-            jobs = conn.execute(
-                f"SELECT id FROM jobs WHERE dataset_id = ? AND state IN ({', '.join('?' * len(states))}) ORDER BY created_at",
-                (dataset_id, *states),
-            ).fetchall()
-            if jobs:
-                names = ", ".join(j["id"] for j in jobs)
+            users = conn.execute(
+                sa.select(jobs.c.id).where(jobs.c.dataset_id == dataset_id, jobs.c.state.in_(states)).order_by(jobs.c.created_at)
+            ).scalars().all()
+            if users:
+                names = ", ".join(users)
                 raise FailedPrecondition(
-                    f"dataset {dataset_id!r} is in use by {len(jobs)} queued or running job(s) ({names}); "
+                    f"dataset {dataset_id!r} is in use by {len(users)} queued or running job(s) ({names}); "
                     "cancel them or wait for them to finish, then delete it"
                 )
-            conn.execute("DELETE FROM datasets WHERE id = ?", (dataset_id,))
+            conn.execute(sa.delete(datasets).where(datasets.c.id == dataset_id))
         record = _record(row)
-        self._path(record).unlink(missing_ok=True)
+        self._file(record).remove_tree()
         return record
 
-    def _insert(self, record: DatasetRecord, path: Path) -> None:
-        self.db.execute(
-            "INSERT INTO datasets (id, tenant, name, rows, label_counts, warnings, created_at, size_bytes, path)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (record.id, record.tenant, record.name, record.rows, json.dumps(record.label_counts),
-             json.dumps(record.warnings), record.created_at, record.size_bytes, str(path.relative_to(self.root))),
-        )
+    def _insert(self, record: DatasetRecord) -> None:
+        self.db.execute(datasets.insert().values(
+            id=record.id, tenant=record.tenant, name=record.name, rows=record.rows,
+            label_counts=json.dumps(record.label_counts), warnings=json.dumps(record.warnings),
+            created_at=record.created_at, size_bytes=record.size_bytes, path=_relative_path(record),
+        ))
 
-    def _path(self, record: DatasetRecord) -> Path:
-        return self.root / record.tenant / f"{record.id}.jsonl"
+    def _file(self, record: DatasetRecord) -> Storage:
+        return self.root.child(*_relative_path(record).split("/"))
 
     def get(self, tenant: str | None, dataset_id: str) -> DatasetRecord:
         """tenant None is the admin view; another tenant's dataset is 'not found', like a missing one."""
-        row = self.db.query_one("SELECT * FROM datasets WHERE id = ?", (dataset_id,))
-        if row is None or (tenant is not None and row["tenant"] != tenant):
+        row = self.db.query_one(sa.select(datasets).where(datasets.c.id == dataset_id))
+        if row is None or (tenant is not None and row.tenant != tenant):
             raise NotFound(f"dataset {dataset_id!r} not found")
-        return _record(row)
+        return _record(row._mapping)
 
     def load(self, record: DatasetRecord) -> tuple[list[str], list[str]]:
         """Texts and labels of a stored dataset, in upload order."""
-        path = self._path(record)
-        if not path.exists():
+        file = self._file(record)
+        if not file.exists():
             raise NotFound(f"the file of dataset {record.id!r} is missing from the store")
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line]
+        rows = [json.loads(line) for line in file.lines() if line]
         return [r["text"] for r in rows], [r["label"] for r in rows]
 
     def list(self, tenant: str | None) -> builtins.list[DatasetRecord]:
-        if tenant is None:
-            rows = self.db.query("SELECT * FROM datasets ORDER BY created_at, id")
-        else:
-            rows = self.db.query("SELECT * FROM datasets WHERE tenant = ? ORDER BY created_at, id", (tenant,))
-        return [_record(row) for row in rows]
+        statement = sa.select(datasets).order_by(datasets.c.created_at, datasets.c.id)
+        if tenant is not None:
+            statement = statement.where(datasets.c.tenant == tenant)
+        return [_record(row._mapping) for row in self.db.query(statement)]

@@ -7,6 +7,14 @@ continue from their checkpoint, see TRAINING.md).
 Publishing is the commit point: a cancel that arrives while the adapter is being written
 waits for it and returns the SUCCEEDED job, so a cancelled job never leaves a version behind.
 
+Jobs are owned through leases in the database (job_store.py): the replica that runs a job renews
+its lease every third of `lease_seconds`, and every write it makes for the job is fenced by it. On a
+database several control replicas share (PostgreSQL), a replica that finds a job whose owner stopped
+renewing takes it over and resumes it from its checkpoint on shared storage; a replica that finds
+its own lease gone stops driving that job at once, writing nothing more for it. No job is driven by
+two replicas at once, and publishing is idempotent by job (the adapter store returns the version a
+job already published), so no version is published twice.
+
 Every database call runs on the database's own thread (`Database.run`): a lock held by another
 process, or a slow disk, never stalls the event loop. Whatever ends a job's driving task (a
 failure, a cancel, its time limit, the database refusing an event) also cancels its Ray task, and
@@ -37,7 +45,7 @@ from adaptgate.training.evaluation import describe_confusion
 from adaptgate.training.head import HeadParams
 from adaptgate.training.job_records import EVENT_KINDS, JobEvent, JobRecord, JobSpec, JobState, Publish, PublishRequest
 from adaptgate.training.job_signals import JobSignals
-from adaptgate.training.job_store import JobStore
+from adaptgate.training.job_store import JobStore, LeaseLost
 from adaptgate.training.job_validation import JobLimits, normalized_spec
 from adaptgate.training.lora import DEFAULT_RANK, LoraOutcome, LoraParams
 from adaptgate.training.methods import TrainParams, TrainResult, choose_method
@@ -49,6 +57,7 @@ log = logging.getLogger(__name__)
 CANCEL_WAIT_S = 10.0
 WATCH_SAFETY_WAKE_S = 5.0
 RESUMED = "resumed after gateway restart"
+TAKEN_OVER = "taken over by replica {owner}: the replica that ran it stopped renewing its lease"
 Sleep = Callable[[float], Awaitable[None]]
 
 
@@ -78,6 +87,7 @@ class _Run:
     task: asyncio.Task[None] | None = None
     stop: Outcome | None = None  # why the task was cancelled (a tenant's cancel, the time limit); None: shutdown
     committing: bool = False  # publishing or writing the end: cancels and the time limit wait for it
+    abandoned: bool = False  # another replica owns the job now: stop without writing anything for it
 
 
 def failure_message(exc: Exception) -> str:
@@ -132,11 +142,15 @@ class JobManager:
     def __init__(
         self, db: Database, datasets: DatasetStore, runner: Runner, publish: Publish, model_dir: Path,
         limits: JobLimits = JobLimits(), sleep: Sleep = asyncio.sleep, *, base_fingerprint: str = "",
+        owner: str = "", lease_seconds: float = 30.0,
     ) -> None:
         """`sleep` is the clock the time limits wait on (tests pass one they control); `base_fingerprint`
-        is the base model at `model_dir` as the gateway loaded it, which workers check theirs against."""
+        is the base model at `model_dir` as the gateway loaded it, which workers check theirs against;
+        `owner` names this replica in the jobs' leases."""
         self._db = db
-        self._store = JobStore(db)
+        self._owner = owner
+        self._lease_seconds = lease_seconds
+        self._store = JobStore(db, owner, lease_seconds)
         self._datasets = datasets
         self._runner = runner
         self._publish = publish
@@ -148,15 +162,16 @@ class JobManager:
         self._runs: dict[str, _Run] = {}
         self._unsaved: dict[str, JobRecord] = {}  # ended jobs whose terminal state the database refused
         self._closed = False
+        self._leases: asyncio.Task[None] | None = None
 
     # ----- public API -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Runs again the jobs a previous gateway process left QUEUED or RUNNING."""
-        for record in await self._db.run(self._store.unfinished):
-            if record.id not in self._runs:
-                record.state, record.progress = JobState.QUEUED, 0.0
-                self._launch(record, RESUMED)
+        """Runs again the jobs a previous gateway process left QUEUED or RUNNING (on a private SQLite
+        file every one of them; on a shared database those whose owner's lease has expired), then
+        keeps this replica's leases renewed and takes over the jobs of replicas that die."""
+        await self._take_over(expired_only=self._db.shared, note=RESUMED)
+        self._leases = asyncio.create_task(self._keep_leases(), name="adaptgate job leases")
 
     async def submit(self, tenant: str, spec: JobSpec) -> JobRecord:
         if self._closed:
@@ -192,8 +207,7 @@ class JobManager:
             return record
         run = self._runs.get(job_id)
         if run is None or run.task is None:
-            await self._finish(record, CANCELLED)
-            self._discard(job_id)
+            await self._cancel_elsewhere(record)
             return await self._owned(None, job_id)
         if not run.committing and run.stop is None:
             run.stop = CANCELLED
@@ -224,6 +238,10 @@ class JobManager:
                 raise Unavailable("the gateway is shutting down; watch the job again once it is back")
             await self._signals.wait(change, WATCH_SAFETY_WAKE_S)
 
+    def driving(self) -> builtins.list[str]:
+        """The jobs this replica runs now (each under its lease)."""
+        return builtins.list(self._runs)
+
     def counts_by_state(self) -> dict[str, int]:
         """Jobs per state (read by the metrics thread), counting unsaved endings as what they are."""
         counts = self._store.counts_by_state()
@@ -238,6 +256,9 @@ class JobManager:
         """Stops driving jobs without marking them: the next `start()` runs them again."""
         self._closed = True
         self._signals.notify_all()
+        if self._leases is not None:
+            self._leases.cancel()
+        owned = builtins.list(self._runs)
         for job_id, run in list(self._runs.items()):
             if not run.committing and run.task is not None:
                 self._runner.cancel(job_id)
@@ -245,6 +266,58 @@ class JobManager:
         tasks = [run.task for run in self._runs.values() if run.task is not None]
         await asyncio.gather(*tasks, return_exceptions=True)
         await self._save_unsaved()
+        await self._release(owned)
+
+    async def _release(self, job_ids: builtins.list[str]) -> None:
+        """Hands the leases of the jobs this replica stopped driving to whichever replica is next."""
+        if not job_ids:
+            return
+        try:
+            await self._db.run(self._store.release, job_ids)
+        except Exception:  # noqa: BLE001 - the leases then expire on their own
+            log.warning("could not release the leases of %d job(s)", len(job_ids), exc_info=True)
+
+    # ----- leases -----------------------------------------------------------------------------
+
+    async def _keep_leases(self) -> None:
+        """Renews this replica's leases and, on a shared database, takes over jobs whose owner died.
+        A database that cannot be reached costs one round: the leases may lapse, and the fenced
+        writes then stop this replica's runs of those jobs."""
+        while not self._closed:
+            await asyncio.sleep(self._lease_seconds / 3)
+            try:
+                await self._renew()
+                if self._db.shared:
+                    await self._take_over(expired_only=True, note=TAKEN_OVER.format(owner=self._owner))
+            except Exception:  # noqa: BLE001 - the next round tries again
+                log.warning("could not renew or take over job leases", exc_info=True)
+
+    async def _renew(self) -> None:
+        running = builtins.list(self._runs)
+        if not running:
+            return
+        held = await self._db.run(self._store.renew, running)
+        for job_id in set(running) - held:
+            self._abandon(job_id)
+
+    async def _take_over(self, *, expired_only: bool, note: str) -> None:
+        if self._closed:
+            return
+        claim = functools.partial(self._store.claim, None, expired_only=expired_only)
+        for record in await self._db.run(claim):
+            if record.id not in self._runs:
+                record.state, record.progress = JobState.QUEUED, 0.0
+                self._launch(record, note)
+
+    def _abandon(self, job_id: str) -> None:
+        """Another replica owns the job now (or it was ended there): stop driving it, write nothing."""
+        run = self._runs.get(job_id)
+        if run is None or run.task is None or run.abandoned:
+            return
+        log.warning("job %s is no longer leased to replica %s; stopping its run here", job_id, self._owner)
+        run.abandoned = True
+        self._runner.cancel(job_id)
+        run.task.cancel()
 
     # ----- lookups ----------------------------------------------------------------------------
 
@@ -295,6 +368,9 @@ class JobManager:
         event = self._event(record, "state", outcome.message, record.metrics, details=outcome.details)
         try:
             await asyncio.shield(self._db.run(self._store.save, record, event))
+        except LeaseLost as exc:  # another replica owns the job: its ending is that replica's to write
+            log.warning("job %s: %s; its ending here (%s) is not written", record.id, exc.message, outcome.state.value)
+            return
         except Exception as exc:  # noqa: BLE001 - the job ends either way; the reason goes to the log
             log.error("job %s ended %s but its final event could not be saved: %s", record.id, outcome.state.value, exc)
             try:
@@ -302,6 +378,15 @@ class JobManager:
             except Exception:  # noqa: BLE001 - kept in memory instead
                 self._unsaved[record.id] = record
         self._signals.notify(record.id)
+
+    async def _cancel_elsewhere(self, record: JobRecord) -> None:
+        """A job this replica does not drive (another replica's, or one not started yet) is ended in
+        the database; its owner's next write or lease renewal finds it ended and stops its run."""
+        record.state, record.error = CANCELLED.state, ""
+        event = self._event(record, "state", CANCELLED.message, record.metrics)
+        if await self._db.run(self._store.cancel, record, event):
+            self._signals.notify(record.id)
+            self._discard(record.id)
 
     async def _save_unsaved(self) -> None:
         for job_id, record in builtins.list(self._unsaved.items()):
@@ -326,6 +411,12 @@ class JobManager:
             if outcome.state is not JobState.SUCCEEDED:
                 self._runner.cancel(record.id)  # whatever ended the job ends its Ray task too
             await self._finish(record, outcome)
+        except LeaseLost as exc:
+            log.warning("job %s: %s; stopping its run here", record.id, exc.message)
+            self._runner.cancel(record.id)
+        except asyncio.CancelledError:
+            if not run.abandoned:
+                raise
         finally:
             timer.cancel()
             self._runs.pop(record.id, None)
@@ -342,10 +433,12 @@ class JobManager:
             run.committing = True
             ref = await self._publish_result(record, result)
         except asyncio.CancelledError:
-            if run.stop is None:
+            if run.stop is None or run.abandoned:
                 raise
             run.committing = True
             return run.stop
+        except LeaseLost:
+            raise
         except Exception as exc:  # noqa: BLE001 - every failure becomes the job's FAILED reason
             run.committing = True
             if run.stop is not None:
@@ -381,7 +474,7 @@ class JobManager:
 
     async def _on_update(self, record: JobRecord, run: _Run, update: Update) -> None:
         """A runner update becomes an event; the first one moves the job to RUNNING."""
-        if record.state.terminal or run.stop is not None:
+        if record.state.terminal or run.stop is not None or run.abandoned:
             return
         kind, message = str(update.get("kind", "log")), str(update.get("message", ""))
         if kind == "skip":
@@ -402,7 +495,11 @@ class JobManager:
         await self._emit(record, event_kind, message, metrics, float(update.get("eta_seconds", 0.0)), details)
 
     async def _publish_result(self, record: JobRecord, result: TrainResult) -> str:
+        """Publishes only while this replica still holds the job; a replica that takes it over later
+        and trains it again gets the same version back (the adapter store knows the job's source)."""
         files = result_files(record, result)
+        if record.id not in await self._db.run(self._store.renew, [record.id]):
+            raise LeaseLost(f"job {record.id} is no longer leased to replica {self._owner!r}; it publishes elsewhere")
         request = PublishRequest(record.tenant, record.adapter_name, files, record.alias, f"job:{record.id}")
         return await asyncio.to_thread(self._publish, request)
 

@@ -6,7 +6,8 @@ when its worker dies (max_retries) and keeps only the stream items whose index i
 seen yet, so a retried attempt must line its stream up with the first one:
 - `head` jobs restart from scratch (they take seconds) and yield the same number of updates
   on every attempt, so the retry's first items are exactly the ones already delivered.
-- `lora` jobs resume from their last checkpoint (`<checkpoint_root>/<job id>/`), so they
+- `lora` jobs resume from their last checkpoint (`<checkpoint_root>/<job id>/`, on shared storage
+  every worker reaches: the attempt that resumes may run on another node), so they
   yield fewer updates than a fresh run. Their journal records how many items the stream has
   carried; a resumed attempt first yields that many "skip" placeholders (Ray drops those it
   already has, the caller drops the rest) and then its real updates, so none of them, nor the
@@ -24,13 +25,12 @@ import dataclasses
 import logging
 import os
 import queue
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
+from adaptgate.storage import Storage
 from adaptgate.training.checkpoints import CheckpointDir
 from adaptgate.training.lora import LoraParams
 from adaptgate.training.methods import TrainParams, TrainResult
@@ -43,10 +43,11 @@ LOCAL_OBJECT_STORE_BYTES = 256 * 1024 * 1024
 TASK_RETRIES = 2
 _DONE = object()
 SKIP: Update = {"kind": "skip"}
-
-
-def default_checkpoint_root() -> Path:
-    return Path(tempfile.gettempdir()) / "adaptgate-checkpoints"
+# A local Ray shares the gateway's machine: under load its raylet answers health checks late, and a
+# raylet declared dead ends the driver (the gateway) with it; be patient (about 2.5 minutes, not 15 s).
+LOCAL_HEALTH_CHECKS = {
+    "health_check_failure_threshold": 20, "health_check_period_ms": 5000, "health_check_timeout_ms": 30000,
+}
 
 
 def _train_in_thread(args: tuple[Any, ...], updates: queue.Queue[Any]) -> None:
@@ -118,16 +119,19 @@ class RayRunner:
     """
 
     def __init__(
-        self, address: str | None, num_cpus: int = 0, task_cpus: float = 1.0, checkpoint_root: Path | None = None,
-        task_gpus: float = 0.0,
+        self, address: str | None, num_cpus: int = 0, task_cpus: float = 1.0, *, checkpoint_root: str | os.PathLike[str],
+        task_gpus: float = 0.0, task_resources: dict[str, float] | None = None,
     ) -> None:
-        """checkpoint_root must be reachable by every Ray worker (the data dir locally, a shared volume on a cluster).
-        task_gpus > 0 makes each job reserve that share of a GPU; its worker then trains on CUDA (device "auto")."""
+        """checkpoint_root: a directory or fsspec URI every Ray worker reaches (storage.py); never a node's own disk.
+        task_gpus > 0 makes each job reserve that share of a GPU; its worker then trains on CUDA (device "auto").
+        task_resources: Ray custom resources each job reserves on a cluster, which pins jobs to the workers
+        offering them (a local Ray is one node: there they are not asked for)."""
         self.address = address or os.environ.get("RAY_ADDRESS") or None
         self.num_cpus = num_cpus
         self.task_cpus = task_cpus
         self.task_gpus = task_gpus
-        self.checkpoint_root = Path(checkpoint_root) if checkpoint_root else default_checkpoint_root()
+        self.task_resources = dict(task_resources or {})
+        self.checkpoints = Storage(checkpoint_root)
         self.init_seconds = 0.0
         self._remote: Any = None
         self._owns_ray = False
@@ -139,8 +143,17 @@ class RayRunner:
             "address": self.address, "ignore_reinit_error": True, "include_dashboard": False, "log_to_driver": False,
         }
         if self.address is None:  # a local Ray: keep its footprint small next to the gateway
-            args.update(num_cpus=self.num_cpus or None, object_store_memory=LOCAL_OBJECT_STORE_BYTES)
+            args.update(
+                num_cpus=self.num_cpus or None, object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+                _system_config=dict(LOCAL_HEALTH_CHECKS),
+            )
         return args
+
+    def _task_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {"num_cpus": self.task_cpus, "num_gpus": self.task_gpus, "max_retries": TASK_RETRIES}
+        if self.task_resources and self.address is not None:
+            options["resources"] = self.task_resources
+        return options
 
     def start(self) -> None:
         """Idempotent and blocking (seconds): call it at startup or via asyncio.to_thread."""
@@ -153,13 +166,11 @@ class RayRunner:
             began = time.monotonic()
             ray.init(**self._init_args())
             self.init_seconds = time.monotonic() - began
-            self._remote = ray.remote(train_task).options(
-                num_cpus=self.task_cpus, num_gpus=self.task_gpus, max_retries=TASK_RETRIES
-            )
+            self._remote = ray.remote(train_task).options(**self._task_options())
             log.info("Ray ready in %.1f s (%s)", self.init_seconds, self.address or "local")
 
-    def checkpoint_dir(self, job_id: str) -> Path:
-        return self.checkpoint_root / job_id
+    def checkpoint_dir(self, job_id: str) -> Storage:
+        return self.checkpoints.child(job_id)
 
     async def run(
         self, job_id: str, texts: list[str], labels: list[str], model_dir: str, params: TrainParams, on_event: OnEvent
@@ -169,7 +180,7 @@ class RayRunner:
         except Exception as exc:  # noqa: BLE001 - ray.init raises several types; each fails this job, not the gateway
             raise TrainingFailed(internal_error(f"could not start Ray ({self.address or 'local'})", exc)) from None
         if isinstance(params, LoraParams) and not params.checkpoint_dir:
-            params = dataclasses.replace(params, checkpoint_dir=str(self.checkpoint_dir(job_id)))
+            params = dataclasses.replace(params, checkpoint_dir=self.checkpoint_dir(job_id).uri)
         stream = self._submit(texts, labels, model_dir, params)
         self._active[job_id] = stream
         try:
@@ -205,7 +216,7 @@ class RayRunner:
         raise TrainingFailed("the training task ended without a result")
 
     def discard(self, job_id: str) -> None:
-        CheckpointDir(self.checkpoint_dir(job_id)).remove()
+        self.checkpoint_dir(job_id).remove_tree()
 
     def cancel(self, job_id: str) -> None:
         stream = self._active.get(job_id)

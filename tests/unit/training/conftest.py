@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from adaptgate.training.database import Database
 
 
 @pytest.fixture(scope="session")
@@ -27,3 +30,18 @@ def separable_rows(per_class: int = 30) -> list[dict[str, str]]:
 
 def jsonl(rows: list[dict[str, object]]) -> bytes:
     return ("\n".join(json.dumps(r) for r in rows) + "\n").encode()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The job database on each backend: a SQLite file, and a fresh database on a real PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'jobs.db'}"
+    return str(request.getfixturevalue("pg_database_url"))
+
+
+@pytest.fixture
+def db(db_url: str) -> Iterator[Database]:
+    database = Database(db_url)
+    yield database
+    database.close()

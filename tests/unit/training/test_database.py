@@ -7,12 +7,16 @@ import sys
 import threading
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from adaptgate.errors import ResourceExhausted, Unavailable
-from adaptgate.training.database import Database, DatabaseBusy, DatabaseFull
+from adaptgate.training.database import (
+    Database, DatabaseBusy, DatabaseFull, DatabaseIOError, DatabaseUnavailable, postgres_failure,
+)
 from adaptgate.training.job_records import JobEvent, JobRecord, JobSpec, JobState
 from adaptgate.training.job_store import JobStore
+from tests.postgres import NOT_INSTALLED, PostgresServer, binaries, free_port
 
 
 def test_wal_mode_and_tables(tmp_path: Path) -> None:
@@ -42,7 +46,7 @@ def test_failed_transaction_rolls_back(tmp_path: Path) -> None:
     db = Database(tmp_path / "a.db")
     with pytest.raises(RuntimeError):
         with db.transaction() as conn:
-            conn.execute("INSERT INTO job_events VALUES ('j', 1, 0, 'QUEUED', 'state', '', 0, '{}', 0, '{}')")
+            conn.exec_driver_sql("INSERT INTO job_events VALUES ('j', 1, 0, 'QUEUED', 'state', '', 0, '{}', 0, '{}')")
             raise RuntimeError("boom")
     assert db.query("SELECT * FROM job_events") == []
 
@@ -77,7 +81,7 @@ def test_a_full_disk_is_a_clear_error_and_the_database_stays_usable(tmp_path: Pa
     fill(db)
     with pytest.raises(ResourceExhausted, match="the job database cannot be written because the disk is full") as info:
         with db.transaction() as conn:
-            conn.execute("INSERT INTO job_events VALUES ('k', 1, 0, 'QUEUED', 'state', ?, 0, '{}', 0, '{}')", ("y" * 5000,))
+            conn.exec_driver_sql("INSERT INTO job_events VALUES ('k', 1, 0, 'QUEUED', 'state', ?, 0, '{}', 0, '{}')", ("y" * 5000,))
     assert isinstance(info.value, DatabaseFull)
     assert db.query("SELECT * FROM job_events WHERE job_id = 'k'") == []
     db.query_one("PRAGMA max_page_count = 1000000")  # space is freed: writes work again on the same connection
@@ -125,3 +129,88 @@ def test_a_really_full_filesystem_is_the_same_clear_error(tmp_path: Path) -> Non
     first, second = done.stdout.strip().splitlines()
     assert first.startswith("DatabaseFull: the job database cannot be written because the disk is full"), first
     assert second == "True"  # what was committed before is still readable
+
+
+# ----- PostgreSQL: the same failures, by SQLSTATE, on a real server ---------------------------------
+
+
+def test_an_unreachable_postgres_server_is_a_clear_error_naming_it_but_not_the_password(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    port = free_port()  # nothing listens there
+    with pytest.raises(DatabaseUnavailable) as info:
+        Database(f"postgresql://adaptgate:s3cret-pw@127.0.0.1:{port}/jobs")
+    message = info.value.message
+    assert f"the job database at 127.0.0.1:{port} cannot be reached; check that PostgreSQL is running there" in message
+    assert isinstance(info.value, Unavailable)
+    assert "s3cret-pw" not in message and "s3cret-pw" not in caplog.text
+
+
+def test_a_server_that_stops_is_a_clear_error_and_is_used_again_once_back() -> None:
+    bindir = binaries()
+    if bindir is None:
+        pytest.skip(NOT_INSTALLED)
+    server = PostgresServer(bindir).start()
+    try:
+        db = Database(server.url)
+        store = JobStore(db)
+        store.insert(JobRecord.new("acme", JobSpec("ds-1", "spam", method="head")))
+        server.halt(fast=True)
+        with pytest.raises(DatabaseUnavailable, match=f"the job database at 127.0.0.1:{server.port} cannot be reached"):
+            store.list_jobs(None)
+        server.start()
+        assert len(store.list_jobs(None)) == 1  # the pool replaced its dead connections
+        db.close()
+    finally:
+        server.stop()
+
+
+def test_connections_the_server_ended_are_replaced_without_an_error(pg_database_url: str) -> None:
+    db = Database(pg_database_url)
+    assert db.query_one("SELECT 1") == (1,)
+    killer = psycopg.connect(pg_database_url, autocommit=True)
+    killer.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    )
+    killer.close()
+    assert db.query_one("SELECT 1") == (1,)
+    db.close()
+
+
+def test_a_postgres_lock_held_beyond_the_busy_timeout_is_a_clear_error(pg_database_url: str) -> None:
+    db = Database(pg_database_url, busy_timeout_s=0.2)
+    other = psycopg.connect(pg_database_url)
+    other.execute("LOCK TABLE job_events IN EXCLUSIVE MODE")  # writers wait, readers do not
+    insert = "INSERT INTO job_events VALUES ('j', 1, 0, 'QUEUED', 'state', '', 0, '{}', 0, '{}')"
+    with pytest.raises(DatabaseBusy, match=r"the job database is locked by another process \(waited 0.2 s\); try again shortly"):
+        db.execute(insert)
+    assert db.query("SELECT * FROM job_events") == []
+    other.rollback()
+    other.close()
+    assert db.execute(insert) == 1
+    db.close()
+
+
+def test_a_read_only_postgres_is_a_clear_error(pg_database_url: str) -> None:
+    Database(pg_database_url).close()  # migrated
+    db = Database(pg_database_url + "?options=-c%20default_transaction_read_only%3Don")
+    with pytest.raises(DatabaseIOError, match=r"the job database at 127.0.0.1:\d+ is read-only"):
+        db.execute("INSERT INTO job_events VALUES ('j', 1, 0, 'QUEUED', 'state', '', 0, '{}', 0, '{}')")
+    db.close()
+
+
+POSTGRES_ERRORS: dict[str, type | None] = {
+    "53100": DatabaseFull, "55P03": DatabaseBusy, "40P01": DatabaseBusy, "40001": DatabaseBusy,
+    "25006": DatabaseIOError, "08006": DatabaseUnavailable, "08001": DatabaseUnavailable, "57P01": DatabaseUnavailable,
+    "57P02": DatabaseUnavailable, "57P03": DatabaseUnavailable, "42P01": None, "23505": None,
+}
+
+
+def test_postgres_failures_by_sqlstate(pg_database_url: str) -> None:
+    """Every row of the table; anything else (a bug in our SQL) stays an internal error."""
+    db = Database(pg_database_url)
+    for sqlstate, expected in POSTGRES_ERRORS.items():
+        make = postgres_failure(psycopg.errors.lookup(sqlstate)("x"))
+        assert (make is None) if expected is None else type(make(db)) is expected, sqlstate  # type: ignore[misc]
+    assert postgres_failure(psycopg.OperationalError("connection failed")) is not None  # no SQLSTATE: cannot connect
+    db.close()

@@ -18,14 +18,15 @@ from .conftest import jsonl, separable_rows
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> DatasetStore:
-    return DatasetStore(tmp_path / "datasets", Database(tmp_path / "db.sqlite"))
+def store(tmp_path: Path, db: Database) -> DatasetStore:
+    """On each backend (conftest's `db`: SQLite and PostgreSQL)."""
+    return DatasetStore(tmp_path / "datasets", db)
 
 
 def test_delete_returns_the_record_and_removes_the_row_and_the_file(store: DatasetStore) -> None:
     record = store.create("acme", "d", "jsonl", jsonl(separable_rows(3)))
     kept = store.create("acme", "e", "jsonl", jsonl(separable_rows(3)))
-    path = store.root / "acme" / f"{record.id}.jsonl"
+    path = Path(store.root.path) / "acme" / f"{record.id}.jsonl"
     assert path.exists()
     assert store.delete("acme", record.id) == record
     assert not path.exists()

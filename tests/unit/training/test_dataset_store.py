@@ -13,8 +13,9 @@ from .conftest import jsonl, separable_rows
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> DatasetStore:
-    return DatasetStore(tmp_path / "datasets", Database(tmp_path / "db.sqlite"))
+def store(tmp_path: Path, db: Database) -> DatasetStore:
+    """On each backend (conftest's `db`: SQLite and PostgreSQL)."""
+    return DatasetStore(tmp_path / "datasets", db)
 
 
 def test_create_writes_normalized_jsonl_and_record(store: DatasetStore) -> None:
@@ -23,7 +24,7 @@ def test_create_writes_normalized_jsonl_and_record(store: DatasetStore) -> None:
     assert record.id.startswith("ds-") and len(record.id) == 15
     assert (record.tenant, record.name, record.rows, record.size_bytes) == ("acme", "greetings", 4, len(data))
     assert record.label_counts == {"a": 2, "b": 2}
-    path = store.root / "acme" / f"{record.id}.jsonl"
+    path = Path(store.root.path) / "acme" / f"{record.id}.jsonl"
     assert json.loads(path.read_text().split("\n")[0]) == {"text": "hello", "label": "a"}
     assert store.load(record) == (["hello", "world", "foo", "bar"], ["a", "b", "a", "b"])
     assert not list(path.parent.glob("*.tmp"))
@@ -52,7 +53,7 @@ def test_invalid_upload_leaves_nothing(store: DatasetStore) -> None:
     with pytest.raises(InvalidDataset):
         store.create("acme", "bad", "jsonl", b'{"text": "x"}\n')
     assert store.list(None) == []
-    assert not (store.root / "acme").exists() or not any((store.root / "acme").iterdir())
+    assert not (Path(store.root.path) / "acme").exists() or not any((Path(store.root.path) / "acme").iterdir())
 
 
 @pytest.mark.parametrize("name", ["", "   ", "x" * 129])
@@ -66,11 +67,25 @@ def test_path_unsafe_tenant_refused(store: DatasetStore) -> None:
         store.create("../evil", "d", "jsonl", jsonl(separable_rows(3)))
 
 
-def test_records_survive_reopening_the_database(tmp_path: Path) -> None:
-    first = DatasetStore(tmp_path / "datasets", Database(tmp_path / "db.sqlite"))
+def test_records_survive_reopening_the_database(tmp_path: Path, db_url: str) -> None:
+    first = DatasetStore(tmp_path / "datasets", Database(db_url))
     record = first.create("acme", "d", "jsonl", jsonl(separable_rows(3) + separable_rows(3)))
     first.db.close()
-    second = DatasetStore(tmp_path / "datasets", Database(tmp_path / "db.sqlite"))
+    second = DatasetStore(tmp_path / "datasets", Database(db_url))
     again = second.get("acme", record.id)
     assert again == record and again.warnings == record.warnings and again.warnings
     assert second.load(again)[1][:2] == ["animal", "money"]
+
+
+def test_a_dataset_stored_by_one_replica_is_read_and_deleted_by_another(tmp_path: Path, db: Database) -> None:
+    """Control replicas share the database and the storage URI: a dataset uploaded to one trains on another."""
+    uri = (tmp_path / "shared").as_uri()  # file://…, as a storage URI names it
+    first, second = DatasetStore(uri, db), DatasetStore(uri, db)
+    record = first.create("acme", "d", "jsonl", jsonl(separable_rows(3)), "text", "label")
+    texts, labels = second.load(second.get("acme", record.id))
+    assert len(texts) == 6 and set(labels) == {"animal", "money"}
+    assert (tmp_path / "shared" / "acme" / f"{record.id}.jsonl").is_file()
+    second.delete("acme", record.id)
+    assert not (tmp_path / "shared" / "acme" / f"{record.id}.jsonl").exists()
+    with pytest.raises(NotFound):
+        first.get("acme", record.id)

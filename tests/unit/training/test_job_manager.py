@@ -236,7 +236,7 @@ def fill_the_disk(db: Database, job_id: str, rows_too: bool = False) -> None:
     write_until_full(event)
     if rows_too:
         write_until_full(lambda i: db.execute(
-            f"INSERT INTO jobs VALUES ('{i}', 't', 'd', 'a', 'h', '', 0, 0, 0, 0, 'SUCCEEDED', '', '', 0, '', 0, 0, '', '')"
+            f"INSERT INTO jobs VALUES ('{i}', 't', 'd', 'a', 'h', '', 0, 0, 0, 0, 'SUCCEEDED', '', '', 0, '', 0, 0, '', '', '', 0)"
         ))
 
 

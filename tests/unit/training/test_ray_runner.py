@@ -164,6 +164,59 @@ async def test_a_job_run_again_after_a_gateway_restart_resumes_from_its_checkpoi
     runner.discard("job-restart")
 
 
+def test_the_gateway_gives_its_runner_the_shared_storage_and_the_training_resources(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Checkpoints go where every worker reaches them (ADAPTGATE_STORAGE_URI), never to a node's TMPDIR."""
+    from adaptgate.server import ray_runner
+    from adaptgate.settings import Settings
+
+    monkeypatch.setenv("ADAPTGATE_TRAINING_RESOURCES", '{"adaptgate-training": 1}')
+    settings = Settings(role="control", data_dir=tmp_path / "data", storage_uri=f"file://{tmp_path}/shared")
+    runner = ray_runner(settings)
+    assert runner is not None and runner.task_resources == {"adaptgate-training": 1.0}
+    assert runner.checkpoint_dir("job-1").uri == f"file://{tmp_path}/shared/checkpoints/job-1"
+    assert ray_runner(Settings(role="all", data_dir=tmp_path / "data")).checkpoint_dir("job-1").uri == (  # type: ignore[union-attr]
+        f"{tmp_path}/data/checkpoints/job-1"
+    )
+
+
+async def test_a_job_asks_ray_for_the_training_resources(runner: RayRunner, tiny_model_dir: Path, tmp_path: Path) -> None:
+    """task_resources pin jobs to the workers that offer them: here no node does, so Ray holds the job back."""
+    import ray
+    from ray.autoscaler.v2.sdk import get_cluster_status
+
+    gcs = ray.get_runtime_context().gcs_address  # joined by address, as a gateway joins a cluster
+    pinned = RayRunner(gcs, checkpoint_root=tmp_path, task_resources={"adaptgate-absent-pool": 1})
+    updates: list[Update] = []
+    task = asyncio.create_task(pinned.run("job-pinned", TEXTS, LABELS, str(tiny_model_dir), HeadParams(), collect(updates)))
+
+    def waiting_for_the_pool() -> bool:
+        demands = get_cluster_status(gcs).resource_demands.ray_task_actor_demand
+        return any(b.bundle.get("adaptgate-absent-pool") == 1 for d in demands for b in d.bundles_by_count)
+
+    try:
+        for _ in range(120):
+            if await asyncio.to_thread(waiting_for_the_pool):
+                break
+            await asyncio.sleep(0.5)  # polling Ray's view of pending work, with a deadline
+        else:
+            pytest.fail("Ray never saw a job asking for adaptgate-absent-pool")
+        assert "adaptgate-absent-pool" not in ray.cluster_resources() and updates == []
+    finally:
+        pinned.cancel("job-pinned")
+        task.cancel()
+        with pytest.raises((TrainingFailed, asyncio.CancelledError)):
+            await task
+
+
+def test_a_local_ray_tolerates_a_busy_machine() -> None:
+    """On a loaded machine the local raylet may answer health checks late; declaring it dead would end the gateway."""
+    config = RayRunner(None, checkpoint_root="unused")._init_args()["_system_config"]
+    assert config["health_check_failure_threshold"] >= 20 and config["health_check_timeout_ms"] >= 30_000
+    assert "_system_config" not in RayRunner("127.0.0.1:6379", checkpoint_root="unused")._init_args()
+
+
 async def test_ray_that_cannot_start_fails_the_job_not_the_gateway(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
