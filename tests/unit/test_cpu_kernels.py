@@ -105,6 +105,7 @@ def test_kernel_runs_on_the_callers_torch_threads(kernel: CpuKernels) -> None:
         torch.set_num_threads(before)
 
 
+@pytest.mark.skipif(not cpu_has_avx512_bf16(), reason="the compiler is tried only on a CPU with AVX512-BF16")
 def test_engine_keeps_the_bmm_path_when_the_kernel_cannot_build(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
     with caplog.at_level(logging.INFO, logger="adaptgate.engine.cpu_kernels"):

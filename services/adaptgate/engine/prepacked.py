@@ -9,6 +9,7 @@ widest activation. Serving only: the packed weights take no gradients, so traini
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -45,6 +46,18 @@ class PrepackedLinear(nn.Module):
 def is_exact_gelu(module: nn.Module) -> bool:
     """BERT's `hidden_act: gelu`: the erf form, which oneDNN's gelu epilogue computes too."""
     return type(module) is GELUActivation and module.act is nn.functional.gelu
+
+
+@functools.cache
+def can_prepack() -> bool:
+    """Whether oneDNN prepacks bf16 linears on this CPU (it needs AVX512BW/VL/DQ or AVX-NE-CONVERT)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        PrepackedLinear(nn.Linear(8, 8).to(torch.bfloat16))
+    except (RuntimeError, AttributeError):
+        return False
+    return True
 
 
 def prepack_linears(model: nn.Module, dtype: torch.dtype, device: torch.device) -> int:
