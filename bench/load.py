@@ -276,7 +276,7 @@ def start_server(data_dir: Path, flags: tuple[str, ...] = SWEEP_FLAGS) -> tuple[
     """A loopback gateway; the rate sweep narrows its queue so that the knee shows early, the scenarios keep defaults."""
     tokens = data_dir / "tokens.json"
     tokens.write_text(json.dumps({"tokens": TOKENS}))
-    cmd = [sys.executable, "-m", "adaptgate.cli", "serve", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
+    cmd = [sys.executable, "-m", "adaptgate.cli", "serve", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--http-port", "0",
            "--data-dir", str(data_dir), "--tokens-file", str(tokens), *flags]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
     assert proc.stdout is not None

@@ -71,7 +71,7 @@ def start_server(data_dir: Path) -> tuple[subprocess.Popen[str], str]:
     tokens = data_dir / "tokens.json"
     tokens.write_text(json.dumps({"tokens": {"bench": {"tenant": "bench"}}}))
     cmd = [sys.executable, "-m", "adaptgate.cli", "serve", "--host", "127.0.0.1", "--port", "0",
-           "--metrics-port", "0", "--data-dir", str(data_dir), "--tokens-file", str(tokens)]
+           "--metrics-port", "0", "--http-port", "0", "--data-dir", str(data_dir), "--tokens-file", str(tokens)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
     assert proc.stdout is not None
     for line in proc.stdout:

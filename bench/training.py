@@ -209,7 +209,7 @@ def ours_curve(data: Data, method: str, max_steps: int, epochs: int) -> Outcome:
 def start_gateway(data_dir: Path, training_cpus: int) -> tuple[subprocess.Popen[str], str]:
     tokens = data_dir / "tokens.json"
     tokens.write_text(json.dumps({"tokens": {"bench": {"tenant": "bench"}}}))
-    cmd = [sys.executable, "-m", "adaptgate.cli", "serve", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
+    cmd = [sys.executable, "-m", "adaptgate.cli", "serve", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--http-port", "0",
            "--data-dir", str(data_dir), "--tokens-file", str(tokens), "--training-cpus", str(training_cpus),
            "--max-texts-per-request", "300"]
     env = {**os.environ, "RAY_ADDRESS": ""}

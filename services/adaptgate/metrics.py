@@ -35,9 +35,13 @@ class Metrics:
         self.max_adapter_labels = max_adapter_labels
         self._adapter_labels: set[str] = set()
         r = self.registry
-        self.requests = Counter("adaptgate_requests", "RPCs handled, by method and status code.", ["method", "code"], registry=r)
+        # `code` is the gRPC status name on both protocols (the HTTP API answers the same error kinds), so one
+        # alert covers both; `protocol` is "grpc" or "http".
+        self.requests = Counter(
+            "adaptgate_requests", "Calls handled, by method, status code and protocol.", ["method", "code", "protocol"], registry=r
+        )
         self.request_seconds = Histogram(
-            "adaptgate_request_duration_seconds", "RPC latency, by method and status code.", ["method", "code"],
+            "adaptgate_request_duration_seconds", "Call latency, by method, status code and protocol.", ["method", "code", "protocol"],
             buckets=LATENCY_BUCKETS, registry=r,
         )
         self.texts = Counter("adaptgate_texts", "Texts embedded or classified.", ["method"], registry=r)

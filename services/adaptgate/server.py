@@ -25,6 +25,7 @@ from adaptgate.api.classifier import ClassifierServicer
 from adaptgate.api.datasets import DatasetsServicer
 from adaptgate.api.embeddings import EmbeddingsServicer
 from adaptgate.api.finetune import FinetuneServicer
+from adaptgate.api.http import HttpPlane, HttpServing, HttpTls, http_app
 from adaptgate.api.malformed import MalformedRequestInterceptor
 from adaptgate.api.roles import Plane, role_interceptor, serves, serves_service
 from adaptgate.api.rpc import RpcRuntime
@@ -76,11 +77,18 @@ class Gateway:
     runner: RayRunner | None
     port: int
     metrics_port: int
+    http: HttpServing | None = None
+    draining: bool = False
+
+    @property
+    def http_port(self) -> int:
+        return self.http.port if self.http is not None else 0
 
     async def stop(self, grace: float = 10.0) -> None:
-        """Health goes NOT_SERVING first, then in-flight RPCs get `grace` seconds to finish."""
+        """Health goes NOT_SERVING first (/readyz 503), then in-flight calls get `grace` seconds to finish."""
+        self.draining = True
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
+        await asyncio.gather(self.server.stop(grace), self.http.stop(grace) if self.http is not None else asyncio.sleep(0))
         if self.jobs is not None:
             await self.jobs.close()
         await self.engine.stop()
@@ -225,13 +233,21 @@ async def build(settings: Settings) -> Gateway:
     if settings.metrics_port >= 0:
         http_server, _ = start_http_server(settings.metrics_port, addr=settings.host, registry=metrics.registry)
         metrics_port = http_server.server_port
-    return Gateway(server, health_servicer, engine, jobs, runner, port, metrics_port)
+    gateway = Gateway(server, health_servicer, engine, jobs, runner, port, metrics_port)
+    if settings.http_port >= 0:
+        plane = HttpPlane(runtime, inference, store, base.name, base.spec.hidden_size, lambda: not gateway.draining)
+        gateway.http = HttpServing(http_app(plane), HttpTls.from_settings(settings))
+        gateway.http.start(settings.host, settings.http_port)
+    return gateway
 
 
 async def serve(settings: Settings) -> None:
     started = time.perf_counter()
     gateway = await build(settings)
     host = "localhost" if settings.host in ("0.0.0.0", "[::]") else settings.host
+    scheme = "https" if settings.tls_cert_file is not None else "http"
+    if gateway.http is not None:
+        print(f"adaptgate HTTP on {scheme}://{host}:{gateway.http_port} (OpenAI-compatible /v1/embeddings, /v1/models, /docs)", flush=True)
     print(
         f"adaptgate listening on {host}:{gateway.port} (gRPC) and "
         f"{f':{gateway.metrics_port}/metrics' if settings.metrics_port >= 0 else 'no /metrics (metrics port -1)'} "
@@ -243,6 +259,12 @@ async def serve(settings: Settings) -> None:
     ca_flag = " --tls-ca <ca.pem>" if tls else ""
     print(f"  try: adaptgate embed --server {host}:{gateway.port} --token <token>{ca_flag} 'hello world'", flush=True)
     print(f"       grpcurl {'-cacert <ca.pem>' if tls else '-plaintext'} {host}:{gateway.port} list", flush=True)
+    if gateway.http is not None:
+        print(
+            f"       curl {'--cacert <ca.pem> ' if tls else ''}{scheme}://{host}:{gateway.http_port}/v1/embeddings -H 'Authorization: Bearer <token>' "
+            f"-H 'Content-Type: application/json' -d '{{\"model\": \"{gateway.engine.base.name}\", \"input\": \"hello world\"}}'",
+            flush=True,
+        )
     if gateway.jobs is None:
         control = settings.control_address or "the control replica"
         print(f"  role {settings.role}: writes, datasets and jobs go to {control}", flush=True)

@@ -26,6 +26,9 @@ class Settings(BaseSettings):
 
     host: str = Field("0.0.0.0", description="Interface the gRPC server binds.")
     port: int = Field(50051, description="gRPC port.")
+    http_port: int = Field(
+        8080, description="HTTP API port: OpenAI-compatible /v1/embeddings, /v1/models, /healthz, /readyz (0 = any free port, -1 disables it)."
+    )
     metrics_port: int = Field(9464, description="Prometheus /metrics port (0 = any free port, -1 disables it).")
     data_dir: Path = Field(Path("data"), description="Adapter store, datasets and the job database.")
     tokens_file: Path | None = Field(

@@ -18,6 +18,7 @@ import grpc
 import pytest
 
 READY = re.compile(r"listening on 127\.0\.0\.1:(\d+) \(gRPC\) and :(\d+)/metrics")
+HTTP_READY = re.compile(r"HTTP on https?://127\.0\.0\.1:(\d+) ")
 TOKENS = {
     "acme-token": {"tenant": "acme", "admin": False},
     "globex-token": {"tenant": "globex", "admin": False},
@@ -33,6 +34,7 @@ class Gateway:
     data_dir: Path
     log_path: Path
     process: subprocess.Popen[str]
+    http_url: str = ""
 
     def channel(self) -> grpc.Channel:
         return grpc.insecure_channel(self.target, options=[("grpc.max_receive_message_length", 64 << 20)])
@@ -42,8 +44,10 @@ def auth(token: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),)
 
 
-def _wait_ready(proc: subprocess.Popen[str], log_path: Path, timeout: float) -> re.Match[str]:
+def _wait_ready(proc: subprocess.Popen[str], log_path: Path, timeout: float) -> tuple[re.Match[str], str]:
+    """The ready line's match, and the HTTP API's base URL ('' when the server serves none)."""
     deadline = time.monotonic() + timeout
+    http_url = ""
     assert proc.stdout is not None
     with log_path.open("a") as log:
         while time.monotonic() < deadline:
@@ -52,8 +56,10 @@ def _wait_ready(proc: subprocess.Popen[str], log_path: Path, timeout: float) -> 
                 raise RuntimeError(f"gateway exited with {proc.returncode}; log in {log_path}")
             log.write(line)
             log.flush()
+            if http := HTTP_READY.search(line):
+                http_url = f"http://127.0.0.1:{http[1]}"
             if match := READY.search(line):
-                return match
+                return match, http_url
     raise RuntimeError(f"gateway not ready after {timeout}s; log in {log_path}")
 
 
@@ -66,14 +72,14 @@ def running_gateway(data_dir: Path, *flags: str, log_name: str = "server.log") -
     log_path = data_dir / log_name
     cmd = [
         sys.executable, "-m", "adaptgate.cli", "serve", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
-        "--data-dir", str(data_dir), "--tokens-file", str(tokens), *flags,
+        "--data-dir", str(data_dir), "--tokens-file", str(tokens), "--http-port", "0", *flags,
     ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": ""}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        match = _wait_ready(proc, log_path, timeout=240)
+        match, http_url = _wait_ready(proc, log_path, timeout=240)
         _drain(proc, log_path)
-        yield Gateway(f"127.0.0.1:{match[1]}", f"http://127.0.0.1:{match[2]}/metrics", data_dir, log_path, proc)
+        yield Gateway(f"127.0.0.1:{match[1]}", f"http://127.0.0.1:{match[2]}/metrics", data_dir, log_path, proc, http_url)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)

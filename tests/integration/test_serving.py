@@ -186,11 +186,11 @@ def test_alias_flip_and_load_unload(gateway: Gateway, peft_adapter) -> None:
 def test_metrics_show_the_requests(gateway: Gateway) -> None:
     Client(gateway.target, "acme-token").embed(["count me"])
     body = urllib.request.urlopen(gateway.metrics_url, timeout=10).read().decode()
-    ok = [l for l in body.splitlines() if l.startswith('adaptgate_requests_total{code="OK",method="Embed"}')]
+    ok = [l for l in body.splitlines() if l.startswith('adaptgate_requests_total{code="OK",method="Embed",protocol="grpc"}')]
     assert ok and float(ok[0].split()[-1]) >= 1
     assert "adaptgate_request_duration_seconds_bucket" in body
     assert "adaptgate_batch_size_bucket" in body and "adaptgate_queue_depth" in body
-    assert 'adaptgate_requests_total{code="INVALID_ARGUMENT",method="Embed"}' in body
+    assert 'adaptgate_requests_total{code="INVALID_ARGUMENT",method="Embed",protocol="grpc"}' in body
 
 
 def test_lora_only_adapter_tunes_embeddings_but_cannot_classify(gateway: Gateway, peft_adapter, tmp_path: Path) -> None:

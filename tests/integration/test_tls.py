@@ -3,11 +3,14 @@ reaches a handler; a client certificate from the configured CA works."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import shutil
+import ssl
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -16,6 +19,8 @@ import pytest
 
 from adaptgate.client import Client
 from tests.integration.conftest import REPO, running_gateway
+
+TOKEN = {"Authorization": "Bearer acme-token"}
 
 pytestmark = [
     pytest.mark.integration,
@@ -68,9 +73,30 @@ def test_mtls_admits_only_clients_with_a_certificate_from_the_configured_ca(tmp_
             with pytest.raises(grpc.RpcError) as info:
                 client.embed(["should never reach a handler"])
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        https = gateway.http_url.replace("http://", "https://")
+        assert_https_is_mutual(https, ca, good_client, rogue_client)
         body = urllib.request.urlopen(gateway.metrics_url, timeout=10).read().decode()
         handled = [line for line in body.splitlines() if line.startswith("adaptgate_requests_total{")]
-        assert handled == ['adaptgate_requests_total{code="OK",method="Embed"} 1.0']  # the refused never got here
+        assert handled == [  # the refused never got here
+            'adaptgate_requests_total{code="OK",method="Embed",protocol="grpc"} 1.0',
+            'adaptgate_requests_total{code="OK",method="ListModels",protocol="http"} 1.0',
+        ]
+
+
+def assert_https_is_mutual(https: str, ca: tuple[Path, Path], good: tuple[Path, Path], rogue: tuple[Path, Path]) -> None:
+    """The HTTP API serves the same TLS: plaintext and clients without a certificate from the CA are refused."""
+    with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):
+        urllib.request.urlopen(https.replace("https://", "http://") + "/v1/models", timeout=10)
+    for leaf in (None, rogue):
+        context = ssl.create_default_context(cafile=str(ca[1]))
+        if leaf is not None:
+            context.load_cert_chain(str(leaf[1]), str(leaf[0]))
+        with pytest.raises((urllib.error.URLError, ssl.SSLError, ConnectionError)):
+            urllib.request.urlopen(urllib.request.Request(f"{https}/v1/models", headers=TOKEN), timeout=10, context=context).read()
+    context = ssl.create_default_context(cafile=str(ca[1]))
+    context.load_cert_chain(str(good[1]), str(good[0]))
+    with urllib.request.urlopen(urllib.request.Request(f"{https}/v1/models", headers=TOKEN), timeout=10, context=context) as ok:
+        assert ok.status == 200
 
 
 PARTIAL_TLS = [
@@ -89,7 +115,7 @@ def test_a_partial_tls_configuration_refuses_to_start(tmp_path: Path, flags: tup
     tokens = tmp_path / "tokens.json"
     tokens.write_text('{"tokens": {"acme-token": {"tenant": "acme"}}}')
     cmd = [
-        sys.executable, "-m", "adaptgate.cli", "serve", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1",
+        sys.executable, "-m", "adaptgate.cli", "serve", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1", "--http-port", "-1",
         "--data-dir", str(tmp_path / "data"), "--tokens-file", str(tokens),
     ]
     for flag in flags:

@@ -79,7 +79,7 @@ def test_each_error_kind_maps_to_its_status_unary_and_stream(code: ErrorCode) ->
     for aborted in (unary_abort.value, stream_abort.value):
         assert aborted.code == expected
         assert aborted.details == f"a sentence about {code.name}"
-    counted = servicer.runtime.metrics.requests.labels("Unary", expected.name)._value.get()
+    counted = servicer.runtime.metrics.requests.labels("Unary", expected.name, "grpc")._value.get()
     assert counted == 1
 
 

@@ -1,4 +1,4 @@
-"""The one table from error kinds to gRPC status codes."""
+"""The one table from error kinds to gRPC status codes, and the HTTP status of each beside it."""
 
 from __future__ import annotations
 
@@ -22,3 +22,22 @@ STATUS_BY_CODE: dict[ErrorCode, grpc.StatusCode] = {
 
 def status_of(exc: AdaptgateError) -> grpc.StatusCode:
     return STATUS_BY_CODE[exc.code]
+
+
+# The HTTP API answers each error kind with the status an HTTP (and OpenAI) client expects.
+HTTP_STATUS_BY_CODE: dict[ErrorCode, int] = {
+    ErrorCode.INVALID_ARGUMENT: 400,
+    ErrorCode.NOT_FOUND: 404,
+    ErrorCode.ALREADY_EXISTS: 409,
+    ErrorCode.PERMISSION_DENIED: 403,
+    ErrorCode.UNAUTHENTICATED: 401,
+    ErrorCode.RESOURCE_EXHAUSTED: 429,
+    ErrorCode.FAILED_PRECONDITION: 412,
+    ErrorCode.DEADLINE_EXCEEDED: 504,
+    ErrorCode.UNAVAILABLE: 503,
+    ErrorCode.INTERNAL: 500,
+}
+
+
+def http_status_of(exc: AdaptgateError) -> int:
+    return HTTP_STATUS_BY_CODE[exc.code]

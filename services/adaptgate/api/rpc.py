@@ -72,8 +72,8 @@ class _Call:
 
     def finish(self) -> None:
         code = self.code.name
-        self.runtime.metrics.requests.labels(self.method, code).inc()
-        self.runtime.metrics.request_seconds.labels(self.method, code).observe(time.perf_counter() - self.started)
+        self.runtime.metrics.requests.labels(self.method, code, "grpc").inc()
+        self.runtime.metrics.request_seconds.labels(self.method, code, "grpc").observe(time.perf_counter() - self.started)
 
 
 def _check(item: Any, method: str) -> Any:
