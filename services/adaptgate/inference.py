@@ -48,13 +48,17 @@ class Inference:
             raise InvalidArgument(f"{len(texts)} texts in one request; the limit is {self.max_texts}, split the request")
 
     async def embed(
-        self, texts: list[str], ref: AdapterRef | None, pooling: Pooling | None, normalize: bool,
+        self, texts: list[str], ref: AdapterRef | None, pooling: Pooling | None, normalize: bool | None,
         truncate: bool, deadline: float | None, tenant: str = "",
     ) -> Embedded:
-        """`tenant` keys the batcher's fair queue: one tenant's backlog never holds another's rows back."""
+        """`tenant` keys the batcher's fair queue: one tenant's backlog never holds another's rows back.
+
+        pooling None and normalize None take the model's own (ModelSpec.default_pooling, .normalize), so a
+        sentence-transformers directory embeds as its authors configured it."""
         self._check_count(texts)
         ids = await self.engine.tokenize(texts, truncate)
         mode = pooling or self.engine.spec.default_pooling
+        normalize = self.engine.spec.normalize if normalize is None else normalize
         if ref is None:
             results = await self.engine.run(
                 [Row(i, pooling=mode, normalize=normalize, deadline=deadline, tenant=tenant) for i in ids]

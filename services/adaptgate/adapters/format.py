@@ -5,7 +5,7 @@ Files (all optional ones may be absent in uploads made with plain PEFT):
 - adapter_model.safetensors  LoRA A/B under PEFT's key names, and the head as
                              `base_model.model.classifier.{weight,bias}` (or `score.*` for decoders)
 - labels.json                label names in id order (default: LABEL_0 ...)
-- adaptgate.json             {"head_input": "pooler"|"mean"|"cls"|"last_token", "normalize": bool,
+- adaptgate.json             {"head_input": "pooler" or a pooling name ("mean", "cls", "last_token", ...), "normalize": bool,
                               "base_fingerprint": str, "source": str}; absent means a PEFT-made
                              adapter whose head reads the task model's own input (BERT's pooler,
                              a decoder's last token)
@@ -19,13 +19,15 @@ from dataclasses import dataclass, field
 import torch
 from safetensors.torch import save
 
+from adaptgate.engine.pooling import Pooling
+
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 LABELS_FILE = "labels.json"
 META_FILE = "adaptgate.json"
 ALLOWED_FILES = frozenset({CONFIG_FILE, WEIGHTS_FILE, LABELS_FILE, META_FILE})
 HEAD_MODULES = ("classifier", "score")
-HEAD_INPUTS = frozenset({"pooler", "mean", "cls", "last_token"})
+HEAD_INPUTS = frozenset({"pooler", *(p.value for p in Pooling)})  # a head may read any pooling the engine has
 
 
 @dataclass

@@ -60,7 +60,7 @@ class EmbeddingsServicer(embeddings_pb2_grpc.EmbeddingsServicer):
         self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext, principal: Principal, method: str
     ) -> pb.EmbedResponse:
         ref = principal.adapter(request.adapter) if request.adapter else None
-        normalize = request.normalize if request.HasField("normalize") else True
+        normalize = request.normalize if request.HasField("normalize") else None  # None: the model's own
         texts, deadline = list(request.texts), deadline_of(context)
         async with self.runtime.admission.admitted(principal.tenant, len(texts), (ref,) if ref else (), deadline):
             out = await self.inference.embed(

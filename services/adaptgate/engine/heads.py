@@ -10,8 +10,10 @@ import torch
 
 from adaptgate.engine.pooling import Pooling
 
-HEAD_INPUT_CODES = {"pooler": 0, "mean": 1, "cls": 2, "last_token": 3}
-HEAD_INPUT_POOLING = {1: Pooling.MEAN, 2: Pooling.CLS, 3: Pooling.LAST_TOKEN}
+# "pooler" (BERT's pooler output) is 0; every pooling is a head input too, by its value, numbered in
+# the enum's order (mean 1, cls 2, last_token 3, ...): training defaults a head to the model's own pooling.
+HEAD_INPUT_CODES = {"pooler": 0} | {p.value: code for code, p in enumerate(Pooling, start=1)}
+HEAD_INPUT_POOLING = {code: p for code, p in enumerate(Pooling, start=1)}
 
 
 class HeadPool:

@@ -15,6 +15,10 @@ from adaptgate.engine.device import resolve_device, resolve_dtype
 from adaptgate.engine.int8 import quantize_linears
 from adaptgate.engine.lora import linear_in_out
 from adaptgate.engine.pooling import Pooling
+from adaptgate.engine.st_config import SentenceTransformerConfig, max_seq_length, read_st_config
+
+# transformers' stand-in for "no limit" in model_max_length is 1e30; anything this large is no real limit.
+UNSET_MODEL_MAX_LENGTH = 1_000_000
 
 # Known decoder-only families; others are recognised by `is_decoder_only` from transformers' own registries.
 DECODER_MODEL_TYPES = frozenset({"gpt2", "llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "phi3", "gpt_neox"})
@@ -35,12 +39,15 @@ class ModelSpec:
     is_decoder: bool
     hidden_size: int
     max_tokens: int
-    default_pooling: Pooling
+    default_pooling: Pooling  # what a request without a pooling gets: the directory's own (engine.st_config)
     fingerprint: str
     # Every nn.Linear or GPT-2 Conv1D inside the base: name (as PEFT names it, without the task-model prefix) -> (in, out).
     linear_shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
     # The attribute under which task models keep the base (`bert` for BertForSequenceClassification).
     base_prefix: str = ""
+    # Whether a request that does not say gets unit-length vectors: a sentence-transformers directory's
+    # Normalize module decides; a plain transformers directory is normalized, as it always was.
+    normalize: bool = True
 
 
 @dataclass
@@ -65,13 +72,22 @@ class BaseModel:
         return f"int8+{name}" if self.int8 else name
 
 
-def _max_tokens(path: Path, config: object, tokenizer: PreTrainedTokenizerBase) -> int:
-    """sentence-transformers' max_seq_length when present (256 for MiniLM), else the model's limit."""
-    st_config = path / "sentence_bert_config.json"
-    if st_config.exists():
-        return int(json.loads(st_config.read_text())["max_seq_length"])
-    limit = getattr(config, "max_position_embeddings", None) or tokenizer.model_max_length
-    return int(min(limit, 8192))
+def _max_tokens(
+    path: Path, config: object, tokenizer: PreTrainedTokenizerBase, st: SentenceTransformerConfig | None
+) -> int:
+    """The tokens per text sentence-transformers would keep, so that truncation cuts where it cuts.
+
+    sentence_bert_config.json's max_seq_length when set (256 for MiniLM); for a sentence-transformers
+    directory without it, the tokenizer's model_max_length (where sentence-transformers 5+ saves it);
+    else the model's limit. Never beyond the position embeddings.
+    """
+    positions = getattr(config, "max_position_embeddings", None)
+    configured = max_seq_length(path)
+    if configured is None and st is not None and tokenizer.model_max_length < UNSET_MODEL_MAX_LENGTH:
+        configured = int(tokenizer.model_max_length)
+    if configured is not None:
+        return min(configured, positions) if positions else configured
+    return int(min(positions or tokenizer.model_max_length, 8192))
 
 
 def fingerprint(model: PreTrainedModel) -> str:
@@ -126,6 +142,7 @@ def load_base_model(path: Path | None = None, dtype: str = "auto", device: str =
     if dtype == "int8" and torch_device.type != "cpu":
         raise ValueError("dtype int8 is a CPU path; on a GPU use auto (bfloat16)")
     torch_dtype = resolve_dtype(dtype, torch_device)
+    st = read_st_config(path)  # first: a pipeline the engine cannot reproduce stops startup before any weights load
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch_dtype, attn_implementation="sdpa")
@@ -137,11 +154,12 @@ def load_base_model(path: Path | None = None, dtype: str = "auto", device: str =
         model_type=config.model_type,
         is_decoder=is_decoder,
         hidden_size=int(config.hidden_size),
-        max_tokens=_max_tokens(path, config, tokenizer),
-        default_pooling=Pooling.LAST_TOKEN if is_decoder else Pooling.MEAN,
+        max_tokens=_max_tokens(path, config, tokenizer, st),
+        default_pooling=st.pooling if st else Pooling.LAST_TOKEN if is_decoder else Pooling.MEAN,
         fingerprint=fingerprint(model),
         linear_shapes=_linear_shapes(model),
         base_prefix=getattr(model, "base_model_prefix", "") or "",
+        normalize=st.normalize if st else True,
     )
     if dtype == "int8":
         quantize_linears(model)

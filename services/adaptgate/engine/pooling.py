@@ -1,4 +1,10 @@
-"""Token states to one vector per row. Shapes: hidden [B, T, H], mask [B, T] -> [B, H]."""
+"""Token states to one vector per row. Shapes: hidden [B, T, H], mask [B, T] -> [B, H].
+
+Every mode reads the padded grid: the packed (padding-free) encoder unpacks its tokens to that grid,
+pads zeroed, before pooling (engine.packed), so one table serves both paths. The modes are those
+sentence-transformers' Pooling module offers, computed as it computes them (engine.st_config maps
+its names here), accumulated in fp32.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,9 @@ class Pooling(enum.Enum):
     MEAN = "mean"
     CLS = "cls"
     LAST_TOKEN = "last_token"
+    WEIGHTED_MEAN = "weighted_mean"
+    MAX = "max"
+    MEAN_SQRT_LEN = "mean_sqrt_len"
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -22,6 +31,30 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     weights = mask.to(torch.float32)
     weights = weights / weights.sum(dim=1, keepdim=True).clamp(min=1e-9)
     return torch.bmm(weights.unsqueeze(1), hidden.to(torch.float32)).squeeze(1)
+
+
+def weighted_mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean with the i-th real token weighted i (1-based), as SGPT-style decoders were trained.
+
+    The running count of real tokens gives those weights for right and left padding alike.
+    """
+    real = mask.to(torch.float32)
+    weights = real.cumsum(dim=1) * real  # [B, T]
+    weights = weights / weights.sum(dim=1, keepdim=True).clamp(min=1e-9)
+    return torch.bmm(weights.unsqueeze(1), hidden.to(torch.float32)).squeeze(1)
+
+
+def mean_sqrt_len_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum over real tokens divided by the square root of their count (sentence-transformers' mean_sqrt_len_tokens)."""
+    real = mask.to(torch.float32)
+    weights = real / real.sum(dim=1, keepdim=True).clamp(min=1e-9).sqrt()
+    return torch.bmm(weights.unsqueeze(1), hidden.to(torch.float32)).squeeze(1)
+
+
+def max_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per feature the largest value over real tokens; pads (zero in the packed path's grid) never count."""
+    pads = (mask == 0).unsqueeze(-1)  # [B, T, 1]
+    return hidden.to(torch.float32).masked_fill(pads, float("-inf")).amax(dim=1)
 
 
 def cls_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -52,7 +85,14 @@ def without_pad_tokens(mask: torch.Tensor, input_ids: torch.Tensor, pad_id: int)
     return mask * (input_ids != pad_id).to(mask.dtype)
 
 
-_POOLERS = {Pooling.MEAN: mean_pool, Pooling.CLS: cls_pool, Pooling.LAST_TOKEN: last_token_pool}
+_POOLERS = {
+    Pooling.MEAN: mean_pool,
+    Pooling.CLS: cls_pool,
+    Pooling.LAST_TOKEN: last_token_pool,
+    Pooling.WEIGHTED_MEAN: weighted_mean_pool,
+    Pooling.MAX: max_pool,
+    Pooling.MEAN_SQRT_LEN: mean_sqrt_len_pool,
+}
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: Pooling) -> torch.Tensor:
