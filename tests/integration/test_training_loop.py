@@ -72,7 +72,7 @@ def test_head_job_trains_publishes_and_serves(gateway: Gateway) -> None:
 
     body = urllib.request.urlopen(gateway.metrics_url, timeout=10).read().decode()
     assert 'adaptgate_jobs{state="SUCCEEDED"}' in body
-    classify_ok = [l for l in body.splitlines() if l.startswith('adaptgate_requests_total{code="OK",method="Classify"}')]
+    classify_ok = [l for l in body.splitlines() if l.startswith('adaptgate_requests_total{code="OK",method="Classify",protocol="grpc"}')]
     assert classify_ok and float(classify_ok[0].split()[-1]) >= 4
 
 
