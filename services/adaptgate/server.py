@@ -157,7 +157,7 @@ async def _control_plane(
     settings: Settings, base: BaseModel, store: AdapterStore, quotas: StorageQuotas, runner: RayRunner, metrics: Metrics
 ) -> ControlPlane:
     database = open_database(settings.database_url, settings.database_path)
-    datasets = DatasetStore(settings.datasets_dir, database, settings.max_labels, quotas)
+    datasets = DatasetStore(settings.datasets_dir, database, settings.max_labels, quotas, settings.max_label_conflict_fraction)
 
     def publish(request: PublishRequest) -> str:
         record = store.publish(request.tenant, request.adapter_name, request.files, request.alias, request.source)

@@ -70,6 +70,10 @@ class Settings(BaseSettings):
     )
     max_adapter_versions_per_tenant: int = Field(256, description="Adapter versions one tenant may store (0 = no limit).")
     max_datasets_per_tenant: int = Field(100, description="Datasets one tenant may store (0 = no limit).")
+    max_label_conflict_fraction: float = Field(
+        0.01, ge=0.0, le=1.0,
+        description="Rows whose text another row gives a different label, as a fraction of a dataset: up to it the majority label is kept (ties dropped) with a warning; above it the upload is refused.",
+    )
     max_storage_bytes: int = Field(0, description="Stored bytes of all tenants together (0 = no limit but the disk).")
     max_inflight_per_tenant: int = Field(64, description="Embed/Classify requests one tenant may have in flight (0 = no limit).")
     max_queued_texts_per_tenant: int = Field(

@@ -20,6 +20,7 @@ from adaptgate.training.problems import Problems, describe_lines
 MIN_ROWS = 4
 MIN_PER_CLASS = 2
 IMBALANCE_RATIO = 0.05
+MAX_CONFLICT_FRACTION = 0.01
 
 
 @dataclass
@@ -91,17 +92,61 @@ def _extract(rows: Iterable[RawRow], text_field: str, label_field: str, problems
     return parsed
 
 
-def _check_conflicts(parsed: ParsedDataset, problems: Problems) -> None:
-    """One text with two labels cannot be learned and would leak across the validation split."""
-    seen: dict[str, list[tuple[int, str]]] = defaultdict(list)
-    for text, label, line in zip(parsed.texts, parsed.labels, parsed.lines):
-        seen[text].append((line, label))
-    for rows in seen.values():
-        if len({label for _, label in rows}) > 1:
-            (a_line, a), (b_line, b) = rows[0], next(r for r in rows if r[1] != rows[0][1])
-            detail = f"line {a_line} says {a!r}, line {b_line} says {b!r}"
-            for line, _ in rows:
-                problems.add("the same text has different labels", line, detail)
+def _conflict_groups(parsed: ParsedDataset) -> list[list[int]]:
+    """Row indices of each text that carries more than one label."""
+    rows_of: dict[str, list[int]] = defaultdict(list)
+    for i, text in enumerate(parsed.texts):
+        rows_of[text].append(i)
+    return [rows for rows in rows_of.values() if len({parsed.labels[i] for i in rows}) > 1]
+
+
+def _refuse_conflicts(parsed: ParsedDataset, groups: list[list[int]], problems: Problems) -> None:
+    for rows in groups:
+        first = parsed.labels[rows[0]]
+        other = next(i for i in rows if parsed.labels[i] != first)
+        detail = f"line {parsed.lines[rows[0]]} says {first!r}, line {parsed.lines[other]} says {parsed.labels[other]!r}"
+        for i in rows:
+            problems.add("the same text has different labels", parsed.lines[i], detail)
+
+
+def _majority_label(labels: list[str]) -> str | None:
+    """The label most rows of a group give, or None on a tie."""
+    (top, n), *rest = Counter(labels).most_common()
+    return None if rest and rest[0][1] == n else top
+
+
+def _resolve_conflicts(parsed: ParsedDataset, groups: list[list[int]]) -> str:
+    """Keeps each group's majority label (its other rows are dropped) and drops tied groups whole;
+    returns the warning that says so."""
+    drop: set[int] = set()
+    kept = ties = 0
+    for rows in groups:
+        majority = _majority_label([parsed.labels[i] for i in rows])
+        kept, ties = kept + (majority is not None), ties + (majority is None)
+        drop.update(i for i in rows if parsed.labels[i] != majority)
+    lines = sorted(parsed.lines[i] for rows in groups for i in rows)
+    keep = [i for i in range(len(parsed.texts)) if i not in drop]
+    parsed.texts, parsed.labels, parsed.lines = ([column[i] for i in keep] for column in (parsed.texts, parsed.labels, parsed.lines))
+    return (
+        f"{len(groups)} texts have different labels on different lines ({len(lines)} rows, {describe_lines(lines)}): "
+        f"{kept} kept {'its' if kept == 1 else 'their'} majority label, {ties} tie{'' if ties == 1 else 's'} had no majority and "
+        f"{'was' if ties == 1 else 'were'} dropped whole; {len(drop)} rows dropped in all"
+    )
+
+
+def _check_conflicts(parsed: ParsedDataset, problems: Problems, max_fraction: float) -> list[str]:
+    """One text with two labels cannot be learned and would leak across the validation split.
+
+    Real data has a little of this noise: up to `max_fraction` of the rows it is resolved by
+    majority (ties dropped) and reported; beyond it the file is refused, naming the lines.
+    """
+    groups = _conflict_groups(parsed)
+    if not groups:
+        return []
+    if sum(map(len, groups)) > max_fraction * len(parsed.texts):
+        _refuse_conflicts(parsed, groups, problems)
+        return []
+    return [_resolve_conflicts(parsed, groups)]
 
 
 def _check_classes(parsed: ParsedDataset, problems: Problems, max_labels: int | None) -> None:
@@ -154,7 +199,8 @@ def _blank_line_warning(blanks: BlankLines) -> list[str]:
 
 
 def parse_dataset_stream(
-    handle: BinaryIO, fmt: str, text_field: str = "text", label_field: str = "label", max_labels: int | None = None
+    handle: BinaryIO, fmt: str, text_field: str = "text", label_field: str = "label", max_labels: int | None = None,
+    max_conflict_fraction: float = MAX_CONFLICT_FRACTION,
 ) -> ParsedDataset:
     """Parse and validate an upload read row by row from a binary handle; raises InvalidDataset
     naming every problem and its lines. The handle stays open (it is the caller's)."""
@@ -164,23 +210,25 @@ def parse_dataset_stream(
     if not parsed.lines and not problems.items:
         raise InvalidDataset("dataset is empty: the file has no data rows")
     problems.raise_if_any()
-    _check_conflicts(parsed, problems)
+    resolved = _check_conflicts(parsed, problems, max_conflict_fraction)
     _check_classes(parsed, problems, max_labels)
     problems.raise_if_any()
-    parsed.warnings = _blank_line_warning(blanks) + _duplicate_warning(parsed) + _imbalance_warning(parsed)
+    parsed.warnings = _blank_line_warning(blanks) + resolved + _duplicate_warning(parsed) + _imbalance_warning(parsed)
     return parsed
 
 
 def parse_dataset_file(
-    path: Path, fmt: str, text_field: str = "text", label_field: str = "label", max_labels: int | None = None
+    path: Path, fmt: str, text_field: str = "text", label_field: str = "label", max_labels: int | None = None,
+    max_conflict_fraction: float = MAX_CONFLICT_FRACTION,
 ) -> ParsedDataset:
     """parse_dataset_stream on a file (an upload streamed to disk), never reading it whole into memory."""
     with open(path, "rb") as handle:
-        return parse_dataset_stream(handle, fmt, text_field, label_field, max_labels)
+        return parse_dataset_stream(handle, fmt, text_field, label_field, max_labels, max_conflict_fraction)
 
 
 def parse_dataset(
-    data: bytes, fmt: str, text_field: str = "text", label_field: str = "label", max_labels: int | None = None
+    data: bytes, fmt: str, text_field: str = "text", label_field: str = "label", max_labels: int | None = None,
+    max_conflict_fraction: float = MAX_CONFLICT_FRACTION,
 ) -> ParsedDataset:
     """parse_dataset_stream on an upload already in memory (BytesIO shares the bytes, it does not copy them)."""
-    return parse_dataset_stream(io.BytesIO(data), fmt, text_field, label_field, max_labels)
+    return parse_dataset_stream(io.BytesIO(data), fmt, text_field, label_field, max_labels, max_conflict_fraction)

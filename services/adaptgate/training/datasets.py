@@ -25,7 +25,7 @@ from adaptgate.errors import FailedPrecondition, InvalidArgument, NotFound
 from adaptgate.quotas import StorageQuotas, Usage
 from adaptgate.storage import Storage
 from adaptgate.training.database import Database
-from adaptgate.training.dataset_checks import ParsedDataset, parse_dataset, parse_dataset_file
+from adaptgate.training.dataset_checks import MAX_CONFLICT_FRACTION, ParsedDataset, parse_dataset, parse_dataset_file
 from adaptgate.training.job_records import ACTIVE_STATES
 from adaptgate.training.schema import datasets, jobs
 
@@ -97,11 +97,12 @@ class DatasetStore:
 
     def __init__(
         self, root: Storage | str | os.PathLike[str], db: Database, max_labels: int | None = None,
-        quotas: StorageQuotas | None = None,
+        quotas: StorageQuotas | None = None, max_conflict_fraction: float = MAX_CONFLICT_FRACTION,
     ) -> None:
         self.root = root if isinstance(root, Storage) else Storage(root)
         self.db = db
         self.max_labels = max_labels
+        self.max_conflict_fraction = max_conflict_fraction
         self.quotas = quotas or StorageQuotas()
         self.quotas.track(self.usage)
 
@@ -110,7 +111,7 @@ class DatasetStore:
     ) -> DatasetRecord:
         check_tenant(tenant)
         check_name(name)
-        parsed = parse_dataset(data, fmt, text_field, label_field, self.max_labels)
+        parsed = parse_dataset(data, fmt, text_field, label_field, self.max_labels, self.max_conflict_fraction)
         return self._store(tenant, name, parsed, len(data))
 
     def create_from_file(
@@ -119,7 +120,7 @@ class DatasetStore:
         """An upload spooled to disk, parsed row by row: it is never one big bytes or str in memory."""
         check_tenant(tenant)
         check_name(name)
-        parsed = parse_dataset_file(path, fmt, text_field, label_field, self.max_labels)
+        parsed = parse_dataset_file(path, fmt, text_field, label_field, self.max_labels, self.max_conflict_fraction)
         return self._store(tenant, name, parsed, path.stat().st_size)
 
     def _store(self, tenant: str, name: str, parsed: ParsedDataset, size_bytes: int) -> DatasetRecord:

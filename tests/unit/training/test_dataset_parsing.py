@@ -243,3 +243,42 @@ def test_bad_utf8_deep_in_a_csv_names_its_line(tmp_path: Path) -> None:
 def test_json_too_large_to_read_is_a_row_problem(line: bytes) -> None:
     message = rejected(jsonl(GOOD) + line + b"\n")
     assert "invalid JSON on line 5" in message
+
+
+def noisy(n_clean: int, groups: list[list[str]]) -> tuple[bytes, list[int]]:
+    """n_clean rows of distinct texts over two classes, then one group of rows per entry of
+    `groups`, each row sharing its group's text with the labels given; returns the file and
+    the line numbers of the conflicting rows."""
+    rows = [{"text": f"clean text number {i}", "label": ("a", "b")[i % 2]} for i in range(n_clean)]
+    lines = []
+    for g, labels in enumerate(groups):
+        for label in labels:
+            rows.append({"text": f"noisy text {g}", "label": label})
+            lines.append(len(rows))
+    return jsonl(rows), lines
+
+
+def test_a_few_conflicting_labels_keep_the_majority_and_drop_ties_with_a_warning() -> None:
+    data, lines = noisy(400, [["a", "a", "b"], ["a", "b"]])  # 5 conflicting rows of 405: 1.2% > 1%
+    rejected(data)  # above the default limit: refused as before
+    parsed = parse_dataset(data, "jsonl", max_conflict_fraction=0.02)
+    kept = {t: label for t, label in zip(parsed.texts, parsed.labels) if t.startswith("noisy")}
+    assert kept == {"noisy text 0": "a"}  # majority kept (both of its rows), the tie dropped whole
+    assert parsed.texts.count("noisy text 0") == 2 and len(parsed.texts) == 402
+    warning = next(w for w in parsed.warnings if "different labels" in w)
+    assert "2 texts" in warning and "5 rows" in warning and f"lines {lines[0]}, {lines[1]}" in warning
+    assert "1 kept its majority label" in warning and "1 tie" in warning and "3 rows dropped" in warning
+
+
+def test_conflicts_under_the_default_limit_are_resolved_not_refused() -> None:
+    data, _ = noisy(1000, [["b", "a", "b"]])  # 3 of 1003 rows: 0.3%
+    parsed = parse_dataset(data, "jsonl")
+    assert [label for t, label in zip(parsed.texts, parsed.labels) if t == "noisy text 0"] == ["b", "b"]
+    assert any("different labels" in w for w in parsed.warnings)
+
+
+def test_a_class_left_with_one_example_after_dropping_a_tie_is_still_refused() -> None:
+    rows = [{"text": f"t{i}", "label": "a"} for i in range(300)] + [{"text": "odd", "label": "c"}, {"text": "odd", "label": "a"},
+                                                                   {"text": "alone", "label": "c"}]
+    message = rejected(jsonl(rows), max_conflict_fraction=0.05)
+    assert "classes with a single example" in message
