@@ -82,7 +82,8 @@ def test_head_job_trains_publishes_and_serves(gateway: Gateway) -> None:
         ("jsonl", b'{"text": "a", "label": "x"}\n{not json}\n', "line 2"),
         ("jsonl", b'{"text": "a", "label": "x"}\n{"text": "b", "label": "x"}\n{"text": "c", "label": "x"}\n{"text": "d", "label": "x"}\n', "class"),
         ("jsonl", b'{"body": "a", "label": "x"}\n', "text"),
-        ("parquet", b"PAR1", "format"),
+        ("xlsx", b"PAR1", "format"),
+        ("parquet", b"PAR1", "not a Parquet file"),
         ("jsonl", b"", "empty"),
     ],
 )
@@ -91,6 +92,30 @@ def test_malformed_datasets_are_rejected_with_the_reason(gateway: Gateway, fmt: 
         upload_bytes(Client(gateway.target, "acme-token"), "bad", fmt, data)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert words in info.value.details()
+
+
+def test_a_parquet_upload_holds_the_same_rows_as_its_jsonl(gateway: Gateway) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts, labels = read_split("train")
+    out = pa.BufferOutputStream()
+    pq.write_table(pa.table({"message": texts, "category": labels}), out, row_group_size=1000)
+    acme = Client(gateway.target, "acme-token")
+    chunks = iter([datasets_pb2.UploadDatasetChunk(
+        name="sms-parquet", format="parquet", text_field="message", label_field="category", data=out.getvalue().to_pybytes())])
+    dataset = acme.datasets.UploadDataset(chunks, metadata=acme.metadata)
+    assert dataset.rows == 4442 and {(l.label, l.count) for l in dataset.labels} == {("ham", 3839), ("spam", 603)}
+
+
+def test_a_few_conflicting_labels_are_resolved_and_reported(gateway: Gateway) -> None:
+    texts, labels = read_split("train")
+    i = next(i for i, t in enumerate(texts) if texts.count(t) == 1)
+    rows = [{"text": t, "label": y} for t, y in zip(texts, labels)] + [{"text": texts[i], "label": "spam" if labels[i] == "ham" else "ham"}]
+    data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    dataset = upload_bytes(Client(gateway.target, "acme-token"), "sms-noisy", "jsonl", data)
+    assert any("different labels" in w and "1 tie" in w for w in dataset.warnings), dataset.warnings
+    assert dataset.rows == len(rows) - 2  # the tie is dropped whole
 
 
 def test_cancelled_job_publishes_nothing(gateway: Gateway) -> None:

@@ -18,7 +18,7 @@ import json
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from adaptgate.errors import InvalidDataset
 from adaptgate.training.problems import MAX_LISTED, Problems
@@ -190,8 +190,41 @@ def read_csv(handle: BinaryIO, required: tuple[str, ...], problems: Problems, bl
         lines.detach()
 
 
+# Parquet is read a batch of rows at a time, only the two named columns: memory follows the batch.
+PARQUET_BATCH_ROWS = 4096
+
+
+def _parquet_file(handle: BinaryIO) -> Any:
+    import pyarrow as pa  # imported here: only Parquet uploads pay for it
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(handle)
+    except (pa.ArrowException, OSError) as exc:
+        raise InvalidDataset(f"the file is not a Parquet file pyarrow can read: {exc}") from None
+
+
+def read_parquet(handle: BinaryIO, required: tuple[str, ...], problems: Problems, blanks: BlankLines) -> Iterator[RawRow]:
+    """The named columns of a Parquet file (a seekable handle: uploads are spooled to disk), one row
+    at a time; rows are numbered from 1 in file order, as the messages call them lines."""
+    del problems, blanks  # types and empty values are checked per row by the caller, like JSONL's
+    file = _parquet_file(handle)
+    columns = file.schema_arrow.names
+    missing = [name for name in required if name not in columns]
+    if missing:
+        names, have = ", ".join(repr(m) for m in missing), ", ".join(repr(c) for c in columns)
+        raise InvalidDataset(f"Parquet file has no {names} column; its columns are: {have} (set text_field/label_field)")
+    number = 0
+    for batch in file.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=list(dict.fromkeys(required))):
+        for fields in batch.to_pylist():
+            number += 1
+            if any(isinstance(v, str) and len(v) > MAX_LINE_BYTES for v in fields.values()):
+                raise _too_long(number, "characters")
+            yield RawRow(number, fields)
+
+
 RowReader = Callable[[BinaryIO, tuple[str, ...], Problems, BlankLines], Iterator[RawRow]]
-READERS: dict[str, RowReader] = {"jsonl": read_jsonl, "csv": read_csv}
+READERS: dict[str, RowReader] = {"jsonl": read_jsonl, "csv": read_csv, "parquet": read_parquet}
 FORMATS = tuple(READERS)
 
 
@@ -201,7 +234,7 @@ def read_rows(
     """The rows of an upload in file order, at most MAX_ROWS of them."""
     reader = READERS.get(fmt)
     if reader is None:
-        raise InvalidDataset(f"unknown dataset format {fmt!r}; use {' or '.join(repr(f) for f in FORMATS)}")
+        raise InvalidDataset(f"unknown dataset format {fmt!r}; use {', '.join(repr(f) for f in FORMATS)}")
     # closing(): the reader lets go of the caller's handle now, not whenever the generator is collected
     with contextlib.closing(reader(handle, required, problems, blanks)) as rows:
         for count, row in enumerate(rows, start=1):

@@ -45,7 +45,7 @@ def test_csv_with_custom_columns_and_multiline_field() -> None:
 
 
 def test_unknown_format() -> None:
-    assert "unknown dataset format 'parquet'" in rejected(jsonl(GOOD), "parquet")
+    assert "unknown dataset format 'xlsx'; use 'jsonl', 'csv', 'parquet'" in rejected(jsonl(GOOD), "xlsx")
 
 
 def test_not_utf8_names_the_line() -> None:
@@ -282,3 +282,34 @@ def test_a_class_left_with_one_example_after_dropping_a_tie_is_still_refused() -
                                                                    {"text": "alone", "label": "c"}]
     message = rejected(jsonl(rows), max_conflict_fraction=0.05)
     assert "classes with a single example" in message
+
+
+def parquet(columns: dict[str, list[object]], row_group_size: int = 2) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = io.BytesIO()
+    pq.write_table(pa.table(columns), out, row_group_size=row_group_size)
+    return out.getvalue()
+
+
+def test_parquet_parses_like_the_same_jsonl_rows() -> None:
+    texts, labels = [r["text"] for r in GOOD], [r["label"] for r in GOOD]
+    from_parquet = parse_dataset(parquet({"sentence": texts, "y": labels, "extra": [1, 2, 3, 4]}), "parquet",
+                                 text_field="sentence", label_field="y")
+    from_jsonl = parse_dataset(jsonl(GOOD), "jsonl")
+    assert (from_parquet.texts, from_parquet.labels) == (from_jsonl.texts, from_jsonl.labels)
+    assert from_parquet.lines == [1, 2, 3, 4]  # row numbers, so problems point at rows
+
+
+def test_parquet_integer_labels_and_problems_name_their_rows() -> None:
+    parsed = parse_dataset(parquet({"text": [r["text"] for r in GOOD], "label": [1, 0, 1, 0]}), "parquet")
+    assert parsed.labels == ["1", "0", "1", "0"]
+    message = rejected(parquet({"text": ["a b", None, "c d", "e f", "g h"], "label": ["x", "y", "x", "y", "y"]}), "parquet")
+    assert "empty or whitespace-only text on line 2" in message
+
+
+def test_parquet_missing_columns_and_non_parquet_bytes_are_clear_errors() -> None:
+    message = rejected(parquet({"body": ["a"], "label": ["x"]}), "parquet")
+    assert "no 'text' column" in message and "'body'" in message
+    assert "not a Parquet file" in rejected(jsonl(GOOD), "parquet")
