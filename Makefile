@@ -6,30 +6,27 @@ PIP        := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 STAMP      := $(VENV)/.installed
 PROTOS     := $(wildcard protos/adaptgate/v1/*.proto)
-GEN_DIR    := services/adaptgate/v1
-GEN_STAMP  := $(GEN_DIR)/.generated
+# The Python client (its own package, adaptgate-client); the gateway imports its generated gRPC modules.
+CLIENT     := clients/python
+OLD_GEN    := services/adaptgate/v1
 
 .PHONY: setup proto serve test test-unit test-integration demo bench bench-serving clean
 
-setup: $(STAMP) $(GEN_STAMP)
+setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+# The client first: the gateway depends on it (adaptgate-client, found installed rather than on an index).
+$(STAMP): pyproject.toml $(CLIENT)/pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -e ./$(CLIENT)
 	$(PIP) install -q -e ".[dev]"
+	rm -f $(OLD_GEN)/*_pb2*.py $(OLD_GEN)/*_pb2*.pyi
 	touch $@
 
-proto: $(GEN_STAMP)
-
-$(GEN_STAMP): $(PROTOS) $(STAMP)
-	mkdir -p $(GEN_DIR)
-	rm -f $(GEN_DIR)/*_pb2*.py $(GEN_DIR)/*_pb2*.pyi
-	$(PY) -m grpc_tools.protoc -Iprotos \
-	  --plugin=protoc-gen-mypy=$(VENV)/bin/protoc-gen-mypy \
-	  --plugin=protoc-gen-mypy_grpc=$(VENV)/bin/protoc-gen-mypy_grpc \
-	  --python_out=services --grpc_python_out=services \
-	  --mypy_out=services --mypy_grpc_out=services $(PROTOS)
-	touch $@
+# adaptgate_client.v1 is generated ahead of time and checked in (installing the client needs no protoc):
+# regenerate after editing a .proto; tests/unit/test_client_package.py fails until then.
+proto: $(STAMP)
+	$(PY) $(CLIENT)/tools/generate_stubs.py
 
 serve: setup
 	$(VENV)/bin/adaptgate serve
@@ -69,4 +66,4 @@ bench-serving: setup $(PEERS_STAMP)
 	$(PY) bench/multi_adapter.py
 
 clean:
-	rm -rf $(VENV) $(PEERS) $(GEN_DIR)/*_pb2*.py $(GEN_DIR)/*_pb2*.pyi $(GEN_STAMP)
+	rm -rf $(VENV) $(PEERS) $(OLD_GEN)/*_pb2*.py $(OLD_GEN)/*_pb2*.pyi

@@ -142,6 +142,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--adapters", type=int, default=64)
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--large-head", type=int, default=1000, help="also time mixed batches where one adapter's head has this many labels (0: skip)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--texts", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds; medians are reported")
@@ -165,8 +166,10 @@ def run(args: argparse.Namespace, model_dir: Path) -> None:
     base = load_base_model(model_dir, device=args.device)
     texts = load_texts(args.texts)
     batches = batches_of(texts, base.tokenizer, args.batch, args.adapters, seq_len=args.seq_len)
+    # One more slot when --large-head is set: adapter 0's LoRA with a head of that many labels.
     forward = BatchForward(
-        base, args.adapters, args.rank, 2, cpu_kernels=args.cpu_kernels == "auto", gpu_lora_kernel=base.device.type == "cuda"
+        base, args.adapters + bool(args.large_head), args.rank, max(2, args.large_head),
+        cpu_kernels=args.cpu_kernels == "auto", gpu_lora_kernel=base.device.type == "cuda",
     )
     validator = AdapterValidator(base.spec, args.rank, 2)
     with tempfile.TemporaryDirectory() as tmp:
@@ -176,6 +179,11 @@ def run(args: argparse.Namespace, model_dir: Path) -> None:
             w = validator.parse(files)
             forward.lora.install(slot, w.lora, w.scaling)
             forward.heads.install(slot, w.head_weight, w.head_bias, w.head_input, w.normalize_head_input)
+            if slot == 0 and args.large_head:
+                forward.lora.install(args.adapters, w.lora, w.scaling)
+                hidden = w.head_weight.shape[1]
+                forward.heads.install(args.adapters, torch.randn(args.large_head, hidden) / hidden**0.5,
+                                      torch.zeros(args.large_head), w.head_input, w.normalize_head_input)
         report_rates(args, base, forward, peft_model, batches, texts)
         # Last: the Engine it builds leaves this (main) thread single-threaded for torch (engine.thread).
         latencies = measure_load_latency(Path(tmp), model_dir, base, args)
@@ -214,11 +222,33 @@ def report_rates(args: argparse.Namespace, base, forward, peft_model, batches, t
         print(f"adaptgate mixed, {name}: {rates[name]:8.1f} sequences/s  ({rates[name] / rates['base']:.2f}x base-only)"
               f"  MFU {mfu[name]:.1%}  (the line above: gathered bmm)")
     print(f"PEFT mixed batch:      {rates['peft']:8.1f} sequences/s  (adaptgate mixed = {rates['mixed'] / rates['peft']:.1f}x PEFT)")
+    if args.large_head:
+        report_large_head(args, forward, batches, mixed)
     grouped = batches_of(texts, base.tokenizer, args.batch, args.adapters, by_length=True, seq_len=args.seq_len)
     sorted_rates, sorted_cpu = interleaved_rates({"base": base_only, "mixed": systems["mixed"]}, grouped, args.repeats)
     print(f"length-sorted batches (what the batcher forms from many requests): base-only {sorted_rates['base']:.1f}, "
           f"mixed {sorted_rates['mixed']:.1f} sequences/s ({sorted_rates['mixed'] / sorted_rates['base']:.2f}x"
           f"{cpu_ratio(base.device, sorted_cpu, 'mixed', 'base')})")
+
+
+def report_large_head(args: argparse.Namespace, forward, batches, mixed) -> None:
+    """Mixed batches where adapter 0 answers with a --large-head-label head instead of its 2-label
+    one (the other adapters keep theirs), against the same batches all small; and head memory per
+    slot against a dense [slots, hidden, max_labels] layout."""
+    large = args.adapters
+
+    def one_large(ids, slots):
+        mixed(ids, [large if s == 0 else s for s in slots])
+
+    share = sum(s == 0 for b in batches for s in b[1]) / sum(len(b[1]) for b in batches)
+    rates, _ = interleaved_rates({"small": on_lora_path(forward, None, mixed), "large": on_lora_path(forward, None, one_large)},
+                                 batches, args.repeats)
+    heads, slots = forward.heads, args.adapters + 1
+    dense = slots * (forward.heads.classes[0].hidden + 1) * heads.max_labels * 4
+    print(f"one {args.large_head}-label head among {args.adapters - 1} 2-label heads ({share:.1%} of rows): "
+          f"{rates['large']:.1f} sequences/s = {rates['large'] / rates['small']:.3f}x all-small ({rates['small']:.1f}); "
+          f"head memory {heads.nbytes() / slots / 1024:.1f} KiB per slot ({heads.nbytes() / 2**20:.2f} MiB in all; "
+          f"a dense [slots, hidden, {heads.max_labels}] layout: {dense / slots / 1024:.1f} KiB per slot)")
 
 
 def fused_systems(forward, fused, extra_blocks: list[str], mixed, first_batch) -> dict:

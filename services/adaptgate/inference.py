@@ -49,24 +49,27 @@ class Inference:
 
     async def embed(
         self, texts: list[str], ref: AdapterRef | None, pooling: Pooling | None, normalize: bool | None,
-        truncate: bool, deadline: float | None, tenant: str = "",
+        truncate: bool, deadline: float | None, tenant: str = "", prompt_name: str | None = None,
     ) -> Embedded:
         """`tenant` keys the batcher's fair queue: one tenant's backlog never holds another's rows back.
 
         pooling None and normalize None take the model's own (ModelSpec.default_pooling, .normalize), so a
-        sentence-transformers directory embeds as its authors configured it."""
+        sentence-transformers directory embeds as its authors configured it; so does prompt_name None
+        (its default prompt, if any); "" asks for no prompt (Engine.prompt)."""
         self._check_count(texts)
-        ids = await self.engine.tokenize(texts, truncate)
+        prompt = self.engine.prompt(prompt_name)
+        ids = await self.engine.tokenize(texts, truncate, prompt.text)
         mode = pooling or self.engine.spec.default_pooling
         normalize = self.engine.spec.normalize if normalize is None else normalize
         if ref is None:
             results = await self.engine.run(
-                [Row(i, pooling=mode, normalize=normalize, deadline=deadline, tenant=tenant) for i in ids]
+                [Row(i, pooling=mode, normalize=normalize, pool_skip=prompt.pool_skip, deadline=deadline, tenant=tenant)
+                 for i in ids]
             )
         else:
             async with self.cache.lease(ref) as adapter:
-                rows = [Row(i, lora_slot=adapter.slot if adapter.has_lora else -1, pooling=mode,
-                            normalize=normalize, deadline=deadline, tenant=tenant) for i in ids]
+                rows = [Row(i, lora_slot=adapter.slot if adapter.has_lora else -1, pooling=mode, normalize=normalize,
+                            pool_skip=prompt.pool_skip, deadline=deadline, tenant=tenant) for i in ids]
                 results = await self.engine.run(rows)
         return Embedded([r.embedding for r in results if r.embedding is not None], [len(i) for i in ids])
 

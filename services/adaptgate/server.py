@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 
 import grpc
+from opentelemetry import trace
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
@@ -19,7 +20,6 @@ from adaptgate.adapters.cache import AdapterCache
 from adaptgate.adapters.store import AdapterStore
 from adaptgate.adapters.validation import AdapterValidator
 from adaptgate.api.adapters import AdaptersServicer
-from adaptgate.api.admission import TenantAdmission
 from adaptgate.api.auth import TokenAuthenticator, ensure_dev_tokens, load_tokens
 from adaptgate.api.classifier import ClassifierServicer
 from adaptgate.api.datasets import DatasetsServicer
@@ -37,6 +37,13 @@ from adaptgate.engine.rate import RowRate
 from adaptgate.engine.thread import EngineThread
 from adaptgate.inference import Inference
 from adaptgate.metrics import Metrics
+from adaptgate.observability.admission import ObservedAdmission
+from adaptgate.observability.asgi import ObservedApp
+from adaptgate.observability.grpc_server import ObservabilityInterceptor
+from adaptgate.observability.logs import LogFormat
+from adaptgate.observability.logs import configure_logging as configure_log_handler
+from adaptgate.observability.requests import RequestObserver
+from adaptgate.observability.tracing import otlp_tracer_provider
 from adaptgate.quotas import StorageLimits, StorageQuotas
 from adaptgate.settings import Settings
 from adaptgate.training.database import open_database
@@ -44,6 +51,7 @@ from adaptgate.training.datasets import DatasetStore
 from adaptgate.training.job_validation import JobLimits
 from adaptgate.training.jobs import JobManager, PublishRequest
 from adaptgate.training.ray_runner import RayRunner
+from adaptgate.training.tracking import TrackingConfig
 from adaptgate.v1 import (
     adapters_pb2,
     adapters_pb2_grpc,
@@ -79,6 +87,7 @@ class Gateway:
     metrics_port: int
     http: HttpServing | None = None
     draining: bool = False
+    tracer_provider: trace.TracerProvider | None = None  # built here from otlp_endpoint: flushed on stop
 
     @property
     def http_port(self) -> int:
@@ -94,6 +103,8 @@ class Gateway:
         await self.engine.stop()
         if self.runner is not None:
             await asyncio.to_thread(self.runner.stop)
+        if (shutdown := getattr(self.tracer_provider, "shutdown", None)) is not None:
+            await asyncio.to_thread(shutdown)  # the spans still batched go to the collector
 
 
 def _tokens(settings: Settings) -> TokenAuthenticator:
@@ -122,9 +133,12 @@ def _engine(settings: Settings, base: BaseModel, metrics: Metrics, thread: Engin
     return engine
 
 
-def _grpc_server(settings: Settings, runtime: RpcRuntime) -> grpc.aio.Server:
+def _grpc_server(settings: Settings, runtime: RpcRuntime, observer: RequestObserver) -> grpc.aio.Server:
     return grpc.aio.server(
-        interceptors=[MalformedRequestInterceptor(), role_interceptor(settings.role, settings.control_address, runtime)],
+        interceptors=[  # the first wraps the others' handlers: role refusals are logged and traced too
+            ObservabilityInterceptor(observer), MalformedRequestInterceptor(),
+            role_interceptor(settings.role, settings.control_address, runtime),
+        ],
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -169,6 +183,7 @@ async def _control_plane(
     jobs = JobManager(
         database, datasets, runner, publish, base.path, limits, base_fingerprint=base.spec.fingerprint,
         owner=settings.replica_name, lease_seconds=settings.job_lease_seconds,
+        tracking=TrackingConfig(settings.mlflow_tracking_uri, settings.mlflow_experiment),
     )
     await jobs.start()
     metrics.track_jobs(jobs.counts_by_state)
@@ -185,12 +200,16 @@ def ray_runner(settings: Settings) -> RayRunner | None:
     )
 
 
-async def build(settings: Settings) -> Gateway:
+async def build(settings: Settings, tracer_provider: trace.TracerProvider | None = None) -> Gateway:
+    """`tracer_provider`: where spans go; by default the OTLP exporter of settings.otlp_endpoint, if any."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    owned_provider = None if tracer_provider is not None else otlp_tracer_provider(settings.otlp_endpoint, settings.replica_name)
+    provider = tracer_provider or owned_provider
+    observer = RequestObserver(provider.get_tracer("adaptgate") if provider is not None else None)
     thread = EngineThread(settings.torch_threads)  # before any other torch work (engine.thread says why)
     metrics = Metrics(max_adapter_labels=settings.metrics_max_adapter_labels)
     rate = RowRate()  # the engine measures it, admission reads it (deadline-aware refusals)
-    runtime = RpcRuntime(_tokens(settings), metrics, TenantAdmission.from_settings(settings, rate))
+    runtime = RpcRuntime(_tokens(settings), metrics, ObservedAdmission.from_settings(settings, rate))
     runner = ray_runner(settings)
     load = functools.partial(load_base_model, settings.base_model, settings.dtype, settings.device)
     startup = [asyncio.get_running_loop().run_in_executor(thread.executor, load)]
@@ -208,7 +227,7 @@ async def build(settings: Settings) -> Gateway:
     jobs = control.jobs if control is not None else None
     inference = Inference(engine, cache, settings.max_texts_per_request)
 
-    server = _grpc_server(settings, runtime)
+    server = _grpc_server(settings, runtime, observer)
     embeddings_pb2_grpc.add_EmbeddingsServicer_to_server(EmbeddingsServicer(runtime, inference, base.name), server)
     classifier_pb2_grpc.add_ClassifierServicer_to_server(ClassifierServicer(runtime, inference), server)
     adapters_pb2_grpc.add_AdaptersServicer_to_server(
@@ -233,10 +252,10 @@ async def build(settings: Settings) -> Gateway:
     if settings.metrics_port >= 0:
         http_server, _ = start_http_server(settings.metrics_port, addr=settings.host, registry=metrics.registry)
         metrics_port = http_server.server_port
-    gateway = Gateway(server, health_servicer, engine, jobs, runner, port, metrics_port)
+    gateway = Gateway(server, health_servicer, engine, jobs, runner, port, metrics_port, tracer_provider=owned_provider)
     if settings.http_port >= 0:
         plane = HttpPlane(runtime, inference, store, base.name, base.spec.hidden_size, lambda: not gateway.draining)
-        gateway.http = HttpServing(http_app(plane), HttpTls.from_settings(settings))
+        gateway.http = HttpServing(ObservedApp(http_app(plane), observer), HttpTls.from_settings(settings))  # type: ignore[arg-type]
         gateway.http.start(settings.host, settings.http_port)
     return gateway
 
@@ -277,5 +296,6 @@ async def serve(settings: Settings) -> None:
     await gateway.stop(settings.drain_seconds)
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def configure_logging(level: str, log_format: LogFormat = "auto") -> None:
+    """Text on a terminal, JSON lines elsewhere (observability/logs.py); every line of a request carries its id."""
+    configure_log_handler(level, log_format)

@@ -35,7 +35,9 @@ class Settings(BaseSettings):
         None, description="JSON token file; without one a dev token file is created in data_dir."
     )
     base_model: str | None = Field(
-        None, description="Hugging Face model directory; default: the packaged all-MiniLM-L6-v2."
+        None,
+        description="Model directory, or a Hugging Face id (org/name) already in the local Hugging Face cache "
+        "(HF_HUB_CACHE, else HF_HOME/hub; never downloaded); default: the packaged all-MiniLM-L6-v2.",
     )
     dtype: Literal["auto", "bfloat16", "float32", "int8"] = Field(
         "auto", description="auto = bf16 on GPUs and on CPUs with AMX/avx512_bf16, else fp32; int8 (CPU, opt-in) = int8 linears over auto."
@@ -106,7 +108,7 @@ class Settings(BaseSettings):
         description="auto: on CPU in bf16, linears run on oneDNN-prepacked weights, and LoRA deltas, packed attention and add+LayerNorm run fused kernels compiled at start (needs cc and AVX512-BF16); off: PyTorch ops.",
     )
     max_lora_rank: int = Field(16, description="Largest LoRA rank an adapter may have (slots are padded to it).")
-    max_labels: int = Field(128, description="Largest label count of a task head.")
+    max_labels: int = Field(1024, description="Largest label count of a task head (heads are stored by size class, so small heads do not pay for it).")
     ray_address: str | None = Field(
         None,
         validation_alias=AliasChoices("ray_address", "ADAPTGATE_RAY_ADDRESS", "RAY_ADDRESS"),
@@ -142,6 +144,13 @@ class Settings(BaseSettings):
         6 * 3600,
         description="Wall-clock seconds a finetuning job may run, queueing on Ray included, before it fails and its Ray task is cancelled; SubmitJob's max_seconds may ask for less.",
     )
+    mlflow_tracking_uri: str = Field(
+        "",
+        description="MLflow tracking server (e.g. http://mlflow:5000) every finetuning job logs a run to, from the Ray "
+        "worker that trains it: parameters, evaluation metrics, per-block learning rates, confusion matrix, published adapter; "
+        "empty = no tracking.",
+    )
+    mlflow_experiment: str = Field("adaptgate", description="MLflow experiment the jobs' runs go to (created when missing).")
     tls_cert_file: Path | None = Field(None, description="PEM server certificate; with tls_key_file, gRPC serves TLS only.")
     tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file.")
     tls_client_ca_file: Path | None = Field(
@@ -155,6 +164,17 @@ class Settings(BaseSettings):
         "", description="host:port of the control replica, named in the answer an inference replica gives to writes and job calls."
     )
     log_level: str = Field("INFO", description="Python logging level.")
+    log_format: Literal["auto", "text", "json"] = Field(
+        "auto",
+        description="auto: text when stderr is a terminal, JSON lines otherwise (containers, log collectors); "
+        "text: one human line per record; json: one JSON object per line (timestamp, level, logger, message, request_id, trace_id).",
+    )
+    otlp_endpoint: str | None = Field(
+        None,
+        validation_alias=AliasChoices("otlp_endpoint", "ADAPTGATE_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"),
+        description="OpenTelemetry collector (OTLP over gRPC, e.g. http://otel-collector:4317; https:// for TLS): each "
+        "request is traced with admission, queue, forward and response spans; empty = no tracing.",
+    )
 
     @field_validator("training_resources", mode="before")
     @classmethod

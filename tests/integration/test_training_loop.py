@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from adaptgate.client import Client
-from adaptgate.v1 import datasets_pb2, finetune_pb2
+from adaptgate.v1 import classifier_pb2, datasets_pb2, finetune_pb2
 from tests.integration.conftest import Gateway, running_gateway
 
 pytestmark = pytest.mark.integration
@@ -74,6 +74,85 @@ def test_head_job_trains_publishes_and_serves(gateway: Gateway) -> None:
     assert 'adaptgate_jobs{state="SUCCEEDED"}' in body
     classify_ok = [l for l in body.splitlines() if l.startswith('adaptgate_requests_total{code="OK",method="Classify",protocol="grpc"}')]
     assert classify_ok and float(classify_ok[0].split()[-1]) >= 4
+
+
+def test_a_job_validates_on_the_validation_dataset_it_names(gateway: Gateway) -> None:
+    acme = Client(gateway.target, "acme-token")
+    texts, labels = read_split("train")
+    held_texts, held_labels = read_split("test")
+    train = upload_bytes(acme, "sms-train", "jsonl", "".join(
+        json.dumps({"text": t, "label": y}) + "\n" for t, y in zip(texts[:600], labels[:600])).encode())
+    held = upload_bytes(acme, "sms-held", "jsonl", "".join(
+        json.dumps({"text": t, "label": y}) + "\n" for t, y in zip(held_texts[:150], held_labels[:150])).encode())
+    job = acme.finetune.SubmitJob(finetune_pb2.SubmitJobRequest(
+        dataset_id=train.id, adapter_name="sms-held-out", method="head", validation_dataset_id=held.id), metadata=acme.metadata)
+    assert job.validation_dataset_id == held.id
+    events = list(watch(acme, job.id))
+    assert events[-1].state == finetune_pb2.SUCCEEDED, events[-1].message
+    done = acme.finetune.GetJob(finetune_pb2.JobRef(id=job.id), metadata=acme.metadata)
+    assert sum(sum(row.counts) for row in done.details.confusion.rows) == held.rows  # scored on exactly those rows
+    with pytest.raises(grpc.RpcError) as info:  # a label the training set lacks
+        odd = upload_bytes(acme, "sms-odd", "jsonl", b"".join(
+            json.dumps({"text": f"text {i}", "label": y}).encode() + b"\n" for i, y in enumerate(["ham", "ham", "odd", "odd"])))
+        acme.finetune.SubmitJob(finetune_pb2.SubmitJobRequest(
+            dataset_id=train.id, adapter_name="sms-odd", method="head", validation_dataset_id=odd.id), metadata=acme.metadata)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "'odd'" in info.value.details()
+
+
+def test_a_job_with_an_out_of_scope_label_publishes_an_adapter_that_abstains(gateway: Gateway) -> None:
+    acme = Client(gateway.target, "acme-token")
+    texts, labels = read_split("train")
+    cities = ["Lisbon", "Oslo", "Lima", "Perth", "Quito", "Riga", "Dakar", "Hanoi"]
+    outside = [f"weather in {c}: {k} degrees and {w} tomorrow" for c in cities for k in (3, 17, 29)
+               for w in ("rain", "sun", "fog")]
+    rows = [{"text": t, "label": y} for t, y in zip(texts[:600], labels[:600])] + [{"text": t, "label": "none"} for t in outside]
+    dataset = upload_bytes(acme, "sms-scoped", "jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
+    job = acme.finetune.SubmitJob(finetune_pb2.SubmitJobRequest(
+        dataset_id=dataset.id, adapter_name="sms-scoped", method="auto", out_of_scope_label="none"), metadata=acme.metadata)
+    assert job.method == "head" and job.out_of_scope_label == "none"
+    events = list(watch(acme, job.id))
+    assert events[-1].state == finetune_pb2.SUCCEEDED, events[-1].message
+    metrics = acme.finetune.GetJob(finetune_pb2.JobRef(id=job.id), metadata=acme.metadata).metrics
+    assert metrics.in_scope_accuracy > 0.8 and 0 < metrics.abstain_threshold < 1 and metrics.out_of_scope_recall > 0.5
+
+    def classify(**kw: object) -> Any:
+        request = classifier_pb2.ClassifyRequest(texts=["weather in Bergen: 8 degrees and rain tomorrow", texts[0]],
+                                                 adapter="sms-scoped", truncate=True, **kw)
+        return acme.classifier.Classify(request, metadata=acme.metadata).results
+
+    weather, sms = classify()
+    assert (weather.label, weather.abstained) == ("none", True)
+    assert not sms.abstained and sms.label == labels[0]
+    # a request's own threshold and label win over the adapter's
+    assert [(r.label, r.abstained) for r in classify(abstain_below=1.0, abstain_label="unsure")] == [("unsure", True)] * 2
+    with pytest.raises(grpc.RpcError) as info:
+        classify(abstain_below=1.5)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "abstain_below" in info.value.details()
+
+
+def test_a_thousand_label_head_trains_and_serves_beside_two_label_heads(gateway: Gateway) -> None:
+    """An intent catalogue of 1,000 classes works with the default settings and shares a request
+    (and the engine's batches) with a 2-label head."""
+    texts, labels = read_split("train")
+    rows = [{"text": t, "label": f"intent-{i % 1000:04d}"} for i, t in enumerate(dict.fromkeys(texts))]
+    data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    acme = Client(gateway.target, "acme-token")
+    many = upload_bytes(acme, "intents", "jsonl", data)
+    assert len(many.labels) == 1000
+    two = upload_bytes(acme, "sms-two", "jsonl", "".join(
+        json.dumps({"text": t, "label": y}) + "\n" for t, y in zip(texts[:400], labels[:400])).encode())
+    jobs = [acme.submit_job(many.id, "intents", method="head"), acme.submit_job(two.id, "sms-two", method="head")]
+    for job in jobs:
+        events = list(watch(acme, job.id))
+        assert events[-1].state == finetune_pb2.SUCCEEDED, events[-1].message
+    response = acme.classifier.Classify(
+        classifier_pb2.ClassifyRequest(texts=texts[:8], adapters=["intents", "sms-two"], top_k=3, truncate=True),
+        metadata=acme.metadata,
+    )
+    intents, spam = response.by_adapter
+    assert intents.adapter == "acme/intents@v1" and spam.adapter == "acme/sms-two@v1"
+    assert all(r.label.startswith("intent-") and len(r.scores) == 3 for r in intents.results)
+    assert all(r.label in {"ham", "spam"} for r in spam.results)
 
 
 @pytest.mark.parametrize(

@@ -427,3 +427,28 @@ def test_a_trailing_newline_is_not_a_name(bad: str) -> None:
 def test_a_version_too_long_to_be_a_number_is_not_a_reference() -> None:
     with pytest.raises(InvalidArgument):
         parse_ref("spam@" + "9" * 5000, "acme")
+
+
+@pytest.mark.parametrize(
+    ("abstain", "words"),
+    [({"threshold": 1.5, "label": "x"}, "from 0 to 1"), ({"threshold": "0.5", "label": "x"}, "from 0 to 1"),
+     ({"threshold": float("nan"), "label": "x"}, "from 0 to 1"), ({"threshold": 0.5, "label": ""}, "label of 1 to"),
+     ({"threshold": 0.5, "label": "x" * 129}, "label of 1 to"), ([0.5], "must be an object")],
+)
+def test_a_bad_abstain_setting_is_invalid(validator: AdapterValidator, abstain: object, words: str) -> None:
+    from adaptgate.adapters.format import head_only_files
+
+    files = head_only_files(torch.randn(2, 32), torch.zeros(2), ["a", "b"], "", "test")
+    meta = json.loads(files["adaptgate.json"]) | {"abstain": abstain}
+    files["adaptgate.json"] = json.dumps(meta).encode()
+    with pytest.raises(InvalidAdapter, match=words):
+        validator.parse(files)
+
+
+def test_a_calibrated_abstain_setting_travels_with_the_adapter(validator: AdapterValidator) -> None:
+    from adaptgate.adapters.format import head_only_files
+
+    files = head_only_files(torch.randn(2, 32), torch.zeros(2), ["a", "b"], "", "test", abstain=(0.62, "none"))
+    weights = validator.parse(files)
+    assert (weights.abstain_threshold, weights.abstain_label) == (0.62, "none")
+    assert validator.parse(head_only_files(torch.randn(2, 32), torch.zeros(2), ["a", "b"], "", "t")).abstain_threshold is None

@@ -132,9 +132,9 @@ async def serving(
     tokenized: list[int] = []
     token_ids = engine._token_ids
 
-    def counting(texts: list[str], truncate: bool) -> list[list[int]]:
+    def counting(texts: list[str], truncate: bool, *args: object) -> list[list[int]]:
         tokenized.append(len(texts))
-        return token_ids(texts, truncate)
+        return token_ids(texts, truncate, *args)
 
     engine._token_ids = counting  # type: ignore[method-assign]
     admission = TenantAdmission(

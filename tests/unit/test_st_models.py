@@ -43,38 +43,51 @@ CONFIGS = [
 ]
 
 
-def save_st_model(bert_dir: Path, out: Path, mode: str, normalize: bool, max_seq_length: int | None = None) -> Path:
-    """A sentence-transformers directory saved by sentence-transformers' own modules."""
+def save_st_model(
+    bert_dir: Path,
+    out: Path,
+    mode: str,
+    normalize: bool,
+    max_seq_length: int | None = None,
+    prompts: dict[str, str] | None = None,
+    default_prompt_name: str | None = None,
+    include_prompt: bool = True,
+) -> Path:
+    """A sentence-transformers directory saved by sentence-transformers' own modules (prompts in
+    config_sentence_transformers.json, include_prompt in the Pooling config)."""
     with warnings.catch_warnings():  # `models` is the documented (now deprecated) home of these modules
         warnings.simplefilter("ignore", DeprecationWarning)
         from sentence_transformers import SentenceTransformer, models
 
         transformer = models.Transformer(str(bert_dir), max_seq_length=max_seq_length)
-        modules = [transformer, models.Pooling(HIDDEN, pooling_mode=mode)] + ([models.Normalize()] if normalize else [])
-        SentenceTransformer(modules=modules, device="cpu").save(str(out))
+        pooling = models.Pooling(HIDDEN, pooling_mode=mode, include_prompt=include_prompt)
+        modules = [transformer, pooling] + ([models.Normalize()] if normalize else [])
+        model = SentenceTransformer(modules=modules, device="cpu", prompts=prompts, default_prompt_name=default_prompt_name)
+        model.save(str(out))
     return out
 
 
-def st_encode(directory: Path, texts: list[str]) -> np.ndarray:
+def st_encode(directory: Path, texts: list[str], **kwargs: object) -> np.ndarray:
+    """`SentenceTransformer.encode` of a fresh load (kwargs: prompt_name=, prompt=)."""
     from sentence_transformers import SentenceTransformer
 
-    return SentenceTransformer(str(directory), device="cpu").encode(texts, convert_to_numpy=True)
+    return SentenceTransformer(str(directory), device="cpu").encode(texts, convert_to_numpy=True, **kwargs)
 
 
-async def _engine_embed(directory: Path, texts: list[str], truncate: bool) -> list[np.ndarray]:
+async def _engine_embed(directory: Path, texts: list[str], truncate: bool, prompt_name: str | None) -> list[np.ndarray]:
     """The serving default: Inference.embed with no pooling and no normalize asked for."""
     engine = Engine(load_base_model(directory, dtype="float32", device="cpu"), EngineConfig(n_slots=1, max_rank=4))
     engine.start()
     try:
         inference = Inference(engine, cache=None, max_texts=64)  # type: ignore[arg-type]  # no adapter: no cache
-        out = await inference.embed(texts, None, None, None, truncate, None)
+        out = await inference.embed(texts, None, None, None, truncate, None, prompt_name=prompt_name)
         return out.vectors
     finally:
         await engine.stop()
 
 
-def engine_embed(directory: Path, texts: list[str], truncate: bool = False) -> np.ndarray:
-    return np.stack(asyncio.run(_engine_embed(directory, texts, truncate)))
+def engine_embed(directory: Path, texts: list[str], truncate: bool = False, prompt_name: str | None = None) -> np.ndarray:
+    return np.stack(asyncio.run(_engine_embed(directory, texts, truncate, prompt_name)))
 
 
 def assert_same_vectors(ours: np.ndarray, theirs: np.ndarray) -> None:

@@ -6,7 +6,8 @@ Files (all optional ones may be absent in uploads made with plain PEFT):
                              `base_model.model.classifier.{weight,bias}` (or `score.*` for decoders)
 - labels.json                label names in id order (default: LABEL_0 ...)
 - adaptgate.json             {"head_input": "pooler" or a pooling name ("mean", "cls", "last_token", ...), "normalize": bool,
-                              "base_fingerprint": str, "source": str}; absent means a PEFT-made
+                              "base_fingerprint": str, "source": str, optionally "abstain": {"threshold": 0..1,
+                              "label": str}}; absent means a PEFT-made
                              adapter whose head reads the task model's own input (BERT's pooler,
                              a decoder's last token)
 """
@@ -44,6 +45,9 @@ class AdapterWeights:
     # base-model module name -> (A [r, in], B [out, r])
     lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     target_modules: list[str] = field(default_factory=list)
+    # Classify answers abstain_label when the top score is below abstain_threshold (None: never).
+    abstain_threshold: float | None = None
+    abstain_label: str = ""
 
     @property
     def size_bytes(self) -> int:
@@ -60,8 +64,10 @@ def head_only_files(
     source: str,
     head_input: str = "mean",
     normalize: bool = True,
+    abstain: tuple[float, str] | None = None,
 ) -> dict[str, bytes]:
-    """Files of an adapter that is just a linear head over pooled base embeddings (the `head` job)."""
+    """Files of an adapter that is just a linear head over pooled base embeddings (the `head` job);
+    `abstain` is (threshold, label) when the job calibrated one (training/abstain.py)."""
     config = {
         "peft_type": "LORA",
         "task_type": "SEQ_CLS",
@@ -75,7 +81,9 @@ def head_only_files(
         "base_model.model.classifier.weight": weight.detach().float().contiguous(),
         "base_model.model.classifier.bias": bias.detach().float().contiguous(),
     }
-    meta = {"head_input": head_input, "normalize": normalize, "base_fingerprint": base_fingerprint, "source": source}
+    meta: dict[str, object] = {"head_input": head_input, "normalize": normalize, "base_fingerprint": base_fingerprint, "source": source}
+    if abstain is not None:
+        meta["abstain"] = {"threshold": abstain[0], "label": abstain[1]}
     return {
         CONFIG_FILE: json.dumps(config, indent=2).encode(),
         WEIGHTS_FILE: save(tensors),

@@ -55,6 +55,9 @@ class AdapterRecord:
     created_at: float
     source: str
     aliases: list[str] = field(default_factory=list)
+    # Classify abstains with abstain_label below this top score (None: never); adaptgate.json's "abstain".
+    abstain_threshold: float | None = None
+    abstain_label: str = ""
 
     @property
     def ref(self) -> AdapterRef:
@@ -176,7 +179,7 @@ class AdapterStore:
         adapter_dir, version = self._adapter_dir(ref.tenant, ref.name), ref.version
         record = AdapterRecord(
             ref.tenant, ref.name, version, weights.labels, weights.rank, weights.target_modules, weights.size_bytes,
-            time.time(), source,
+            time.time(), source, abstain_threshold=weights.abstain_threshold, abstain_label=weights.abstain_label,
         )
         write_synced(staging / RECORD_FILE, json.dumps(asdict(record)).encode())
         fsync_dir(staging)

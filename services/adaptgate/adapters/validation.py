@@ -97,6 +97,24 @@ def _flag(config: dict, key: str, what: str) -> bool:
     return bool(value)
 
 
+MAX_ABSTAIN_LABEL_CHARS = 128
+
+
+def _abstain(meta: dict) -> tuple[float | None, str]:
+    """adaptgate.json's optional {"abstain": {"threshold": 0..1, "label": str}}: when Classify abstains."""
+    value = meta.get("abstain")
+    if value is None:
+        return None, ""
+    if not isinstance(value, dict):
+        raise InvalidAdapter(f"abstain in {META_FILE} must be an object with threshold and label, not {_show(value)}")
+    threshold, label = value.get("threshold"), value.get("label")
+    if not _is_number(threshold) or not 0.0 <= threshold <= 1.0:
+        raise InvalidAdapter(f"abstain.threshold in {META_FILE} must be a number from 0 to 1, not {_show(threshold)}")
+    if not isinstance(label, str) or not label.strip() or len(label) > MAX_ABSTAIN_LABEL_CHARS:
+        raise InvalidAdapter(f"abstain.label in {META_FILE} must be a label of 1 to {MAX_ABSTAIN_LABEL_CHARS} characters, not {_show(label)}")
+    return float(threshold), label
+
+
 def _rank(config: dict, max_rank: int) -> int:
     rank = config.get("r")
     if not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank <= max_rank:
@@ -193,6 +211,7 @@ class AdapterValidator:
         if not lora and head_w is None:
             raise InvalidAdapter("the adapter has neither LoRA weights nor a task head")
         labels = self._labels(files, head_w)
+        threshold, abstain_label = _abstain(meta) if head_w is not None else (None, "")
         return AdapterWeights(
             labels=labels,
             head_weight=head_w,
@@ -203,6 +222,8 @@ class AdapterValidator:
             scaling=settings.scaling,
             lora=lora,
             target_modules=sorted(lora),
+            abstain_threshold=threshold,
+            abstain_label=abstain_label,
         )
 
     def check_weights_header(self, path: Path) -> None:
@@ -239,6 +260,7 @@ class AdapterValidator:
         if not isinstance(head_input, str) or head_input not in HEAD_INPUTS:
             raise InvalidAdapter(f"head_input {_show(head_input)} must be one of {sorted(HEAD_INPUTS)}")
         _flag(meta, "normalize", META_FILE)
+        _abstain(meta)
         fingerprint = meta.get("base_fingerprint")
         if fingerprint and fingerprint != self.spec.fingerprint:
             raise BaseModelMismatch(

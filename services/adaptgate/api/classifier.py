@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import grpc
 import numpy as np
 
+from adaptgate.adapters.store import AdapterRecord
 from adaptgate.api.auth import Principal
 from adaptgate.api.rpc import RpcRuntime, deadline_of, unary
 from adaptgate.errors import InvalidArgument
@@ -13,12 +16,63 @@ from adaptgate.v1 import classifier_pb2 as pb
 from adaptgate.v1 import classifier_pb2_grpc
 
 
-def to_classification(probs: np.ndarray, labels: list[str], top_k: int) -> pb.Classification:
+DEFAULT_ABSTAIN_LABEL = "out_of_scope"
+
+
+@dataclass(frozen=True)
+class Abstain:
+    """Answer `label` instead when the top score is below `threshold` (None: never), or when the top
+    label is the out-of-scope class the adapter learnt (`learnt`)."""
+
+    threshold: float | None = None
+    label: str = DEFAULT_ABSTAIN_LABEL
+    learnt: str = ""
+
+    @classmethod
+    def of(cls, request: pb.ClassifyRequest, record: AdapterRecord) -> Abstain:
+        """The request's threshold and label, else the adapter's own (a job's calibration), else never."""
+        threshold = request.abstain_below if request.HasField("abstain_below") else record.abstain_threshold
+        label = request.abstain_label.strip() or record.abstain_label or DEFAULT_ABSTAIN_LABEL
+        return cls(threshold, label, record.abstain_label)
+
+
+def to_classification(probs: np.ndarray, labels: list[str], top_k: int, abstain: Abstain = Abstain()) -> pb.Classification:
     order = np.argsort(-probs, kind="stable")
     if top_k:
         order = order[:top_k]
     scores = [pb.LabelScore(label=labels[i], score=float(probs[i])) for i in order]
+    below = abstain.threshold is not None and scores[0].score < abstain.threshold
+    if below or (abstain.learnt and labels[order[0]] == abstain.learnt):
+        return pb.Classification(label=abstain.label, score=scores[0].score, scores=scores, abstained=True)
     return pb.Classification(label=scores[0].label, score=scores[0].score, scores=scores)
+
+
+async def classify(
+    runtime: RpcRuntime, inference: Inference, principal: Principal, request: pb.ClassifyRequest, deadline: float | None
+) -> pb.ClassifyResponse:
+    """One Classify call, whichever API received it: gRPC and HTTP share its admission, limits and answers."""
+    if request.adapter and request.adapters:
+        raise InvalidArgument("give either adapter or adapters, not both")
+    if request.HasField("abstain_below") and not 0.0 <= request.abstain_below <= 1.0:  # NaN included
+        raise InvalidArgument(f"abstain_below must be from 0 to 1; got {request.abstain_below}")
+    names = list(request.adapters) or [request.adapter]
+    refs = [principal.adapter(name) for name in names]
+    texts = list(request.texts)
+    # Rows: one forward per text and adapter at most (head-only adapters share one, known only once resolved).
+    async with runtime.admission.admitted(principal.tenant, len(texts) * len(refs), refs, deadline):
+        answers = await inference.classify(texts, refs, request.truncate, deadline, principal.tenant)
+    runtime.metrics.texts.labels("Classify").inc(len(request.texts) * len(answers))
+    abstains = [Abstain.of(request, a.record) for a in answers]
+    by_adapter = [
+        pb.AdapterResults(
+            adapter=str(a.record.ref),
+            results=[to_classification(p, a.record.labels, request.top_k, abstain) for p in a.probabilities],
+        )
+        for a, abstain in zip(answers, abstains)
+    ]
+    if request.adapters:
+        return pb.ClassifyResponse(by_adapter=by_adapter)
+    return pb.ClassifyResponse(results=by_adapter[0].results, adapter=by_adapter[0].adapter)
 
 
 class ClassifierServicer(classifier_pb2_grpc.ClassifierServicer):
@@ -30,22 +84,4 @@ class ClassifierServicer(classifier_pb2_grpc.ClassifierServicer):
     async def Classify(
         self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext, principal: Principal
     ) -> pb.ClassifyResponse:
-        if request.adapter and request.adapters:
-            raise InvalidArgument("give either adapter or adapters, not both")
-        names = list(request.adapters) or [request.adapter]
-        refs = [principal.adapter(name) for name in names]
-        texts, deadline = list(request.texts), deadline_of(context)
-        # Rows: one forward per text and adapter at most (head-only adapters share one, known only once resolved).
-        async with self.runtime.admission.admitted(principal.tenant, len(texts) * len(refs), refs, deadline):
-            answers = await self.inference.classify(texts, refs, request.truncate, deadline, principal.tenant)
-        self.runtime.metrics.texts.labels("Classify").inc(len(request.texts) * len(answers))
-        by_adapter = [
-            pb.AdapterResults(
-                adapter=str(a.record.ref),
-                results=[to_classification(p, a.record.labels, request.top_k) for p in a.probabilities],
-            )
-            for a in answers
-        ]
-        if request.adapters:
-            return pb.ClassifyResponse(by_adapter=by_adapter)
-        return pb.ClassifyResponse(results=by_adapter[0].results, adapter=by_adapter[0].adapter)
+        return await classify(self.runtime, self.inference, principal, request, deadline_of(context))

@@ -61,10 +61,12 @@ class EmbeddingsServicer(embeddings_pb2_grpc.EmbeddingsServicer):
     ) -> pb.EmbedResponse:
         ref = principal.adapter(request.adapter) if request.adapter else None
         normalize = request.normalize if request.HasField("normalize") else None  # None: the model's own
+        prompt_name = request.prompt_name if request.HasField("prompt_name") else None  # None: the model's default
         texts, deadline = list(request.texts), deadline_of(context)
         async with self.runtime.admission.admitted(principal.tenant, len(texts), (ref,) if ref else (), deadline):
             out = await self.inference.embed(
-                texts, ref, POOLING.get(request.pooling), normalize, request.truncate, deadline, principal.tenant
+                texts, ref, POOLING.get(request.pooling), normalize, request.truncate, deadline, principal.tenant,
+                prompt_name,
             )
         self.runtime.metrics.texts.labels(method).inc(len(out.vectors))
         if request.encoding == pb.ENCODING_BYTES_F32:

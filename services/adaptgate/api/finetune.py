@@ -14,10 +14,11 @@ from adaptgate.v1 import finetune_pb2 as pb
 from adaptgate.v1 import finetune_pb2_grpc
 
 STATES = {s: pb.JobState.Value(s.name) for s in JobState}
+METRIC_FIELDS = tuple(pb.JobMetrics.DESCRIPTOR.fields_by_name)
 
 
 def metrics_proto(metrics: dict[str, float]) -> pb.JobMetrics:
-    return pb.JobMetrics(accuracy=metrics.get("accuracy", 0.0), macro_f1=metrics.get("macro_f1", 0.0), loss=metrics.get("loss", 0.0))
+    return pb.JobMetrics(**{field: metrics.get(field, 0.0) for field in METRIC_FIELDS})
 
 
 def details_proto(details: dict[str, Any]) -> pb.JobDetails:
@@ -41,7 +42,8 @@ def job_proto(job: JobRecord) -> pb.Job:
         id=job.id, state=STATES[job.state], adapter=job.adapter_ref or "", tenant=job.tenant,
         dataset_id=job.dataset_id, adapter_name=job.adapter_name, method=job.method, error=job.error or "",
         progress=job.progress, metrics=metrics_proto(job.metrics), created_at=job.created_at, updated_at=job.updated_at,
-        details=details_proto(job.details), auto=job.auto,
+        details=details_proto(job.details), auto=job.auto, validation_dataset_id=job.validation_dataset_id,
+        out_of_scope_label=job.out_of_scope_label,
     )
 
 
@@ -65,7 +67,8 @@ class FinetuneServicer(finetune_pb2_grpc.FinetuneServicer):
             alias=request.alias, validation_fraction=request.validation_fraction or 0.1, epochs=request.epochs,
             learning_rate=request.learning_rate, seed=request.seed, lora_rank=request.lora_rank,
             batch_size=request.batch_size, max_tokens=request.max_tokens, max_steps=request.max_steps,
-            max_seconds=request.max_seconds,
+            max_seconds=request.max_seconds, validation_dataset_id=request.validation_dataset_id,
+            out_of_scope_label=request.out_of_scope_label.strip(),
         )
         return job_proto(await self.jobs.submit(principal.tenant, spec))
 

@@ -1,10 +1,11 @@
-"""The HTTP API: OpenAI-compatible `POST /v1/embeddings`, `GET /v1/models`, health probes.
+"""The HTTP API: OpenAI-compatible `POST /v1/embeddings`, `GET /v1/models`, `POST /v1/classify`, health probes.
 
 A thin layer over the same data plane as the gRPC servicers: the same bearer tokens, the same
 per-tenant admission before any tokenizing, the same batcher, and the same error kinds, answered
 with the HTTP status in api/errors.py and the body OpenAI clients parse
 (`{"error": {"message", "type", "param", "code"}}`). `model` is the base model's name, or an
 adapter reference (`name`, `name:alias`, `name@v3`), as vLLM and LoRAX select adapters.
+`/v1/classify` is gRPC `Classify` in JSON: the same request fields, the same answer, the same code path.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import socket
 import ssl
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -26,15 +27,18 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from adaptgate.adapters.refs import AdapterRef
 from adaptgate.adapters.store import AdapterStore
 from adaptgate.api.auth import Principal
+from adaptgate.api.classifier import classify
 from adaptgate.api.errors import http_status_of
 from adaptgate.api.rpc import RpcRuntime
 from adaptgate.errors import AdaptgateError, ErrorCode, InvalidArgument
 from adaptgate.inference import Inference
+from adaptgate.v1 import classifier_pb2
+from adaptgate.observability.requests import current_request_id, note
 
 log = logging.getLogger("adaptgate.http")
 RETRY_AFTER_S = "1"
@@ -48,6 +52,11 @@ class EmbeddingsRequest(BaseModel):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, description="Must equal the model's dimension when given.")
     user: str | None = None
+    prompt_name: str | None = Field(
+        None,
+        description="A prompt of the model (e.g. E5's query or passage) put before each text; "
+        'unset = its default prompt, "" = none. Not in OpenAI\'s API.',
+    )
 
 
 class EmbeddingData(BaseModel):
@@ -78,6 +87,41 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class ClassifyRequest(BaseModel):
+    """gRPC's ClassifyRequest in JSON; unknown fields are refused, so a misspelt one is never silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+    texts: list[str]
+    adapter: str = Field("", description="`tenant/name[@version|:alias]`, or `name` for the caller's own tenant.")
+    adapters: list[str] = Field(default_factory=list, description="Several adapters instead of `adapter`: answers in `by_adapter`.")
+    top_k: int = Field(0, ge=0, le=2**32 - 1, description="Label scores per text; 0 returns all of them.")
+    truncate: bool = False
+
+
+class LabelScore(BaseModel):
+    label: str
+    score: float
+
+
+class Classification(BaseModel):
+    label: str
+    score: float
+    scores: list[LabelScore] = Field(description="Highest score first.")
+
+
+class AdapterResults(BaseModel):
+    adapter: str
+    results: list[Classification]
+
+
+class ClassifyResponse(BaseModel):
+    """gRPC's ClassifyResponse: `results` and `adapter` answer `adapter`; `by_adapter` answers `adapters`."""
+
+    results: list[Classification]
+    adapter: str
+    by_adapter: list[AdapterResults]
 
 
 @dataclass
@@ -114,7 +158,7 @@ async def _invalid_request(_: Request, exc: Exception) -> JSONResponse:
 
 
 async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-    request_id = uuid.uuid4().hex[:12]
+    request_id = current_request_id() or uuid.uuid4().hex[:12]
     log.error("unhandled error (request id %s)", request_id, exc_info=exc)
     error = AdaptgateError(f"internal error (request id {request_id}); the server log has the details")
     return error_response(error)
@@ -131,6 +175,7 @@ def http_app(plane: HttpPlane) -> FastAPI:
     routes = Routes(plane)
     app.post("/v1/embeddings", response_model=EmbeddingsResponse)(routes.embeddings)
     app.get("/v1/models", response_model=ModelList)(routes.models)
+    app.post("/v1/classify", response_model=ClassifyResponse)(routes.classify)
     app.get("/healthz")(routes.healthz)
     app.get("/readyz")(routes.readyz)
     return app
@@ -142,7 +187,9 @@ class Routes:
 
     def _principal(self, request: Request) -> Principal:
         header = request.headers.get("authorization")
-        return self.plane.runtime.auth.authenticate((("authorization", header),) if header is not None else ())
+        principal = self.plane.runtime.auth.authenticate((("authorization", header),) if header is not None else ())
+        note(tenant=principal.tenant)  # for the access line and the trace (observability)
+        return principal
 
     async def _counted(self, method: str, call: Callable[[], Awaitable[Any]]) -> Any:
         """Metrics as the gRPC calls count them (the status code's gRPC name), labelled protocol="http"."""
@@ -156,15 +203,16 @@ class Routes:
             code = "INTERNAL"
             raise
         finally:
+            note(method=method, code=code)
             metrics = self.plane.runtime.metrics
             metrics.requests.labels(method, code, "http").inc()
             metrics.request_seconds.labels(method, code, "http").observe(time.perf_counter() - started)
 
-    async def embeddings(self, body: EmbeddingsRequest, request: Request) -> EmbeddingsResponse:
+    async def embeddings(self, body: EmbeddingsRequest, request: Request) -> JSONResponse:
         """OpenAI's embeddings endpoint; vectors are L2-normalized, as OpenAI's are."""
         return await self._counted("Embed", lambda: self._embed(body, request))
 
-    async def _embed(self, body: EmbeddingsRequest, request: Request) -> EmbeddingsResponse:
+    async def _embed(self, body: EmbeddingsRequest, request: Request) -> JSONResponse:
         principal = self._principal(request)
         texts = [body.input] if isinstance(body.input, str) else list(body.input)
         if body.dimensions is not None and body.dimensions != self.plane.dimension:
@@ -174,17 +222,30 @@ class Routes:
         ref = self._adapter(principal, body.model)
         admission = self.plane.runtime.admission
         async with admission.admitted(principal.tenant, len(texts), (ref,) if ref else ()):
-            out = await self.plane.inference.embed(texts, ref, None, True, False, None, principal.tenant)
+            out = await self.plane.inference.embed(
+                texts, ref, None, True, False, None, principal.tenant, body.prompt_name
+            )
         self.plane.runtime.metrics.texts.labels("Embed").inc(len(out.vectors))
-        encode = ENCODINGS[body.encoding_format]
-        data = [EmbeddingData(index=i, embedding=encode(v)) for i, v in enumerate(out.vectors)]
-        tokens = int(sum(out.tokens))
-        return EmbeddingsResponse(data=data, model=body.model, usage=Usage(prompt_tokens=tokens, total_tokens=tokens))
+        return embeddings_json(out.vectors, int(sum(out.tokens)), body.model, body.encoding_format)
 
     def _adapter(self, principal: Principal, model: str) -> AdapterRef | None:
         if model in ("", self.plane.model_name):
             return None
         return principal.adapter(model)
+
+    async def classify(self, body: ClassifyRequest, request: Request) -> ClassifyResponse:
+        """Texts to labels with the caller's task heads, through the gRPC Classify code path."""
+        return await self._counted("Classify", lambda: self._classify(body, request))
+
+    async def _classify(self, body: ClassifyRequest, request: Request) -> ClassifyResponse:
+        principal = self._principal(request)
+        message = classifier_pb2.ClassifyRequest(**body.model_dump())
+        answer = await classify(self.plane.runtime, self.plane.inference, principal, message, None)
+        return ClassifyResponse(
+            results=_classifications(answer.results),
+            adapter=answer.adapter,
+            by_adapter=[AdapterResults(adapter=a.adapter, results=_classifications(a.results)) for a in answer.by_adapter],
+        )
 
     async def models(self, request: Request) -> ModelList:
         """The base model, then the caller's adapter versions and aliases (each usable as `model`)."""
@@ -207,8 +268,25 @@ class Routes:
         return JSONResponse({"status": "ready" if ready else "draining"}, status_code=200 if ready else 503)
 
 
+def _classifications(results: Iterable[classifier_pb2.Classification]) -> list[Classification]:
+    return [
+        Classification(label=r.label, score=r.score, scores=[LabelScore(label=s.label, score=s.score) for s in r.scores])
+        for r in results
+    ]
+
+
+def embeddings_json(vectors: list[np.ndarray], tokens: int, model: str, encoding: str) -> JSONResponse:
+    """EmbeddingsResponse's JSON, built as plain lists: validating and re-serializing every float through
+    pydantic (what returning the model does) would cost a sizeable share of the forward pass that made them."""
+    encode = ENCODINGS[encoding]
+    data = [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(vectors)]
+    return JSONResponse(
+        {"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+    )
+
+
 def _floats(vector: np.ndarray) -> list[float]:
-    return [float(x) for x in vector]
+    return np.asarray(vector, dtype=np.float32).tolist()  # type: ignore[no-any-return]
 
 
 def _base64(vector: np.ndarray) -> str:
@@ -271,7 +349,9 @@ class HttpServing:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
         sock.listen(1024)
-        config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off", **self.tls.config())
+        config = uvicorn.Config(  # log_config None: uvicorn's records go through the gateway's handler (JSON or text)
+            self.app, log_level="warning", log_config=None, access_log=False, lifespan="off", **self.tls.config()
+        )
         self._server = _EmbeddedServer(config)
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="adaptgate http")
         self.port = int(sock.getsockname()[1])

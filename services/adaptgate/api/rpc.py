@@ -24,6 +24,7 @@ from adaptgate.api.malformed import Malformed
 from adaptgate.api.errors import status_of
 from adaptgate.errors import AdaptgateError, ErrorCode, InvalidArgument
 from adaptgate.metrics import Metrics
+from adaptgate.observability.requests import current_request_id, note
 
 log = logging.getLogger("adaptgate.rpc")
 # Trailing metadata on RESOURCE_EXHAUSTED: how long a well-behaved client should back off.
@@ -50,7 +51,9 @@ class _Call:
         self.started = time.perf_counter()
 
     def principal(self) -> Principal:
-        return self.runtime.auth.authenticate(self.context.invocation_metadata())
+        principal = self.runtime.auth.authenticate(self.context.invocation_metadata())
+        note(tenant=principal.tenant)  # for the access line and the trace (observability)
+        return principal
 
     async def fail(self, exc: BaseException) -> None:
         """Abort with the mapped status; unknown errors become INTERNAL with an id that points at the log."""
@@ -65,13 +68,14 @@ class _Call:
             if exc.code is ErrorCode.RESOURCE_EXHAUSTED:
                 self.context.set_trailing_metadata(((RETRY_AFTER_KEY, str(RETRY_AFTER_MS)),))
             await self.context.abort(self.code, exc.message)
-        request_id = uuid.uuid4().hex[:12]
+        request_id = current_request_id() or uuid.uuid4().hex[:12]
         log.exception("unhandled error in %s (request id %s)", self.method, request_id, exc_info=exc)
         self.code = grpc.StatusCode.INTERNAL
         await self.context.abort(self.code, f"internal error (request id {request_id}); the server log has the details")
 
     def finish(self) -> None:
         code = self.code.name
+        note(code=code)
         self.runtime.metrics.requests.labels(self.method, code, "grpc").inc()
         self.runtime.metrics.request_seconds.labels(self.method, code, "grpc").observe(time.perf_counter() - self.started)
 

@@ -24,7 +24,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 
 import torch
 
@@ -56,6 +57,32 @@ class BatchStats:
         slots = {r.lora_slot for r in rows if r.lora_slot >= 0} | {s for r in rows for s in r.head_slots}
         tokens = sum(len(r.input_ids) for r in rows)
         return cls(len(rows), tokens, len(rows) * max(len(r.input_ids) for r in rows), len(slots), seconds)
+
+
+@dataclass
+class BatchTiming:
+    """One batch's forward pass as the batcher saw it (time.time_ns, the clock tracing uses)."""
+
+    started_ns: int
+    ended_ns: int
+    rows: int  # all the batch's rows, every request's
+    tokens: int
+
+
+@dataclass
+class SubmitTiming:
+    """One `Batcher.submit`: when its rows were queued, the batches that ran them, when it was answered."""
+
+    rows: int
+    queued_ns: int
+    answered_ns: int = 0
+    batches: list[BatchTiming] = field(default_factory=list)
+
+
+# A collector the API layer sets around one request: each submit made in that context appends its
+# timing, so a request's queue wait and forward passes can be traced while the engine knows nothing of
+# tracing. Unset (None), the batcher records nothing.
+SUBMIT_TIMINGS: ContextVar[list[SubmitTiming] | None] = ContextVar("adaptgate_submit_timings", default=None)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -105,6 +132,7 @@ class BatcherLimits:
 class _Pending:
     row: Row
     future: asyncio.Future[RowResult]
+    batch: BatchTiming | None = None  # the forward pass that ran the row
 
 
 def plan_batches(items: list[_Pending], max_batch_tokens: int, padding_free: bool = False) -> list[list[_Pending]]:
@@ -257,6 +285,7 @@ class Batcher:
                 f"{self._limits.max_queue_rows}); retry with backoff"
             )
         loop = asyncio.get_running_loop()
+        queued_ns = time.time_ns()
         pending = [_Pending(row, loop.create_future()) for row in rows]
         for p in pending:
             self._newcomer = self._newcomer or (p.row.tenant not in self._running and p.row.tenant not in self._queues)
@@ -268,6 +297,8 @@ class Batcher:
             for p in pending:
                 p.future.cancel()
             raise
+        finally:
+            _record_timing(pending, queued_ns)
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -313,14 +344,16 @@ class Batcher:
         if not batch:
             return
         rows = [p.row for p in batch]
-        started = time.perf_counter()
+        started, started_ns = time.perf_counter(), time.time_ns()
         try:
             results = await loop.run_in_executor(self._executor, run_splitting_on_oom, self._run_batch, rows)
         except Exception as exc:  # a failed batch fails its requests, never the batcher
+            _stamp(batch, started_ns)
             for p in batch:
                 if not p.future.done():
                     p.future.set_exception(exc)
             return
+        _stamp(batch, started_ns)
         self._on_batch(BatchStats.of(rows, time.perf_counter() - started))
         for p, result in zip(batch, results):
             if p.future.done():
@@ -329,3 +362,19 @@ class Batcher:
                 p.future.set_exception(result)
             else:
                 p.future.set_result(result)
+
+
+def _stamp(batch: list[_Pending], started_ns: int) -> None:
+    """Marks each row with its forward pass, before its future resolves, so its submit sees it."""
+    timing = BatchTiming(started_ns, time.time_ns(), len(batch), sum(len(p.row.input_ids) for p in batch))
+    for p in batch:
+        p.batch = timing
+
+
+def _record_timing(pending: list[_Pending], queued_ns: int) -> None:
+    """Appends one submit's timing to the caller's collector (SUBMIT_TIMINGS), when one is set."""
+    collector = SUBMIT_TIMINGS.get()
+    if collector is None:
+        return
+    batches = list({id(p.batch): p.batch for p in pending if p.batch is not None}.values())
+    collector.append(SubmitTiming(len(pending), queued_ns, time.time_ns(), batches))

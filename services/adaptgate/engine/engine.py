@@ -1,4 +1,4 @@
-"""The engine facade: tokenize, batch, run; install adapter weights into slots between batches."""
+"""The engine facade: tokenize (with the model's prompts), batch, run; install adapter weights into slots between batches."""
 
 from __future__ import annotations
 
@@ -23,12 +23,24 @@ MAX_CHARS_PER_TOKEN = 32
 class EngineConfig:
     n_slots: int = 64
     max_rank: int = 16
-    max_labels: int = 128
+    max_labels: int = 1024
     max_batch_tokens: int = 2048
     max_wait_s: float = 0.002
     max_queue_rows: int = 4096
     max_input_tokens: int = 0  # 0 = the model's own limit
     cpu_kernels: bool = True  # on CPU: the fused kernels when they build here (engine.cpu_kernels)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A prompt as the engine applies it: `text` goes before each text, as sentence-transformers puts it;
+    `pool_skip` leading tokens are then left out of the pooled vector (include_prompt=False), else 0."""
+
+    text: str
+    pool_skip: int = 0
+
+
+NO_PROMPT = Prompt("")
 
 
 @dataclass
@@ -62,6 +74,8 @@ class Engine:
         padding_free = self._forward.packed is not None
         limits = BatcherLimits(config.max_batch_tokens, config.max_wait_s, config.max_queue_rows, padding_free)
         self._batcher = Batcher(self._forward, self._executor, limits, on_batch)
+        # Measured once here: the tokenizer is not re-configured per request for a prompt's length.
+        self._prompts = {name: self._measure(text) for name, text in base.spec.prompts.items()}
 
     @property
     def spec(self) -> ModelSpec:
@@ -76,6 +90,28 @@ class Engine:
     def queued_rows(self) -> int:
         return self._batcher.queued_rows
 
+    def _measure(self, text: str) -> Prompt:
+        """sentence-transformers' prompt length: the prompt tokenized alone (cut at the token limit), less a
+        trailing special token (BERT's [SEP]), so the leading [CLS] counts as the prompt's too."""
+        if not text or self.base.spec.include_prompt:
+            return Prompt(text)
+        tokenizer = self.base.tokenizer
+        ids = tokenizer(text, truncation=True, max_length=self.max_tokens)["input_ids"]
+        trailing_special = bool(ids) and ids[-1] in tokenizer.all_special_ids
+        return Prompt(text, len(ids) - int(trailing_special))
+
+    def prompt(self, name: str | None) -> Prompt:
+        """The prompt a request gets: the one it names; the model's default_prompt_name when it names none
+        (None); no prompt for "" (so a request can opt out of a default)."""
+        chosen = self.spec.default_prompt_name if name is None else name
+        if not chosen:
+            return NO_PROMPT
+        if chosen not in self._prompts:
+            raise InvalidArgument(
+                f"prompt_name {chosen!r} is not a prompt of this model; its prompts are {', '.join(sorted(self._prompts))}"
+            )
+        return self._prompts[chosen]
+
     def start(self) -> None:
         self._batcher.start()
 
@@ -83,27 +119,29 @@ class Engine:
         await self._batcher.stop()
         self._thread.shutdown()
 
-    async def tokenize(self, texts: list[str], truncate: bool) -> list[list[int]]:
-        """Layered checks: empty text, then characters (cheap), then tokens."""
+    async def tokenize(self, texts: list[str], truncate: bool, prompt: str = "") -> list[list[int]]:
+        """Layered checks: empty text, then characters (cheap), then tokens. `prompt` goes before each text
+        (after the checks, which judge the client's own text), and its tokens count toward the limit."""
         char_limit = self.max_tokens * MAX_CHARS_PER_TOKEN
         for i, text in enumerate(texts):
             if not text.strip():
                 raise InvalidArgument(f"texts[{i}] is empty; every text needs at least one non-space character")
-            if len(text) > char_limit and not truncate:
+            if len(prompt) + len(text) > char_limit and not truncate:
                 raise InputTooLong(
                     f"texts[{i}] has {len(text)} characters, far over the {self.max_tokens}-token limit; "
                     "shorten it or set truncate"
                 )
-        clipped = [t[:char_limit] for t in texts]
-        return await asyncio.to_thread(self._token_ids, clipped, truncate)
+        clipped = [(prompt + t)[:char_limit] for t in texts]
+        return await asyncio.to_thread(self._token_ids, clipped, truncate, bool(prompt))
 
-    def _token_ids(self, texts: list[str], truncate: bool) -> list[list[int]]:
+    def _token_ids(self, texts: list[str], truncate: bool, prompted: bool = False) -> list[list[int]]:
         encoded = self.base.tokenizer(texts, truncation=truncate, max_length=self.max_tokens if truncate else None)
         ids: list[list[int]] = encoded["input_ids"]
         for i, row in enumerate(ids):
             if len(row) > self.max_tokens:
                 raise InputTooLong(
-                    f"texts[{i}] has {len(row)} tokens, over the limit of {self.max_tokens}; shorten it or set truncate"
+                    f"texts[{i}] has {len(row)} tokens{' with its prompt' if prompted else ''}, over the limit of "
+                    f"{self.max_tokens}; shorten it or set truncate"
                 )
         return ids
 

@@ -100,7 +100,9 @@ class BatchForward:
         for mode in {r.pooling for r in rows if r.pooling is not None}:
             idx = [i for i, r in enumerate(rows) if r.pooling == mode]
             every_row = len(idx) == len(rows)  # the common case: no copy of the grid
-            vectors = pool(hidden, mask, mode) if every_row else pool(hidden[idx], mask[idx], mode)
+            skips = [rows[i].pool_skip for i in idx]
+            skip = torch.tensor(skips, device=mask.device) if any(skips) else None
+            vectors = pool(hidden, mask, mode, skip) if every_row else pool(hidden[idx], mask[idx], mode, skip)
             unit, raw = normalize(vectors).cpu().numpy(), vectors.cpu().numpy()  # one copy each, rows are views
             for j, i in enumerate(idx):
                 results[i].embedding = unit[j] if rows[i].normalize else raw[j]
@@ -132,14 +134,12 @@ class BatchForward:
     def _classify(
         self, rows: list[Row], out: object, ids: torch.Tensor, mask: torch.Tensor, results: list[RowResult]
     ) -> None:
-        """Every head of every row in one gathered matmul: (row, head) pairs, not a loop over adapters."""
+        """Every head of every row, scored per size class of heads (heads.py): (row, head) pairs, not a loop over adapters."""
         pairs = [(i, slot) for i, r in enumerate(rows) for slot in r.head_slots]
         if not pairs:
             return
         row_of, slot_of = [p[0] for p in pairs], [p[1] for p in pairs]
         features = self._head_features(out, ids, mask, row_of, slot_of)
-        slots = torch.tensor(slot_of, device=features.device)
-        probs = self.heads.probabilities(features, slots).cpu()
-        counts = self.heads.num_labels[slots].tolist()
+        probs = self.heads.probabilities(features, slot_of)
         for j, i in enumerate(row_of):
-            results[i].probabilities.append(probs[j, : counts[j]].numpy())
+            results[i].probabilities.append(probs[j].numpy())

@@ -1,9 +1,13 @@
-"""Load the frozen base model once and describe it (shapes, limits, fingerprint) for adapter checks."""
+"""Load the frozen base model once and describe it (shapes, limits, fingerprint) for adapter checks.
+
+The model is a directory, or a Hugging Face id found in the local Hugging Face cache (engine.hub).
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,10 +16,11 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig,
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from adaptgate.engine.device import resolve_device, resolve_dtype
+from adaptgate.engine.hub import resolve_model_dir
 from adaptgate.engine.int8 import quantize_linears
 from adaptgate.engine.lora import linear_in_out
 from adaptgate.engine.pooling import Pooling
-from adaptgate.engine.st_config import SentenceTransformerConfig, max_seq_length, read_st_config
+from adaptgate.engine.st_config import DEFAULT_PROMPTS, SentenceTransformerConfig, max_seq_length, read_st_config
 
 # transformers' stand-in for "no limit" in model_max_length is 1e30; anything this large is no real limit.
 UNSET_MODEL_MAX_LENGTH = 1_000_000
@@ -48,6 +53,11 @@ class ModelSpec:
     # Whether a request that does not say gets unit-length vectors: a sentence-transformers directory's
     # Normalize module decides; a plain transformers directory is normalized, as it always was.
     normalize: bool = True
+    # Prompts a request may name (engine.st_config): name -> text put before each text; always has
+    # "query" and "document", empty unless the model's config_sentence_transformers.json sets them.
+    prompts: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_PROMPTS))
+    default_prompt_name: str | None = None  # the prompt of a request that names none
+    include_prompt: bool = True  # False: a prompt's tokens stay out of the pooled vector (Pooling's include_prompt)
 
 
 @dataclass
@@ -59,10 +69,14 @@ class BaseModel:
     dtype: torch.dtype
     path: Path
     int8: bool = False  # most linears quantized (engine.int8); `dtype` is then what activations run in
+    hub_id: str = ""  # the Hugging Face id it was found by in the local cache; "" for a directory
 
     @property
     def name(self) -> str:
-        """What clients see in EmbedResponse.model: the packaged model by its real name, else the directory."""
+        """What clients see in EmbedResponse.model: the packaged model by its real name, a cached model by its
+        Hugging Face id (its directory is named after a commit), else the directory."""
+        if self.hub_id:
+            return self.hub_id
         return "all-MiniLM-L6-v2" if self.path == packaged_model_dir() else self.path.name
 
     @property
@@ -135,9 +149,10 @@ def _prepare_decoder_tokenizer(tokenizer: PreTrainedTokenizerBase) -> None:
         tokenizer.pad_token = tokenizer.eos_token
 
 
-def load_base_model(path: Path | None = None, dtype: str = "auto", device: str = "auto") -> BaseModel:
-    """Frozen, eval-mode, offline. Decoder-only models are recognised from their config."""
-    path = Path(path) if path else packaged_model_dir()
+def load_base_model(path: str | Path | None = None, dtype: str = "auto", device: str = "auto") -> BaseModel:
+    """Frozen, eval-mode, offline. `path` is a model directory or a Hugging Face id in the local cache
+    (engine.hub); None is the packaged model. Decoder-only models are recognised from their config."""
+    path, hub_id = resolve_model_dir(path) if path else (packaged_model_dir(), "")
     torch_device = resolve_device(device)
     if dtype == "int8" and torch_device.type != "cpu":
         raise ValueError("dtype int8 is a CPU path; on a GPU use auto (bfloat16)")
@@ -160,10 +175,13 @@ def load_base_model(path: Path | None = None, dtype: str = "auto", device: str =
         linear_shapes=_linear_shapes(model),
         base_prefix=getattr(model, "base_model_prefix", "") or "",
         normalize=st.normalize if st else True,
+        prompts=dict(st.prompts) if st else dict(DEFAULT_PROMPTS),
+        default_prompt_name=st.default_prompt_name if st else None,
+        include_prompt=st.include_prompt if st else True,
     )
     if dtype == "int8":
         quantize_linears(model)
-    return BaseModel(tokenizer, model, spec, torch_device, torch_dtype, path, int8=dtype == "int8")
+    return BaseModel(tokenizer, model, spec, torch_device, torch_dtype, path, int8=dtype == "int8", hub_id=hub_id)
 
 
 @torch.inference_mode()

@@ -33,13 +33,15 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.bmm(weights.unsqueeze(1), hidden.to(torch.float32)).squeeze(1)
 
 
-def weighted_mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def weighted_mean_pool(hidden: torch.Tensor, mask: torch.Tensor, kept: torch.Tensor | None = None) -> torch.Tensor:
     """Mean with the i-th real token weighted i (1-based), as SGPT-style decoders were trained.
 
-    The running count of real tokens gives those weights for right and left padding alike.
+    The running count of real tokens gives those weights for right and left padding alike. `kept` (mask
+    with a prompt's tokens off) chooses which tokens count; they keep the weights of their positions
+    in the whole text, as sentence-transformers weighs them with include_prompt off.
     """
     real = mask.to(torch.float32)
-    weights = real.cumsum(dim=1) * real  # [B, T]
+    weights = real.cumsum(dim=1) * (real if kept is None else kept.to(torch.float32))  # [B, T]
     weights = weights / weights.sum(dim=1, keepdim=True).clamp(min=1e-9)
     return torch.bmm(weights.unsqueeze(1), hidden.to(torch.float32)).squeeze(1)
 
@@ -59,6 +61,14 @@ def max_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def cls_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return hidden[:, 0].to(torch.float32)
+
+
+def first_kept_pool(hidden: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """CLS pooling with a prompt left out: the first token after it (row 0's position when none is kept),
+    where sentence-transformers' Pooling takes the first position its prompt-less mask keeps."""
+    first = (kept != 0).to(torch.int32).argmax(dim=1)  # [B]
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    return hidden[rows, first].to(torch.float32)
 
 
 def last_token_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -95,8 +105,23 @@ _POOLERS = {
 }
 
 
-def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: Pooling) -> torch.Tensor:
-    return _POOLERS[mode](hidden, mask)
+def without_leading(mask: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+    """mask [B, T] with each row's first skip[b] positions off: a prompt's tokens lead a right-padded row."""
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    return mask * (positions.unsqueeze(0) >= skip.to(mask.device).unsqueeze(1)).to(mask.dtype)
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: Pooling, skip: torch.Tensor | None = None) -> torch.Tensor:
+    """`skip` [B]: leading tokens per row left out of the vector (a prompt under include_prompt=False);
+    they still shaped every other token's state through attention."""
+    if skip is None:
+        return _POOLERS[mode](hidden, mask)
+    kept = without_leading(mask, skip)
+    if mode is Pooling.WEIGHTED_MEAN:
+        return weighted_mean_pool(hidden, mask, kept)
+    if mode is Pooling.CLS:
+        return first_kept_pool(hidden, kept)
+    return _POOLERS[mode](hidden, kept)
 
 
 def normalize(vectors: torch.Tensor) -> torch.Tensor:

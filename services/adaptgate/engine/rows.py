@@ -16,6 +16,7 @@ class Row:
     head_slots: tuple[int, ...] = ()  # engine slots of the task heads to apply (several heads, one forward)
     pooling: Pooling | None = None  # set when the row wants an embedding
     normalize: bool = True
+    pool_skip: int = 0  # leading tokens (a prompt under include_prompt=False) left out of the pooled vector
     deadline: float | None = None  # time.monotonic() after which the row is dropped unrun
     tenant: str = ""  # the batcher's fair-queueing key: rows of one tenant share a queue (engine.batcher)
 

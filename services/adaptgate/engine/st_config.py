@@ -7,12 +7,17 @@ directory is refused at startup rather than served wrong. Both layouts are read:
 (`sentence_transformers.models.*` types, `pooling_mode_*` flags, max_seq_length in
 sentence_bert_config.json, as all-MiniLM-L6-v2 ships) and the one sentence-transformers 5+ writes
 (`pooling_mode` names, the length in the tokenizer's `model_max_length`).
+
+Prompts (E5's "query: ", an instruction) come from config_sentence_transformers.json: a request names
+one and its text is put before each text, as `SentenceTransformer.encode(prompt_name=...)` does; the
+Pooling config's `include_prompt: false` keeps the prompt's tokens out of the pooled vector.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from adaptgate.engine.pooling import Pooling
@@ -20,6 +25,10 @@ from adaptgate.errors import FailedPrecondition
 
 MODULES_FILE = "modules.json"
 SBERT_CONFIG_FILE = "sentence_bert_config.json"
+PROMPTS_FILE = "config_sentence_transformers.json"
+# Prompt names every sentence-transformers model answers to (with no text unless the model sets one), so a
+# client may ask for "query" or "document" of any model, as `SentenceTransformer.encode(prompt_name=...)` allows.
+DEFAULT_PROMPTS: dict[str, str] = {"query": "", "document": ""}
 
 # sentence-transformers' pooling mode names, and the engine's pooling for each.
 POOLING_MODES: dict[str, Pooling] = {
@@ -51,6 +60,9 @@ class SentenceTransformerConfig:
     pooling: Pooling
     normalize: bool  # a Normalize module follows Pooling: vectors are unit length
     max_seq_length: int | None  # sentence_bert_config.json's cap on tokens per text; None when it sets none
+    prompts: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_PROMPTS))  # name -> text put before a text
+    default_prompt_name: str | None = None  # the prompt a request that names none gets
+    include_prompt: bool = True  # Pooling's include_prompt: False keeps the prompt's tokens out of the vector
 
 
 @dataclass(frozen=True)
@@ -118,6 +130,36 @@ def read_pooling(path: Path) -> Pooling:
     return POOLING_MODES[modes[0]]
 
 
+def read_include_prompt(path: Path) -> bool:
+    """Pooling's `include_prompt` (sentence-transformers 3+ writes it; older configs mean True)."""
+    config = _read_json(path)
+    include = config.get("include_prompt", True) if isinstance(config, dict) else True
+    if not isinstance(include, bool):
+        raise UnsupportedModelConfig(f"{path} sets include_prompt to {include!r}; it must be true or false")
+    return include
+
+
+def read_prompts(directory: Path) -> tuple[dict[str, str], str | None]:
+    """config_sentence_transformers.json's prompts (over the defaults every model has) and default_prompt_name.
+
+    A default naming no prompt is refused, as sentence-transformers refuses to load such a model."""
+    path = directory / PROMPTS_FILE
+    config = _read_json(path) if path.exists() else {}
+    if not isinstance(config, dict):
+        raise UnsupportedModelConfig(f"{path} must be a JSON object")
+    saved = config.get("prompts") or {}
+    if not isinstance(saved, dict) or not all(isinstance(v, str | None) for v in saved.values()):
+        raise UnsupportedModelConfig(f"{path} `prompts` must map prompt names to texts")
+    prompts = DEFAULT_PROMPTS | {str(name): text or "" for name, text in saved.items()}
+    default = config.get("default_prompt_name")
+    if default is not None and default not in prompts:
+        raise UnsupportedModelConfig(
+            f"{path} sets default_prompt_name {default!r}, which is none of its prompts {sorted(prompts)}; "
+            "name one of them or remove it"
+        )
+    return prompts, default
+
+
 def _max_seq_length(directory: Path) -> int | None:
     path = directory / SBERT_CONFIG_FILE
     if not path.exists():
@@ -139,8 +181,16 @@ def read_st_config(directory: Path) -> SentenceTransformerConfig | None:
         return None
     modules = _modules(directory)
     _check_pipeline(directory, modules)
-    pooling = read_pooling(directory / modules[1].path / "config.json")
-    return SentenceTransformerConfig(pooling, normalize=len(modules) == 3, max_seq_length=_max_seq_length(directory))
+    pooling_file = directory / modules[1].path / "config.json"
+    prompts, default_prompt_name = read_prompts(directory)
+    return SentenceTransformerConfig(
+        read_pooling(pooling_file),
+        normalize=len(modules) == 3,
+        max_seq_length=_max_seq_length(directory),
+        prompts=prompts,
+        default_prompt_name=default_prompt_name,
+        include_prompt=read_include_prompt(pooling_file),
+    )
 
 
 def max_seq_length(directory: Path) -> int | None:

@@ -150,7 +150,7 @@ class DatasetStore:
         return Usage(bytes=int(row[1]), datasets=int(row[0])) if row else Usage()
 
     def delete(self, tenant: str | None, dataset_id: str) -> DatasetRecord:
-        """Removes the record, then the file; refused while a queued or running job trains on it.
+        """Removes the record, then the file; refused while a queued or running job trains or validates on it.
 
         The job check and the delete are one transaction, so a job that is already recorded as
         QUEUED can never lose its dataset. tenant None is the admin view.
@@ -160,9 +160,11 @@ class DatasetStore:
             row = conn.execute(sa.select(datasets).where(datasets.c.id == dataset_id)).mappings().first()
             if row is None or (tenant is not None and row["tenant"] != tenant):
                 raise NotFound(f"dataset {dataset_id!r} not found")
-            users = conn.execute(
-                sa.select(jobs.c.id).where(jobs.c.dataset_id == dataset_id, jobs.c.state.in_(states)).order_by(jobs.c.created_at)
-            ).scalars().all()
+            active = conn.execute(
+                sa.select(jobs.c.id, jobs.c.dataset_id, jobs.c.options).where(jobs.c.state.in_(states)).order_by(jobs.c.created_at)
+            ).all()  # few (capped per tenant and in all); a validation dataset is named in the options
+            users = [job for job, trains_on, options in active
+                     if dataset_id in (trains_on, json.loads(options or "{}").get("validation_dataset_id"))]
             if users:
                 names = ", ".join(users)
                 raise FailedPrecondition(

@@ -12,10 +12,12 @@ from dataclasses import dataclass, field
 import torch
 
 from adaptgate.engine.model import BaseModel
+from adaptgate.training.abstain import Abstention, calibrate_head
 from adaptgate.training.evaluation import confusion_matrix
 from adaptgate.training.head_embed import embed_texts
 from adaptgate.training.head_fit import Evaluation, FitConfig, FittedHead, TrainingDiverged, fit_linear_head
-from adaptgate.training.head_split import Split, stratified_split
+from adaptgate.training.head_split import Split, job_split
+from adaptgate.training.tracking import TrackingSpec
 from adaptgate.training.updates import Report, make_update
 from adaptgate.training.worker_base import load_training_base
 
@@ -40,6 +42,9 @@ class HeadParams:
     dtype: str = "auto"
     device: str = "auto"
     base_fingerprint: str = ""  # the gateway's base model; the worker refuses another ("" = not checked)
+    holdout_from: int = 0  # rows from here on are the tenant's validation dataset (0: split off validation_fraction)
+    out_of_scope_label: str = ""  # a class whose answers abstain; its validation rows set the abstain threshold (abstain.py)
+    tracking: TrackingSpec | None = None  # the job's MLflow run (tracking.py); None = not tracked
 
     def fit_config(self) -> FitConfig:
         return FitConfig(
@@ -59,6 +64,7 @@ class HeadResult:
     normalize: bool = True
     # confusion[t][p] on the validation rows with the kept weights (label ids in `labels` order)
     confusion: list[list[int]] = field(default_factory=list)
+    abstain: Abstention | None = None  # when the rows had an out-of-scope label
 
 
 def label_order(labels: list[str]) -> list[str]:
@@ -99,7 +105,8 @@ def _fit(features: torch.Tensor, y: torch.Tensor, split: Split, params: HeadPara
     def on_eval(ev: Evaluation) -> None:
         eta = (time.monotonic() - started) / ev.step * (config.steps - ev.step)
         message = f"step {ev.step}/{config.steps}: validation loss {ev.loss:.4f}, accuracy {ev.accuracy:.4f}, macro-F1 {ev.macro_f1:.4f}"
-        report(make_update("eval", message, EMBEDDED + (FITTED - EMBEDDED) * ev.step / config.steps, eta, ev.metrics))
+        report(make_update("eval", message, EMBEDDED + (FITTED - EMBEDDED) * ev.step / config.steps, eta, ev.metrics,
+                           step=ev.step))
 
     train = (features[split.train], y[split.train])
     held = (features[validation], y[validation])
@@ -114,7 +121,7 @@ def train_head(
     names = label_order(labels)
     index = {name: i for i, name in enumerate(names)}
     y = torch.tensor([index[label] for label in labels])
-    split = stratified_split(texts, labels, params.validation_fraction, params.seed)
+    split = job_split(texts, labels, params.validation_fraction, params.seed, params.holdout_from)
     report(make_update("started", f"training a head on {len(texts)} rows ({len(split.train)} train, "
                        f"{len(split.validation)} validation), {len(names)} labels", 0.0))
     base = _load(model_dir, params, report)
@@ -122,13 +129,17 @@ def train_head(
     fitted = _fit(features, y, split, params, report)
     best = fitted.best
     held = _validation(split)
-    predicted = (features[held] @ fitted.weight.t() + fitted.bias).argmax(dim=1)
-    confusion = confusion_matrix(predicted, y[held], len(names))
+    logits = features[held] @ fitted.weight.t() + fitted.bias
+    confusion = confusion_matrix(logits.argmax(dim=1), y[held], len(names))
     report(make_update(
         "log", f"kept the weights of step {best.step} (lowest validation loss {best.loss:.4f})", FITTED, 0.0, best.metrics,
         details={"confusion": {"labels": names, "matrix": confusion}},
     ))
+    oos = params.out_of_scope_label
+    abstain = calibrate_head(torch.softmax(logits, dim=1), y[held], index[oos], oos) if oos in index else None
+    if abstain is not None:
+        report(make_update("log", f"the head {abstain.describe()}", FITTED, 0.0, best.metrics | abstain.metrics))
     return HeadResult(
-        fitted.weight, fitted.bias, names, best.metrics, base.spec.fingerprint, base.spec.default_pooling.value,
-        confusion=confusion,
+        fitted.weight, fitted.bias, names, best.metrics | (abstain.metrics if abstain else {}), base.spec.fingerprint,
+        base.spec.default_pooling.value, confusion=confusion, abstain=abstain,
     )

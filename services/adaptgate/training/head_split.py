@@ -44,3 +44,11 @@ def stratified_split(texts: list[str], labels: list[str], fraction: float, seed:
         validation += [i for group in members[:held] for i in group]
         train += [i for group in members[held:] for i in group]
     return Split(sorted(train), sorted(validation))
+
+
+def job_split(texts: list[str], labels: list[str], fraction: float, seed: int, holdout_from: int = 0) -> Split:
+    """A job's split: rows from `holdout_from` on are a validation dataset the tenant gave (0: none,
+    split the rows stratified instead)."""
+    if holdout_from:
+        return Split(list(range(holdout_from)), list(range(holdout_from, len(texts))))
+    return stratified_split(texts, labels, fraction, seed)

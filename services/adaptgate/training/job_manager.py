@@ -46,10 +46,11 @@ from adaptgate.training.head import HeadParams
 from adaptgate.training.job_records import EVENT_KINDS, JobEvent, JobRecord, JobSpec, JobState, Publish, PublishRequest
 from adaptgate.training.job_signals import JobSignals
 from adaptgate.training.job_store import JobStore, LeaseLost
-from adaptgate.training.job_validation import JobLimits, normalized_spec
+from adaptgate.training.job_validation import JobLimits, check_out_of_scope_label, check_validation_labels, normalized_spec
 from adaptgate.training.lora import DEFAULT_RANK, LoraOutcome, LoraParams
 from adaptgate.training.methods import TrainParams, TrainResult, choose_method
 from adaptgate.training.runner import Runner, TrainingFailed, internal_error
+from adaptgate.training.tracking import TrackingConfig, TrackingSpec, close_job_run, open_job_run
 from adaptgate.training.updates import Update
 
 log = logging.getLogger(__name__)
@@ -113,7 +114,23 @@ def training_params(record: JobRecord, default_rank: int = DEFAULT_RANK, base_fi
     return HeadParams(
         validation_fraction=record.validation_fraction, epochs=record.epochs,
         learning_rate=record.learning_rate, seed=record.seed, base_fingerprint=base_fingerprint,
+        out_of_scope_label=record.out_of_scope_label,
     )
+
+
+def job_tags(record: JobRecord) -> dict[str, str]:
+    """How a job's MLflow run is found: by tenant, job, dataset and adapter (its version is added when published)."""
+    return {
+        "tenant": record.tenant, "job_id": record.id, "dataset_id": record.dataset_id, "adapter_name": record.adapter_name,
+        "alias": record.alias, "method": record.method,
+    }
+
+
+def job_params(record: JobRecord) -> dict[str, object]:
+    """What the gateway decided for the job; the worker logs the training hyperparameters themselves."""
+    chosen = record.details.get("method") or {}
+    reason = chosen.get("reason") or f"method {record.method!r} asked for by name"
+    return {"method": record.method, "auto": record.auto, "method_reason": reason, "max_seconds": record.max_seconds}
 
 
 def result_files(record: JobRecord, result: TrainResult) -> dict[str, bytes]:
@@ -132,9 +149,11 @@ def result_files(record: JobRecord, result: TrainResult) -> dict[str, bytes]:
             result.lora, result.rank, result.alpha, weight, bias, result.labels, result.fingerprint, source,
             base_prefix=result.base_prefix, head_input=head_input, normalize=result.normalize,
         )
+    abstain = result.abstain
     return head_only_files(
         result.weight, result.bias, result.labels, result.fingerprint, source,
         head_input=result.head_input, normalize=result.normalize,
+        abstain=(abstain.threshold, abstain.label) if abstain else None,
     )
 
 
@@ -142,11 +161,11 @@ class JobManager:
     def __init__(
         self, db: Database, datasets: DatasetStore, runner: Runner, publish: Publish, model_dir: Path,
         limits: JobLimits = JobLimits(), sleep: Sleep = asyncio.sleep, *, base_fingerprint: str = "",
-        owner: str = "", lease_seconds: float = 30.0,
+        owner: str = "", lease_seconds: float = 30.0, tracking: TrackingConfig = TrackingConfig(),
     ) -> None:
         """`sleep` is the clock the time limits wait on (tests pass one they control); `base_fingerprint`
         is the base model at `model_dir` as the gateway loaded it, which workers check theirs against;
-        `owner` names this replica in the jobs' leases."""
+        `owner` names this replica in the jobs' leases; `tracking` is where jobs log their MLflow runs (tracking.py)."""
         self._db = db
         self._owner = owner
         self._lease_seconds = lease_seconds
@@ -158,6 +177,7 @@ class JobManager:
         self._base_fingerprint = base_fingerprint
         self._limits = limits
         self._sleep = sleep
+        self._tracking = tracking
         self._signals = JobSignals()
         self._runs: dict[str, _Run] = {}
         self._unsaved: dict[str, JobRecord] = {}  # ended jobs whose terminal state the database refused
@@ -178,9 +198,13 @@ class JobManager:
             raise Unavailable("the gateway is shutting down; submit the job again shortly")
         resolved = normalized_spec(spec, self._limits)
         dataset = await self._db.run(self._datasets.get, tenant, resolved.dataset_id)
+        if resolved.validation_dataset_id:
+            validation = await self._db.run(self._datasets.get, tenant, resolved.validation_dataset_id)
+            check_validation_labels(dataset, validation)
+        check_out_of_scope_label(resolved, dataset)
         note = ""
         if resolved.method == "auto":
-            method, note = choose_method(dataset.rows, len(dataset.label_counts))
+            method, note = choose_method(dataset.rows, len(dataset.label_counts), bool(resolved.out_of_scope_label))
             resolved = dataclasses.replace(resolved, method=method, auto=True)
         record = JobRecord.new(tenant, resolved)
         events = [self._event(record, "state", f"queued: {resolved.method} on dataset {dataset.id}")]
@@ -378,6 +402,7 @@ class JobManager:
             except Exception:  # noqa: BLE001 - kept in memory instead
                 self._unsaved[record.id] = record
         self._signals.notify(record.id)
+        await self._close_tracking(record)
 
     async def _cancel_elsewhere(self, record: JobRecord) -> None:
         """A job this replica does not drive (another replica's, or one not started yet) is ended in
@@ -387,6 +412,7 @@ class JobManager:
         if await self._db.run(self._store.cancel, record, event):
             self._signals.notify(record.id)
             self._discard(record.id)
+            await self._close_tracking(record)
 
     async def _save_unsaved(self) -> None:
         for job_id, record in builtins.list(self._unsaved.items()):
@@ -429,6 +455,7 @@ class JobManager:
         try:
             if note:
                 await self._emit(record, "log", note)
+            await self._open_tracking(record)
             result = await self._train(record, run)
             run.committing = True
             ref = await self._publish_result(record, result)
@@ -469,8 +496,32 @@ class JobManager:
         dataset = await self._db.run(self._datasets.get, None, record.dataset_id)
         texts, labels = await asyncio.to_thread(self._datasets.load, dataset)
         params = training_params(record, min(DEFAULT_RANK, self._limits.max_lora_rank), self._base_fingerprint)
+        if record.validation_dataset_id:  # its rows go after the training rows, and are the validation split
+            validation = await self._db.run(self._datasets.get, None, record.validation_dataset_id)
+            held_texts, held_labels = await asyncio.to_thread(self._datasets.load, validation)
+            params = dataclasses.replace(params, holdout_from=len(texts))
+            texts, labels = texts + held_texts, labels + held_labels
+        if run_id := str(record.details.get("tracking", {}).get("run_id", "")):
+            params = dataclasses.replace(params, tracking=TrackingSpec(self._tracking.uri, run_id))
         on_event = functools.partial(self._on_update, record, run)
         return await self._runner.run(record.id, texts, labels, str(self._model_dir), params, on_event)
+
+    async def _open_tracking(self, record: JobRecord) -> None:
+        """Opens the job's MLflow run once and stores its id in the record before training starts, so a
+        resumed or taken-over job, and every Ray attempt, logs into the same run. Without a server no run."""
+        if not self._tracking.enabled or record.details.get("tracking"):
+            return
+        run_id = await asyncio.to_thread(open_job_run, self._tracking, record.id, job_tags(record), job_params(record))
+        if run_id:
+            record.details["tracking"] = {"run_id": run_id, "experiment": self._tracking.experiment}
+            await self._emit(record, "log", f"tracking to MLflow run {run_id} in experiment {self._tracking.experiment!r}")
+
+    async def _close_tracking(self, record: JobRecord) -> None:
+        """Ends a finished job's MLflow run with its outcome and published adapter (best effort, off the loop)."""
+        run_id = str(record.details.get("tracking", {}).get("run_id", ""))
+        if self._tracking.enabled and run_id and record.state.terminal:
+            state, ref, error = record.state.value, record.adapter_ref, record.error
+            await asyncio.to_thread(close_job_run, self._tracking, run_id, state, ref, error)
 
     async def _on_update(self, record: JobRecord, run: _Run, update: Update) -> None:
         """A runner update becomes an event; the first one moves the job to RUNNING."""

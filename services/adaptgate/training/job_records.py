@@ -45,10 +45,14 @@ class JobSpec:
     auto: bool = False
     # Wall-clock seconds the job may run (0 = the server's limit, which also caps it).
     max_seconds: int = 0
+    # A dataset of the same tenant to validate on instead of a split of dataset_id ("" = split).
+    validation_dataset_id: str = ""
+    # Rows with this label are out of scope: never learnt, they set the abstain threshold ("" = none).
+    out_of_scope_label: str = ""
 
 
 # Spec fields stored together as JSON in the jobs table's `options` column.
-OPTION_FIELDS = ("lora_rank", "batch_size", "max_tokens", "max_steps", "auto", "max_seconds")
+OPTION_FIELDS = ("lora_rank", "batch_size", "max_tokens", "max_steps", "auto", "max_seconds", "validation_dataset_id", "out_of_scope_label")
 
 
 @dataclass
@@ -71,6 +75,8 @@ class JobRecord:
     max_steps: int = 0
     auto: bool = False
     max_seconds: int = 0
+    validation_dataset_id: str = ""
+    out_of_scope_label: str = ""
     state: JobState = JobState.QUEUED
     error: str = ""
     adapter_ref: str = ""
@@ -90,7 +96,7 @@ class JobRecord:
             validation_fraction=spec.validation_fraction, epochs=spec.epochs,
             learning_rate=spec.learning_rate, seed=spec.seed, lora_rank=spec.lora_rank, batch_size=spec.batch_size,
             max_tokens=spec.max_tokens, max_steps=spec.max_steps, auto=spec.auto, max_seconds=spec.max_seconds,
-            created_at=now, updated_at=now,
+            validation_dataset_id=spec.validation_dataset_id, out_of_scope_label=spec.out_of_scope_label, created_at=now, updated_at=now,
         )
 
     @property
@@ -100,6 +106,7 @@ class JobRecord:
             validation_fraction=self.validation_fraction, epochs=self.epochs,
             learning_rate=self.learning_rate, seed=self.seed, lora_rank=self.lora_rank, batch_size=self.batch_size,
             max_tokens=self.max_tokens, max_steps=self.max_steps, auto=self.auto, max_seconds=self.max_seconds,
+            validation_dataset_id=self.validation_dataset_id, out_of_scope_label=self.out_of_scope_label,
         )
 
     @property

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from adaptgate.adapters import refs
 from adaptgate.errors import InvalidArgument, ResourceExhausted
+from adaptgate.training.datasets import DatasetRecord
 from adaptgate.training.job_records import JobSpec
 
 AVAILABLE_METHODS = ("head", "lora", "embed")
@@ -107,3 +108,26 @@ def normalized_spec(spec: JobSpec, limits: JobLimits) -> JobSpec:
     resolved = dataclasses.replace(spec, method=resolve_method(spec.method), validation_fraction=fraction)
     _check_numbers(resolved, limits)
     return resolved
+
+
+def check_validation_labels(training: DatasetRecord, validation: DatasetRecord) -> None:
+    """A validation set may only hold labels the training set teaches: others could never be predicted."""
+    unknown = sorted(set(validation.label_counts) - set(training.label_counts))
+    if unknown:
+        names = ", ".join(repr(u) for u in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        raise InvalidArgument(
+            f"validation dataset {validation.id!r} has labels the training dataset {training.id!r} does not: {names}"
+        )
+
+
+def check_out_of_scope_label(spec: JobSpec, training: DatasetRecord) -> None:
+    """The out-of-scope label must mark some rows and leave at least two classes to learn."""
+    label = spec.out_of_scope_label
+    if not label:
+        return
+    if spec.method not in ("head", "auto"):
+        raise InvalidArgument(f"out_of_scope_label works with the head method (or auto, which then picks head), not {spec.method!r}")
+    if label not in training.label_counts:
+        raise InvalidArgument(f"out_of_scope_label {label!r} marks no row of dataset {training.id!r}")
+    if len(training.label_counts) < 3:
+        raise InvalidArgument(f"with out_of_scope_label {label!r}, dataset {training.id!r} leaves fewer than 2 classes to learn")

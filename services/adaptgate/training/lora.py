@@ -33,10 +33,11 @@ from adaptgate.training.checkpoints import CheckpointDir, load_optimizer, optimi
 from adaptgate.training.evaluation import Scores, describe_confusion, score
 from adaptgate.training.head import label_order
 from adaptgate.training.head_fit import TrainingDiverged
-from adaptgate.training.head_split import stratified_split
+from adaptgate.training.head_split import job_split
 from adaptgate.training.htsr import BlockRate, describe, hill_alpha, multipliers
 from adaptgate.training.lora_data import epoch_batches, eval_batches, pad, steps_per_epoch, tokenize
 from adaptgate.training.lora_model import LoraClassifier, block_count, block_of, default_first_block, select_targets
+from adaptgate.training.tracking import TrackingSpec
 from adaptgate.training.updates import Report, make_update
 from adaptgate.training.worker_base import load_training_base
 
@@ -77,6 +78,7 @@ class LoraParams:
     max_tokens: int = 0
     max_steps: int = 0
     eval_every: int = 0
+    holdout_from: int = 0  # rows from here on are the tenant's validation dataset (0: split off validation_fraction)
     max_eval_rows: int = 1000
     head_input: str = ""  # "" = the model's pooling (mean for encoders, last token for decoders)
     normalize: bool = False
@@ -86,11 +88,16 @@ class LoraParams:
     device: str = "auto"
     checkpoint_dir: str = ""
     base_fingerprint: str = ""  # the gateway's base model; the worker refuses another ("" = not checked)
+    tracking: TrackingSpec | None = None  # the job's MLflow run (tracking.py); None = not tracked
 
     def identity(self) -> dict[str, Any]:
-        """What makes two runs the same run (for checkpoint signatures): everything but where to save
-        and the base model check (a resumed run on another base fails that check before it loads a checkpoint)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("checkpoint_dir", "base_fingerprint")}
+        """What makes two runs the same run (for checkpoint signatures): everything but where to save, where
+        to log, and the base model check (a resumed run on another base fails that check before it loads a checkpoint)."""
+        skip = ("checkpoint_dir", "base_fingerprint", "tracking")
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+        if not self.holdout_from:  # runs without a validation dataset keep the signatures they always had
+            del fields["holdout_from"]
+        return fields
 
 
 @dataclass(kw_only=True)
@@ -167,7 +174,7 @@ class _Trainer:
         self.names = label_order(labels)
         index = {name: i for i, name in enumerate(self.names)}
         self.y = torch.tensor([index[label] for label in labels])
-        split = stratified_split(texts, labels, params.validation_fraction, params.seed)
+        split = job_split(texts, labels, params.validation_fraction, params.seed, params.holdout_from)
         self.train_idx = split.train
         self.val_idx = split.validation or split.train  # only when no class has two distinct texts
         self.eval_idx = self._eval_subset(self.val_idx)
@@ -339,7 +346,7 @@ class _Trainer:
         rates = [BlockRate(b, mean[b], self.block_lr[b], base_lr * self.block_lr[b]) for b in sorted(mean)]
         self.report(make_update(
             "log", f"epoch {self.epoch + 1}: per-block learning rates from HTSR alpha: {describe(rates)}", self._progress(),
-            details={"blocks": [r.as_dict() for r in rates]},
+            details={"blocks": [r.as_dict() for r in rates]}, step=self.step,
         ))
 
     def _after_eval(self, scores: Scores, began: float, done: int) -> None:
@@ -355,7 +362,7 @@ class _Trainer:
         eta = (time.monotonic() - began) / max(1, done) * (self.plan.total - self.step)
         message = (f"step {self.step}/{self.plan.total}: validation loss {scores.loss:.4f}, "
                    f"accuracy {scores.accuracy:.4f}, macro-F1 {scores.macro_f1:.4f}")
-        self.report(make_update("eval", message, self._progress(), eta, scores.metrics))
+        self.report(make_update("eval", message, self._progress(), eta, scores.metrics, step=self.step))
 
     def run(self) -> LoraResult:
         self.resume()

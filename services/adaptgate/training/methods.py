@@ -9,11 +9,13 @@ HEAD_MAX_ROWS rows, or fewer than HEAD_MAX_ROWS_PER_LABEL rows per label on aver
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Union
 
 from adaptgate.training.embed import EmbedParams, EmbedResult, train_embed
 from adaptgate.training.head import HeadParams, HeadResult, train_head
 from adaptgate.training.lora import LoraParams, LoraResult, train_lora
+from adaptgate.training.tracking import log_confusion, open_tracker, tracked_report
 from adaptgate.training.updates import Report
 
 TrainParams = Union[HeadParams, LoraParams, EmbedParams]
@@ -23,9 +25,14 @@ HEAD_MAX_ROWS = 1000
 HEAD_MAX_ROWS_PER_LABEL = 50
 
 
-def choose_method(rows: int, labels: int) -> tuple[str, str]:
+def choose_method(rows: int, labels: int, out_of_scope: bool = False) -> tuple[str, str]:
     """(method, the reason in a sentence) for a dataset of `rows` rows and `labels` labels."""
     per_label = rows / max(1, labels)
+    if out_of_scope:
+        return "head", (
+            f"method 'auto' chose 'head' for {rows} rows and {labels} labels: the out-of-scope label's abstain "
+            "threshold is calibrated by the head method"
+        )
     if rows < HEAD_MAX_ROWS:
         return "head", (
             f"method 'auto' chose 'head' for {rows} rows and {labels} labels: under {HEAD_MAX_ROWS} rows a linear head "
@@ -42,7 +49,32 @@ def choose_method(rows: int, labels: int) -> tuple[str, str]:
     )
 
 
+# Parameters that say where a job runs or logs, not how it trains: kept out of the tracked hyperparameters.
+UNTRACKED_PARAMS = ("tracking", "checkpoint_dir", "base_fingerprint")
+
+
+def hyperparameters(params: TrainParams, texts: list[str], labels: list[str]) -> dict[str, object]:
+    """Everything the job trains with, as asked (0 = the method's default), plus the data's size."""
+    fields = {f.name: getattr(params, f.name) for f in dataclasses.fields(params) if f.name not in UNTRACKED_PARAMS}
+    fields.update(params_class=type(params).__name__, rows=len(texts), label_count=len(set(labels)))
+    if isinstance(params, HeadParams):
+        config = params.fit_config()
+        fields.update(effective_steps=config.steps, effective_learning_rate=config.learning_rate)
+    return fields
+
+
 def train(texts: list[str], labels: list[str], model_dir: str, params: TrainParams, report: Report) -> TrainResult:
+    """Runs the job's method where the job runs (a Ray worker), logging to the job's run when it is tracked."""
+    tracker = open_tracker(params.tracking)
+    tracker.log_params(hyperparameters(params, texts, labels))
+    result = _train(texts, labels, model_dir, params, tracked_report(tracker, report))
+    final_step = params.fit_config().steps if isinstance(params, HeadParams) else getattr(result, "steps", 0)
+    tracker.log_metrics({f"final_{k}": v for k, v in result.metrics.items()}, final_step)
+    log_confusion(tracker, result.labels, result.confusion)
+    return result
+
+
+def _train(texts: list[str], labels: list[str], model_dir: str, params: TrainParams, report: Report) -> TrainResult:
     if isinstance(params, EmbedParams):  # before LoraParams: EmbedParams is one
         return train_embed(texts, labels, model_dir, params, report)
     if isinstance(params, LoraParams):

@@ -10,6 +10,7 @@ unpickle in a gateway that may run another version of this package. Keys:
   details      optional, JSON-able: {"confusion": {"labels", "matrix"}} on the final evaluation,
                {"blocks": [...]} for per-block learning rates, {"method": ...} for auto's choice
   worker_pid   optional, on "started": the Ray worker running the job
+  step         optional, on "eval" and per-block learning-rate "log"s: the training step they belong to
 Kind "skip" is a placeholder a resumed Ray attempt yields to keep its stream aligned; it carries
 nothing and consumers drop it (see ray_runner.py).
 """
@@ -25,7 +26,7 @@ Report = Callable[[Update], None]
 
 def make_update(
     kind: str, message: str, progress: float, eta_seconds: float = 0.0, metrics: dict[str, float] | None = None,
-    details: dict[str, Any] | None = None,
+    details: dict[str, Any] | None = None, step: int | None = None,
 ) -> Update:
     update: Update = {
         "kind": kind,
@@ -36,4 +37,6 @@ def make_update(
     }
     if details:
         update["details"] = details
+    if step is not None:
+        update["step"] = int(step)
     return update

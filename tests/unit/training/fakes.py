@@ -26,6 +26,7 @@ class FakeRunner:
     error: Exception | None = None
     calls: list[str] = field(default_factory=list)
     params: list[TrainParams] = field(default_factory=list)
+    rows: list[tuple[list[str], list[str]]] = field(default_factory=list)
     cancelled: list[str] = field(default_factory=list)
     discarded: list[str] = field(default_factory=list)
     mid_training: asyncio.Event = field(default_factory=asyncio.Event)
@@ -35,6 +36,7 @@ class FakeRunner:
     ) -> TrainResult:
         self.calls.append(job_id)
         self.params.append(params)
+        self.rows.append((texts, labels))
         await on_event(make_update("started", "fake worker started", 0.0))
         await on_event({"kind": "skip"})
         await on_event(make_update("progress", f"embedded {len(texts)}/{len(texts)} texts", 0.8, 1.5))

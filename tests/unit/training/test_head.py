@@ -10,7 +10,7 @@ from adaptgate.engine.model import load_base_model
 from adaptgate.training.head import HeadParams, TrainingDiverged, label_order, train_head
 from adaptgate.training.head_embed import chunk_size
 from adaptgate.training.head_fit import FitConfig, fit_linear_head, macro_f1
-from adaptgate.training.head_split import stratified_split, validation_count
+from adaptgate.training.head_split import Split, job_split, stratified_split, validation_count
 from adaptgate.training.updates import Update
 
 from .conftest import separable_rows
@@ -93,3 +93,28 @@ def test_macro_f1_and_label_order() -> None:
     assert macro_f1(torch.tensor([0, 0, 1, 1]), torch.tensor([0, 0, 1, 1])) == 1.0
     assert macro_f1(torch.tensor([0, 0, 0, 0]), torch.tensor([0, 0, 1, 1])) == pytest.approx((2 / 3 + 0) / 2)
     assert label_order(["10", "2", "b", "a", "-1"]) == ["-1", "2", "10", "a", "b"]
+
+
+def test_rows_after_holdout_from_are_the_validation_set(tiny_model_dir: Path) -> None:
+    rows, held = separable_rows(20), separable_rows(3)
+    texts, labels = [r["text"] for r in rows + held], [r["label"] for r in rows + held]
+    assert job_split(texts, labels, 0.5, 0, holdout_from=40) == Split(list(range(40)), list(range(40, 46)))
+    updates: list[Update] = []
+    params = HeadParams(seed=1, epochs=20, eval_every=10, holdout_from=40)
+    result = train_head(texts, labels, str(tiny_model_dir), params, updates.append)
+    assert "(40 train, 6 validation)" in updates[0]["message"]
+    assert sum(map(sum, result.confusion)) == 6  # scored on the given rows only
+
+
+def test_out_of_scope_rows_are_not_learnt_and_set_the_abstain_threshold(tiny_model_dir: Path) -> None:
+    rows = separable_rows(20) + [{"text": f"weather forecast rain {i} sunny", "label": "none"} for i in range(10)]
+    texts, labels = [r["text"] for r in rows], [r["label"] for r in rows]
+    updates: list[Update] = []
+    params = HeadParams(seed=1, epochs=60, eval_every=20, out_of_scope_label="none")
+    result = train_head(texts, labels, str(tiny_model_dir), params, updates.append)
+    assert result.labels == ["animal", "money", "none"]  # learnt as a class: its answers abstain
+    assert result.abstain is not None and result.abstain.label == "none"
+    assert 0.0 < result.abstain.threshold < 1.0
+    assert {"out_of_scope_recall", "in_scope_precision", "in_scope_accuracy", "abstain_threshold"} <= set(result.metrics)
+    assert result.metrics["in_scope_precision"] >= 0.95 and result.metrics["out_of_scope_recall"] == 1.0
+    assert any("abstains as 'none'" in u["message"] for u in updates)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load
 
-from adaptgate.errors import InvalidArgument, JobNotFound, NotFound, ResourceExhausted
+from adaptgate.errors import FailedPrecondition, InvalidArgument, JobNotFound, NotFound, ResourceExhausted
 from adaptgate.training.database import Database, DatabaseFull
 from adaptgate.training.datasets import DatasetStore
 from adaptgate.training.job_manager import Sleep
@@ -300,4 +300,41 @@ async def test_a_database_locked_by_another_process_does_not_stall_the_event_loo
     job = await asyncio.wait_for(submit, 10)
     assert (await events_of(w.manager, job.id))[-1].state is JobState.SUCCEEDED
     await beat
+    await w.manager.close()
+
+
+async def test_a_validation_dataset_is_held_out_after_the_training_rows(world: World) -> None:
+    validation = world.datasets.create("acme", "v", "jsonl", jsonl(separable_rows(3)))
+    job = await world.manager.submit("acme", world.spec(validation_dataset_id=validation.id))
+    assert job.validation_dataset_id == validation.id
+    await events_of(world.manager, job.id)
+    (texts, labels), params = world.runner.rows[-1], world.runner.params[-1]
+    train, held = world.datasets.load(world.datasets.get("acme", world.dataset)), world.datasets.load(validation)
+    assert (texts, labels) == (train[0] + held[0], train[1] + held[1])
+    assert params.holdout_from == len(train[0])
+    assert (await world.manager.get("acme", job.id)).validation_dataset_id == validation.id  # kept in the record
+
+
+async def test_a_validation_dataset_must_be_the_tenants_and_carry_only_training_labels(world: World) -> None:
+    with pytest.raises(NotFound):
+        await world.manager.submit("acme", world.spec(validation_dataset_id=world.other))  # globex's
+    with pytest.raises(NotFound):
+        await world.manager.submit("acme", world.spec(validation_dataset_id="ds-000000000000"))
+    foreign = world.datasets.create("acme", "f", "jsonl", jsonl(
+        [{"text": f"weather report {i}", "label": "weather"} for i in range(2)] + separable_rows(2)))
+    with pytest.raises(InvalidArgument, match="'weather'"):
+        await world.manager.submit("acme", world.spec(validation_dataset_id=foreign.id))
+
+
+async def test_a_validation_dataset_in_use_cannot_be_deleted(tmp_path: Path) -> None:
+    gate = asyncio.Event()
+    w = World(tmp_path, FakeRunner(gate=gate))
+    validation = w.datasets.create("acme", "v", "jsonl", jsonl(separable_rows(3)))
+    job = await w.manager.submit("acme", w.spec(validation_dataset_id=validation.id))
+    await w.runner.mid_training.wait()
+    with pytest.raises(FailedPrecondition, match=job.id):
+        w.datasets.delete("acme", validation.id)
+    gate.set()
+    await events_of(w.manager, job.id)
+    w.datasets.delete("acme", validation.id)  # free once the job has ended
     await w.manager.close()

@@ -6,10 +6,9 @@ import json
 import time
 from pathlib import Path
 
-from tqdm import tqdm
-
-from adaptgate.client import Client
-from adaptgate.commands.jobs import state_name, watch
+from adaptgate_client.cli.commands import watch
+from adaptgate_client.client import Client
+from adaptgate_client.types import JobState
 
 BATCH = 256
 
@@ -22,18 +21,20 @@ def read_jsonl(path: Path) -> tuple[list[str], list[str]]:
 def run_demo(client: Client, data: Path, adapter_name: str) -> None:
     started = time.perf_counter()
     dataset = client.upload_dataset(data / "train.jsonl", name=data.name)
-    print(f"uploaded {dataset.id}: {dataset.rows} rows, labels {[(l.label, l.count) for l in dataset.labels]}")
+    print(f"uploaded {dataset.id}: {dataset.rows} rows, labels {[(c.label, c.count) for c in dataset.labels]}")
     job = client.submit_job(dataset.id, adapter_name, method="head", alias="prod")
     last = watch(client, job.id)
-    if last is None or state_name(last.state) != "SUCCEEDED":
-        raise SystemExit(f"job {job.id} ended {state_name(last.state) if last else 'without events'}: {last.message if last else ''}")
+    if last is None or last.state is not JobState.SUCCEEDED:
+        raise SystemExit(f"job {job.id} ended {last.state.name if last else 'without events'}: {last.message if last else ''}")
     print(f"job {job.id} succeeded in {time.perf_counter() - started:.1f}s (from upload)")
     texts, labels = read_jsonl(data / "test.jsonl")
     predicted: list[str] = []
+    answered_by = ""
     t0 = time.perf_counter()
-    for start in tqdm(range(0, len(texts), BATCH), desc="classify test split"):
+    for start in range(0, len(texts), BATCH):
         response = client.classify(texts[start : start + BATCH], f"{adapter_name}:prod", truncate=True)
         predicted += [r.label for r in response.results]
+        answered_by = response.adapter
     elapsed = time.perf_counter() - t0
     accuracy = sum(p == y for p, y in zip(predicted, labels)) / len(labels)
-    print(f"adapter {response.adapter}: accuracy {accuracy:.4f} on {len(labels)} test texts ({len(texts) / elapsed:.0f} texts/s)")
+    print(f"adapter {answered_by}: accuracy {accuracy:.4f} on {len(labels)} test texts ({len(texts) / elapsed:.0f} texts/s)")

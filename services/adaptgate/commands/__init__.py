@@ -1,1 +1,0 @@
-"""Client-side subcommands of `adaptgate` that need more than a few lines."""

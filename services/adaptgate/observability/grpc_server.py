@@ -1,0 +1,80 @@
+"""gRPC: each adaptgate method's handler runs inside its request's observation.
+
+An interceptor rather than the servicer wrappers (api/rpc.py) because only the real call context
+can send the request id back as initial metadata, and only the method path names the span as
+OpenTelemetry's RPC conventions do (`adaptgate.v1.Embeddings/Embed`). The wrappers still note the
+tenant and the status code, which only they know.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractContextManager
+from typing import Any
+
+import grpc
+
+from adaptgate.observability.requests import REQUEST_ID_KEY, ObservedRequest, RequestObserver
+
+SERVED_PREFIX = "/adaptgate."  # health and reflection are not requests worth a line or a trace
+
+
+class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, observer: RequestObserver) -> None:
+        self.observer = observer
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        path = handler_call_details.method
+        if handler is None or not path.startswith(SERVED_PREFIX):
+            return handler
+        service, _, method = path[1:].rpartition("/")
+        if handler.unary_unary is not None:
+            return handler._replace(unary_unary=self._unary(handler.unary_unary, service, method))  # type: ignore[attr-defined]
+        if handler.stream_unary is not None:
+            return handler._replace(stream_unary=self._unary(handler.stream_unary, service, method))  # type: ignore[attr-defined]
+        if handler.unary_stream is not None:
+            return handler._replace(unary_stream=self._stream(handler.unary_stream, service, method))  # type: ignore[attr-defined]
+        return handler._replace(stream_stream=self._stream(handler.stream_stream, service, method))  # type: ignore[attr-defined]
+
+    def _open(self, context: grpc.aio.ServicerContext, service: str, method: str) -> AbstractContextManager[ObservedRequest]:
+        carrier = {key.lower(): value for key, value in context.invocation_metadata() or () if isinstance(value, str)}
+        attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
+        return self.observer.request("grpc", method, f"{service}/{method}", carrier, attributes)
+
+    def _unary(self, behavior: Callable[..., Awaitable[Any]], service: str, method: str) -> Callable[..., Awaitable[Any]]:
+        async def observed(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            with self._open(context, service, method) as call:
+                await context.send_initial_metadata(((REQUEST_ID_KEY, call.request_id),))
+                try:
+                    return await behavior(request, context)
+                finally:
+                    _ended(call, context)
+
+        return observed
+
+    def _stream(self, behavior: Callable[..., AsyncIterator[Any]], service: str, method: str) -> Callable[..., AsyncIterator[Any]]:
+        async def observed(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            with self._open(context, service, method) as call:
+                await context.send_initial_metadata(((REQUEST_ID_KEY, call.request_id),))
+                try:
+                    async for item in behavior(request, context):
+                        yield item
+                finally:
+                    _ended(call, context)
+
+        return observed
+
+
+def _ended(call: ObservedRequest, context: grpc.aio.ServicerContext) -> None:
+    """The handler is done: its response is built (its encoding ends here); the code, when the
+    wrappers did not note one, is the context's."""
+    call.responded_ns = time.time_ns()
+    if not call.code:
+        code = context.code()
+        call.code = code.name if isinstance(code, grpc.StatusCode) else ""
