@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from adaptgate_client.cli.progress import JobProgress
 from adaptgate_client.client import Client
 from adaptgate_client.npy import NpyRowWriter
 from adaptgate_client.retry import RetryPolicy
@@ -168,16 +169,16 @@ def print_job(job: Job) -> None:
 
 
 def watch(client: Client, job_id: str) -> JobEvent | None:
-    """Follows a job to its terminal state, a line per event on stderr; returns the last event."""
+    """Follows a job to its terminal state on stderr (progress.py: a redrawn line on a terminal, a line
+    every few seconds elsewhere); returns the last event."""
     last = None
-    for event in client.watch_job(job_id):
-        line = f"[{event.state.name}] {event.progress:4.0%}"
-        if event.kind == "eval":
-            line += f" acc={event.metrics.accuracy:.4f} f1={event.metrics.macro_f1:.4f}"
-        if event.eta_seconds > 0:
-            line += f" eta={event.eta_seconds:.0f}s"
-        print(f"{line} {event.message}".rstrip(), file=sys.stderr)
-        last = event
+    progress = JobProgress(sys.stderr)
+    try:
+        for event in client.watch_job(job_id):
+            progress.update(event)
+            last = event
+    finally:
+        progress.close()
     return last
 
 
