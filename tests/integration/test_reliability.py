@@ -6,6 +6,7 @@ import random
 import signal
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -130,6 +131,19 @@ def test_message_over_the_size_limit_is_resource_exhausted(gateway: Gateway) -> 
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+def queued_texts(gateway: Gateway) -> float:
+    body = urllib.request.urlopen(gateway.metrics_url, timeout=10).read().decode()
+    return float(next(l.split()[-1] for l in body.splitlines() if l.startswith("adaptgate_queue_depth ")))
+
+
+def wait_until_queued(gateway: Gateway, texts: int, timeout: float = 30.0) -> None:
+    """Polls the queue-depth gauge: the requests are on the server, not merely sent."""
+    deadline = time.monotonic() + timeout
+    while queued_texts(gateway) < texts:
+        assert time.monotonic() < deadline, f"fewer than {texts} texts were ever queued"
+        time.sleep(0.01)
+
+
 def test_sigterm_drains_in_flight_requests_then_exits(tmp_path: Path) -> None:
     """Health goes NOT_SERVING, in-flight RPCs finish, the process exits within the drain period."""
     with running_gateway(tmp_path, "--drain-seconds", "20") as gateway:
@@ -146,7 +160,7 @@ def test_sigterm_drains_in_flight_requests_then_exits(tmp_path: Path) -> None:
         workers = [threading.Thread(target=busy) for _ in range(4)]  # 1,024 texts: one tenant's whole queue budget
         for w in workers:
             w.start()
-        time.sleep(0.5)
+        wait_until_queued(gateway, 3 * 256 + 1)  # more than three requests hold: all four were admitted
         started = time.monotonic()
         gateway.process.send_signal(signal.SIGTERM)
         for w in workers:

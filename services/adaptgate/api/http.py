@@ -98,6 +98,9 @@ class ClassifyRequest(BaseModel):
     adapters: list[str] = Field(default_factory=list, description="Several adapters instead of `adapter`: answers in `by_adapter`.")
     top_k: int = Field(0, ge=0, le=2**32 - 1, description="Label scores per text; 0 returns all of them.")
     truncate: bool = False
+    abstain_below: float | None = Field(
+        None, ge=0.0, le=1.0, description="Abstain when the top score is below this; unset: the adapter's own threshold, if any.")
+    abstain_label: str = Field("", description='Label of an abstained answer; empty: the adapter\'s, else "out_of_scope".')
 
 
 class LabelScore(BaseModel):
@@ -109,6 +112,7 @@ class Classification(BaseModel):
     label: str
     score: float
     scores: list[LabelScore] = Field(description="Highest score first.")
+    abstained: bool = Field(False, description="The top score was below the abstain threshold: `label` is the abstain label.")
 
 
 class AdapterResults(BaseModel):
@@ -239,7 +243,7 @@ class Routes:
 
     async def _classify(self, body: ClassifyRequest, request: Request) -> ClassifyResponse:
         principal = self._principal(request)
-        message = classifier_pb2.ClassifyRequest(**body.model_dump())
+        message = classifier_pb2.ClassifyRequest(**body.model_dump(exclude_none=True))
         answer = await classify(self.plane.runtime, self.plane.inference, principal, message, None)
         return ClassifyResponse(
             results=_classifications(answer.results),
@@ -270,7 +274,8 @@ class Routes:
 
 def _classifications(results: Iterable[classifier_pb2.Classification]) -> list[Classification]:
     return [
-        Classification(label=r.label, score=r.score, scores=[LabelScore(label=s.label, score=s.score) for s in r.scores])
+        Classification(label=r.label, score=r.score, scores=[LabelScore(label=s.label, score=s.score) for s in r.scores],
+                       abstained=r.abstained)
         for r in results
     ]
 
