@@ -121,6 +121,7 @@ def _engine(settings: Settings, base: BaseModel, metrics: Metrics, thread: Engin
     config = EngineConfig(
         n_slots=settings.max_loaded_adapters, max_rank=settings.max_lora_rank, max_labels=settings.max_labels,
         max_batch_tokens=settings.max_batch_tokens, max_wait_s=settings.max_batch_wait_ms / 1000,
+        max_batch_seconds=settings.max_batch_ms / 1000,
         max_queue_rows=settings.max_queue_texts, max_input_tokens=settings.max_input_tokens,
         cpu_kernels=settings.cpu_kernels == "auto",
     )

@@ -46,6 +46,11 @@ class Settings(BaseSettings):
     torch_threads: int = Field(0, description="Intra-op threads for the engine thread (0 = OMP_NUM_THREADS, else every core).")
     max_batch_tokens: int = Field(2048, description="Tokens per forward pass: real ones where the encoder packs rows, padded ones otherwise.")
     max_batch_wait_ms: float = Field(2.0, description="How long a batch waits for company.")
+    max_batch_ms: float = Field(
+        150.0, ge=0.0,
+        description="A batch holds at most about this much work at the engine's measured speed (never under 256 tokens; 0 = tokens alone): "
+        "batches are not preempted, so this bounds how long a request arriving during a flood waits for the batch ahead of it.",
+    )
     max_queue_texts: int = Field(
         4096, description="Texts admitted and unanswered, all tenants together, beyond which requests get RESOURCE_EXHAUSTED."
     )

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from adaptgate.engine.batcher import Batcher, BatcherLimits, _Pending, is_out_of_memory, plan_batches
+from adaptgate.engine.batcher import BatchBudget, Batcher, BatcherLimits, BatchStats, _Pending, is_out_of_memory, plan_batches
 from adaptgate.engine.rows import Row, RowResult
 from adaptgate.errors import DeadlineExceeded, OutOfDeviceMemory, QueueFull
 
@@ -217,3 +217,27 @@ def test_a_real_cuda_out_of_memory_fails_only_its_request() -> None:
         assert len(await batcher.submit([Row([1] * 2)])) == 1
 
     asyncio.run(with_batcher(forward, BatcherLimits(10_000, 0.01, 100), body))
+
+
+def test_on_a_slow_engine_a_batch_holds_only_max_batch_seconds_of_work() -> None:
+    budget = BatchBudget(2048, max_seconds=0.1, min_tokens=16)
+    assert budget.tokens == 2048  # nothing measured yet
+    budget.observe(BatchStats(rows=10, tokens=500, padded_tokens=500, adapters=0, seconds=1.0))
+    assert budget.tokens == 50  # 500 tokens/s x 0.1 s
+    budget.observe(BatchStats(rows=10, tokens=100_000, padded_tokens=100_000, adapters=0, seconds=1.0))
+    assert budget.tokens == 2048  # a fast engine: the token limit binds
+    assert BatchBudget(2048, max_seconds=0.0).tokens == 2048
+
+
+def test_the_batcher_cuts_batches_by_the_measured_speed() -> None:
+    recorder = Recorder()
+    limits = BatcherLimits(10_000, 0.0, 1000, max_batch_seconds=0.5)
+
+    async def body(batcher: Batcher) -> None:
+        # Seen so far: 100 padded tokens a second, so half a second holds 50 tokens: 5 rows of 10.
+        batcher._budget = BatchBudget(10_000, 0.5, min_tokens=10)
+        batcher._budget.observe(BatchStats(rows=1, tokens=100, padded_tokens=100, adapters=0, seconds=1.0))
+        await batcher.submit([Row([1] * 10) for _ in range(20)])
+
+    asyncio.run(with_batcher(recorder, limits, body))
+    assert recorder.sizes[0] == 5 and sum(recorder.sizes) == 20

@@ -42,6 +42,8 @@ LOOKAHEAD_BATCHES = 4
 # Deficit round robin: tokens a backlogged tenant may take per turn, as a share of the batch budget.
 # Small enough that several tenants meet in one batch; a row longer than the quantum waits a few turns.
 QUANTUM_SHARE = 8
+# Each batch's weight in the speed estimate decays by this factor per later batch.
+RATE_DECAY = 0.95
 
 
 @dataclass
@@ -122,10 +124,41 @@ class BatcherLimits:
     max_wait_s: float
     max_queue_rows: int
     padding_free: bool = False  # the forward packs rows, so its cost is real tokens (engine.packed)
+    max_batch_seconds: float = 0.0  # 0: batches are bounded by tokens alone (BatchBudget)
 
     @property
     def quantum_tokens(self) -> int:
         return max(1, self.max_batch_tokens // QUANTUM_SHARE)
+
+
+# Below this many tokens a CPU forward loses more to per-batch overhead than a newcomer gains.
+MIN_BATCH_TOKENS = 256
+
+
+class BatchBudget:
+    """Tokens per batch: max_batch_tokens, or fewer when the engine's measured speed says a batch that
+    big would run longer than max_seconds. A tenant that arrives during a flood waits for the batch
+    ahead of it (batches are not preempted), so a batch's duration bounds its latency; on a fast
+    device the token limit binds first and nothing changes."""
+
+    def __init__(self, max_tokens: int, max_seconds: float = 0.0, padding_free: bool = False,
+                 min_tokens: int = MIN_BATCH_TOKENS) -> None:
+        self.max_tokens, self.max_seconds, self.padding_free = max_tokens, max_seconds, padding_free
+        self.min_tokens = min(min_tokens, max_tokens)
+        self._tokens = self._seconds = 0.0
+
+    def observe(self, stats: BatchStats) -> None:
+        """Decayed sums, as RowRate keeps (about the last 20 batches count)."""
+        cost = stats.tokens if self.padding_free else stats.padded_tokens
+        self._tokens = self._tokens * RATE_DECAY + cost
+        self._seconds = self._seconds * RATE_DECAY + stats.seconds
+
+    @property
+    def tokens(self) -> int:
+        if self.max_seconds <= 0 or self._seconds <= 0:
+            return self.max_tokens
+        per_second = self._tokens / self._seconds
+        return int(min(self.max_tokens, max(self.min_tokens, per_second * self.max_seconds)))
 
 
 @dataclass
@@ -261,6 +294,7 @@ class Batcher:
         self._limits = limits
         self._on_batch = on_batch
         self._queues = FairQueues(limits.quantum_tokens)
+        self._budget = BatchBudget(limits.max_batch_tokens, limits.max_batch_seconds, limits.padding_free)
         self._running: set[str] = set()  # keys of the rows of the current take
         self._newcomer = False  # a key outside the current take queued rows meanwhile
         self._wakeup = asyncio.Event()
@@ -312,7 +346,7 @@ class Batcher:
                 kind = await self._round(loop, kind)
 
     def _take_budget(self, kind: Round) -> int:
-        keys, budget = self._queues.keys, self._limits.max_batch_tokens
+        keys, budget = self._queues.keys, self._budget.tokens
         if kind is Round.NEWCOMER:
             return min(budget, self._queues.quantum * keys)
         if kind is Round.SETTLING:
@@ -325,7 +359,7 @@ class Batcher:
         taken = self._queues.take(self._take_budget(kind))
         self._running = {p.row.tenant for p in taken}
         self._newcomer = False
-        batches = plan_batches(taken, self._limits.max_batch_tokens, self._limits.padding_free)
+        batches = plan_batches(taken, self._budget.tokens, self._limits.padding_free)
         try:
             for k, batch in enumerate(batches):
                 if k and self._newcomer:
@@ -354,7 +388,9 @@ class Batcher:
                     p.future.set_exception(exc)
             return
         _stamp(batch, started_ns)
-        self._on_batch(BatchStats.of(rows, time.perf_counter() - started))
+        stats = BatchStats.of(rows, time.perf_counter() - started)
+        self._budget.observe(stats)
+        self._on_batch(stats)
         for p, result in zip(batch, results):
             if p.future.done():
                 continue

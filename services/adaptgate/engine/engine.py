@@ -26,6 +26,7 @@ class EngineConfig:
     max_labels: int = 1024
     max_batch_tokens: int = 2048
     max_wait_s: float = 0.002
+    max_batch_seconds: float = 0.0  # 0: batches bounded by tokens alone (batcher.BatchBudget)
     max_queue_rows: int = 4096
     max_input_tokens: int = 0  # 0 = the model's own limit
     cpu_kernels: bool = True  # on CPU: the fused kernels when they build here (engine.cpu_kernels)
@@ -72,7 +73,9 @@ class Engine:
             BatchForward, base, config.n_slots, config.max_rank, config.max_labels, True, config.cpu_kernels
         )
         padding_free = self._forward.packed is not None
-        limits = BatcherLimits(config.max_batch_tokens, config.max_wait_s, config.max_queue_rows, padding_free)
+        limits = BatcherLimits(
+            config.max_batch_tokens, config.max_wait_s, config.max_queue_rows, padding_free, config.max_batch_seconds
+        )
         self._batcher = Batcher(self._forward, self._executor, limits, on_batch)
         # Measured once here: the tokenizer is not re-configured per request for a prompt's length.
         self._prompts = {name: self._measure(text) for name, text in base.spec.prompts.items()}
