@@ -128,7 +128,7 @@ def _classify_parser(sub: Any) -> argparse.ArgumentParser:
 def _datasets_parser(sub: Any) -> argparse.ArgumentParser:
     p = _command(sub, "datasets", "upload, list, get or delete datasets", "cmd_datasets")
     p.add_argument("action", choices=["upload", "list", "get", "delete"])
-    p.add_argument("target", nargs="?", help="upload: the file (.jsonl or .csv, streamed in chunks); get/delete: the dataset id")
+    p.add_argument("target", nargs="?", help="upload: the file (.jsonl, .csv or .parquet, streamed in chunks); get/delete: the dataset id")
     p.add_argument("--name", default="", help="upload: the dataset's name (default: the file name)")
     p.add_argument("--format", default="", choices=["", "jsonl", "csv", "parquet"], help="upload: default from the file suffix")
     p.add_argument("--text-field", default="", help='upload: the column (jsonl key) holding the text (default "text")')
