@@ -57,12 +57,16 @@ $(PEERS_STAMP):
 # Every section in one run (about an hour on 2 cores: the training section dominates); see README "Benchmarks".
 bench: setup $(PEERS_STAMP)
 	$(PY) bench/run.py
+	$(PY) bench/http_api.py
 	$(PY) bench/multi_adapter.py
+	$(PY) bench/load.py --scenario both
+	$(PY) bench/out_of_scope.py
 	$(PY) bench/training.py $(BENCH_TRAINING_ARGS)
 
 # The serving sections only (a few minutes).
 bench-serving: setup $(PEERS_STAMP)
 	$(PY) bench/run.py
+	$(PY) bench/http_api.py
 	$(PY) bench/multi_adapter.py
 
 clean:
