@@ -338,3 +338,18 @@ async def test_a_validation_dataset_in_use_cannot_be_deleted(tmp_path: Path) -> 
     await events_of(w.manager, job.id)
     w.datasets.delete("acme", validation.id)  # free once the job has ended
     await w.manager.close()
+
+
+async def test_an_out_of_scope_label_must_mark_rows_leave_two_classes_and_go_with_the_head(world: World) -> None:
+    with pytest.raises(InvalidArgument, match="marks no row"):
+        await world.manager.submit("acme", world.spec(out_of_scope_label="weather"))
+    with pytest.raises(InvalidArgument, match="fewer than 2 classes"):
+        await world.manager.submit("acme", world.spec(out_of_scope_label="money"))
+    with pytest.raises(InvalidArgument, match="head method"):
+        await world.manager.submit("acme", world.spec(method="lora", out_of_scope_label="money"))
+    three = world.datasets.create("acme", "t", "jsonl", jsonl(
+        separable_rows(3) + [{"text": f"weather report {i}", "label": "none"} for i in range(3)]))
+    job = await world.manager.submit("acme", world.spec(dataset_id=three.id, method="auto", out_of_scope_label="none"))
+    assert (job.method, job.out_of_scope_label) == ("head", "none")
+    await events_of(world.manager, job.id)
+    assert world.runner.params[-1].out_of_scope_label == "none"
