@@ -15,11 +15,16 @@ OLD_GEN    := services/adaptgate/v1
 setup: $(STAMP)
 
 # The client first: the gateway depends on it (adaptgate-client, found installed rather than on an index).
-$(STAMP): pyproject.toml $(CLIENT)/pyproject.toml
+# The editable install also builds the optional fused CPU kernels (setup.py) in place, beside
+# engine/cpu_kernels.py (git-ignored); editing a kernel source reinstalls. Without a C compiler it
+# still succeeds, and the engine runs PyTorch ops.
+$(STAMP): pyproject.toml setup.py $(wildcard services/adaptgate/engine/kernels/*) $(CLIENT)/pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q -e ./$(CLIENT)
 	$(PIP) install -q -e ".[dev]"
+	@$(PY) -c "import torch, adaptgate.engine._cpu_kernels" 2>/dev/null \
+	  || echo "note: the fused CPU kernels were not built (no C compiler with AVX512-BF16 support?): the engine runs PyTorch ops"
 	rm -f $(OLD_GEN)/*_pb2*.py $(OLD_GEN)/*_pb2*.pyi
 	touch $@
 
@@ -54,11 +59,12 @@ $(PEERS_STAMP):
 	$(PEERS)/bin/pip install -q "$(INFINITY_SPEC)"
 	touch $@
 
-# Every section in one run (about an hour on 2 cores: the training section dominates); see README "Benchmarks".
+# Every section in one run (the training section dominates); figures and how to read them: docs/performance.md.
 bench: setup $(PEERS_STAMP)
 	$(PY) bench/run.py
 	$(PY) bench/http_api.py
 	$(PY) bench/multi_adapter.py
+	$(PY) bench/end_to_end.py
 	$(PY) bench/load.py --scenario both
 	$(PY) bench/out_of_scope.py
 	$(PY) bench/training.py $(BENCH_TRAINING_ARGS)

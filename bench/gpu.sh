@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU figures issues 3 and 7 ask for, in one short run on a machine with CUDA (no Ray, no venv
+# The GPU figures (base-model MFU, mixed-adapter throughput, the fused LoRA GEMM), in one short run on a machine with CUDA (no Ray, no venv
 # needed: torch, transformers, peft and safetensors from the system Python). Prints sequences/s and
 # MFU against the GPU's own measured bf16 matmul peak, then runs the tests marked `gpu`.
 set -euo pipefail
@@ -10,7 +10,7 @@ python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; pr
 # interpreter): its figures below mean something only if these pass, the others' do regardless
 python3 -m pytest -q -p no:cacheprovider tests/unit/test_lora_triton.py || echo "FUSED TRITON GEMM TESTS FAILED"
 # BERT-base-sized random encoder, 64 distinct adapters r=16 on q/k/v/dense with heads, 256 x 128 tokens;
-# mixed batches on the gathered bmm and on the fused Triton GEMM (engine/lora_triton.py) at a few tile shapes
+# mixed batches on the gathered bmm and on the fused Triton GEMM (engine/lora/triton_gemm.py) at a few tile shapes
 python3 bench/multi_adapter.py --bert-base --seq-len 128 --batch 256 --rank 16 --texts 4096 --repeats 2 \
   --triton-blocks 64,128,64,4,4 128,256,64,8,3 128,64,64,4,4
 # short inputs: the same at 256 x 32

@@ -9,7 +9,7 @@ model FLOP utilisation against this device's own measured bf16 matmul peak.
 GPU run (the figures to compare on a GPU): `--bert-base --seq-len 128 --batch 256 --rank 16` builds a randomly
 initialised BERT-base-sized encoder (768 hidden, 12 layers) and feeds fixed-length synthetic rows.
 On CUDA the mixed batches run on both LoRA paths in the same rounds: the gathered bmm, and
-engine.lora_triton's fused GEMM (written without a GPU at hand: this A/B is its first measurement).
+engine.lora.triton_gemm's fused GEMM (written without a GPU at hand: this A/B is its first measurement).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from adaptgate.engine.model import load_base_model, packaged_model_dir
+from corpora import split_file
 from adaptgate.engine.pooling import Pooling
 from adaptgate.engine.rows import Row
 
@@ -33,9 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def load_texts(n: int) -> list[str]:
-    source = REPO.parent / "shared" / "datasets" / "sst2" / "train.jsonl"
-    if not source.exists():
-        source = REPO / "examples" / "data" / "sms_spam" / "train.jsonl"
+    source = split_file("sst2") or split_file("sms_spam")
+    assert source is not None, "examples/data/sms_spam is part of the repository"
     return [json.loads(line)["text"] for line in source.read_text().splitlines()[:n]]
 
 
@@ -204,7 +204,7 @@ def report_rates(args: argparse.Namespace, base, forward, peft_model, batches, t
             peft_model(**padded, adapter_names=[f"a{s}" for s in slots])
 
     systems = {"base": base_only, "mixed": on_lora_path(forward, None, mixed), "peft": peft_mixed}
-    fused = forward.lora.fused_gpu
+    fused = forward.lora.backend.gemm if forward.lora.path == "fused Triton GEMM" else None
     if fused is not None:  # the A/B on a GPU: "mixed" on the gathered bmm, "fused ..." on the Triton GEMM
         systems.update(fused_systems(forward, fused, args.triton_blocks, mixed, batches[0]))
     peak_before = matmul_peak(base.device, base.dtype)  # and again after: the VM's noisy spells come and go
@@ -254,7 +254,7 @@ def report_large_head(args: argparse.Namespace, forward, batches, mixed) -> None
 def fused_systems(forward, fused, extra_blocks: list[str], mixed, first_batch) -> dict:
     """One system per tile shape of the fused Triton GEMM, each checked once first: a shape that fails to
     compile is reported and left out, so the rest of the figures still come back from a short device run."""
-    from adaptgate.engine.lora_triton import Blocks, TritonLoraLinear
+    from adaptgate.engine.lora.triton_gemm import Blocks, TritonLoraLinear
 
     systems = {}
     for blocks in [fused.blocks, *map(Blocks.parse, extra_blocks)]:
@@ -270,11 +270,19 @@ def fused_systems(forward, fused, extra_blocks: list[str], mixed, first_batch) -
 
 
 def on_lora_path(forward, fused, fn):
-    """`fn` with every LoRA layer on the fused Triton GEMM (`fused`) or on the gathered bmm (None)."""
+    """`fn` with the engine's LoRA backend switched to the fused Triton GEMM (`fused`) or to the gathered bmm (None)."""
+    from adaptgate.engine.lora import GatheredBmm
+
+    backend = forward.lora.backend  # the engine's own: the CPU kernel or the gathered bmm on a CPU
+    if fused is not None:
+        from adaptgate.engine.lora.triton_gemm import TritonGemm
+
+        backend = TritonGemm(fused)
+    elif backend.name == "fused Triton GEMM":
+        backend = GatheredBmm()
 
     def run(ids, slots):
-        for layer in forward.lora.layers.values():
-            layer.fused_gpu = fused
+        forward.lora.use(backend)
         fn(ids, slots)
 
     return run

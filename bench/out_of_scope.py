@@ -1,6 +1,6 @@
 """Out-of-scope inputs: recall on a class never seen in training, at 95% in-scope precision.
 
-    .venv/bin/python bench/out_of_scope.py            # AG News (from the shared datasets when present)
+    .venv/bin/python bench/out_of_scope.py            # AG News (not in the repository: docs/performance.md, Datasets)
     .venv/bin/python bench/out_of_scope.py --train 2000 --test 2000
 
 AG News has four topics. Two are in scope (Sports, Business), one is the tenant's out-of-scope
@@ -26,18 +26,19 @@ from pathlib import Path
 import torch
 
 from adaptgate.engine.model import load_base_model, packaged_model_dir
-from adaptgate.training.abstain import calibrate
-from adaptgate.training.head import HeadParams, HeadResult, train_head
-from adaptgate.training.head_embed import embed_texts
+from corpora import split_file
+from adaptgate.training.methods.abstain import calibrate
+from adaptgate.training.methods.head import HeadParams, HeadResult, train_head
+from adaptgate.training.methods.head_embed import embed_texts
 
 REPO = Path(__file__).resolve().parents[1]
 IN_SCOPE, SEEN_OOS, UNSEEN_OOS = ("Sports", "Business"), "World", "Sci/Tech"
 
 
 def rows(name: str, limit: int, seed: int) -> list[dict[str, str]]:
-    path = REPO.parent / "shared" / "datasets" / "ag_news" / f"{name}.jsonl"
-    if not path.exists():
-        raise SystemExit(f"{path} is not here; this benchmark needs the AG News set beside the repository")
+    path = split_file("ag_news", name)
+    if path is None:
+        raise SystemExit(f"AG News ({name}.jsonl) not found: set ADAPTGATE_BENCH_DATASETS to a folder holding ag_news/")
     data = [json.loads(line) for line in path.read_text().splitlines() if line]
     random.Random(seed).shuffle(data)
     return data[:limit]

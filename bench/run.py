@@ -5,10 +5,10 @@ torch engine): what a user would otherwise run. Same texts, same model, same dty
 CPU has AMX/avx512_bf16). Servers are driven by the same client: a fixed number of concurrent
 clients, each sending 32-text requests. Every system makes one untimed pass over the texts first
 (its "cold" rate is printed too: oneDNN compiles a kernel per new matmul shape), then `--passes`
-timed passes, whose median is the figure (on a shared 2-core VM one pass can vary by 20%). Prints
+timed passes, whose median is the figure (on a shared VM one pass can differ a lot from the next). Prints
 texts/s, tokens/s, p50/p99 per request over all timed passes, and the ratios of the medians.
 Infinity lives in its own venv (`make bench` builds .venv-peers); without it that row is skipped
-and says so. Not a test: numbers for the notes.
+and says so. Not a test: its figures, with the command, go to docs/performance.md.
 """
 
 from __future__ import annotations
@@ -27,14 +27,14 @@ from pathlib import Path
 
 import numpy as np
 
+from corpora import split_file
+
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "datasets"
 
 
 def load_texts(n: int) -> list[str]:
-    source = SHARED / "sst2" / "train.jsonl"
-    if not source.exists():
-        source = REPO / "examples" / "data" / "sms_spam" / "train.jsonl"
+    source = split_file("sst2") or split_file("sms_spam")
+    assert source is not None, "examples/data/sms_spam is part of the repository"
     lines = source.read_text().splitlines()[:n]
     return [json.loads(line)["text"] for line in lines]
 

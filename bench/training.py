@@ -11,10 +11,10 @@ Two views, both printed as one JSON object per line and a summary:
   e2e    Through a real gateway (local Ray; the job's worker gets --training-cpus): SubmitJob ->
          SUCCEEDED wall time, then the test accuracy of the published adapter through Classify.
 
-Examples (the full issue-4 run is the default and takes about an hour on the 2-core CPU):
+Examples (the full run is the default and the longest section of `make bench`):
   .venv/bin/python bench/training.py
   .venv/bin/python bench/training.py --datasets sst2 --train-rows 4000 --hf-max-seconds 120 --curve lora,hf-peft --e2e head
-Not a test: numbers for the notes.
+Not a test: its figures, with the command that printed them, go to docs/performance.md.
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ from pathlib import Path
 
 import torch
 
+from corpora import dataset_dir
+
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "datasets"
-LOCAL = {"sms_spam": REPO / "examples" / "data" / "sms_spam"}
 TARGETS = (0.834, 0.86)  # the HF Trainer's best on SST-2 (3 epochs), and the bar set for `auto`
 
 
@@ -68,9 +68,9 @@ class Outcome:
 
 
 def load(name: str, train_rows: int, test_rows: int) -> Data:
-    folder = LOCAL.get(name) if not (SHARED / name).exists() else SHARED / name
-    if folder is None or not folder.exists():
-        raise SystemExit(f"dataset {name!r} not found under {SHARED} or examples/data")
+    folder = dataset_dir(name)
+    if folder is None:
+        raise SystemExit(f"dataset {name!r} not found in examples/data or ADAPTGATE_BENCH_DATASETS")
 
     def read(split: str, limit: int) -> tuple[list[str], list[str]]:
         rows = [json.loads(line) for line in (folder / f"{split}.jsonl").read_text().splitlines() if line]
@@ -167,8 +167,8 @@ def hf_peft(data: Data, epochs: float, max_seconds: float, eval_every: int) -> O
 
 def ours_curve(data: Data, method: str, max_steps: int, epochs: int) -> Outcome:
     from adaptgate.engine.model import packaged_model_dir
-    from adaptgate.training.lora import LoraParams, _Trainer
-    from adaptgate.training.lora_data import tokenize
+    from adaptgate.training.methods.lora import LoraParams, _Trainer
+    from adaptgate.training.methods.lora_data import tokenize
 
     began = time.perf_counter()
     clock = {"paused": 0.0}

@@ -88,9 +88,9 @@ class Client:
         return self.datasets.DeleteDataset(datasets_pb2.DatasetRef(id=dataset_id), metadata=self.metadata, timeout=self.timeout)
 
     def submit_job(
-        self, dataset_id: str, adapter_name: str, method: str = "head", alias: str = "", max_seconds: int = 0
+        self, dataset_id: str, adapter_name: str, method: str = "", alias: str = "", max_seconds: int = 0
     ) -> finetune_pb2.Job:
-        """`max_seconds`: the job's wall-clock limit (0 = the server's `max_job_seconds`)."""
+        """`method` "" is the server's default (auto); `max_seconds`: the job's wall-clock limit (0 = the server's `max_job_seconds`)."""
         request = finetune_pb2.SubmitJobRequest(
             dataset_id=dataset_id, adapter_name=adapter_name, method=method, alias=alias, max_seconds=max_seconds
         )

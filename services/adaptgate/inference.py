@@ -18,6 +18,7 @@ from adaptgate.engine.engine import Engine
 from adaptgate.engine.pooling import Pooling
 from adaptgate.engine.rows import Row
 from adaptgate.errors import FailedPrecondition, InvalidArgument
+from adaptgate.observability import stages
 
 
 MAX_ADAPTERS_PER_REQUEST = 16
@@ -59,6 +60,7 @@ class Inference:
         self._check_count(texts)
         prompt = self.engine.prompt(prompt_name)
         ids = await self.engine.tokenize(texts, truncate, prompt.text)
+        stages.mark("tokenize")
         mode = pooling or self.engine.spec.default_pooling
         normalize = self.engine.spec.normalize if normalize is None else normalize
         if ref is None:
@@ -68,9 +70,11 @@ class Inference:
             )
         else:
             async with self.cache.lease(ref) as adapter:
+                stages.mark("lease")
                 rows = [Row(i, lora_slot=adapter.slot if adapter.has_lora else -1, pooling=mode, normalize=normalize,
                             pool_skip=prompt.pool_skip, deadline=deadline, tenant=tenant) for i in ids]
                 results = await self.engine.run(rows)
+        stages.lap()  # the engine's stages come from the batcher's timings (observability.stages)
         return Embedded([r.embedding for r in results if r.embedding is not None], [len(i) for i in ids])
 
     async def classify(
@@ -83,8 +87,10 @@ class Inference:
         if len(set(refs)) != len(refs):
             raise InvalidArgument("an adapter is listed twice; list each adapter once")
         ids = await self.engine.tokenize(texts, truncate)
+        stages.mark("tokenize")
         async with AsyncExitStack() as stack:
             leased = [await stack.enter_async_context(self.cache.lease(ref)) for ref in refs]
+            stages.mark("lease")
             for adapter in leased:
                 if not adapter.has_head:
                     raise FailedPrecondition(f"adapter {adapter.record.ref} has no task head; use it with Embed")
@@ -93,6 +99,7 @@ class Inference:
             rows = [Row(i, lora_slot=_lora_slot(g), head_slots=tuple(a.slot for a in g), deadline=deadline, tenant=tenant)
                     for g in groups for i in ids]
             results = await self.engine.run(rows)
+            stages.lap()  # the engine's stages come from the batcher's timings (observability.stages)
         answers: dict[int, Classified] = {}
         for k, group in enumerate(groups):
             block = results[k * len(ids) : (k + 1) * len(ids)]

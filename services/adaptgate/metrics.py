@@ -2,16 +2,54 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from bisect import bisect_left
+from collections.abc import Callable, Iterator, Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from adaptgate.engine.batcher import BatchStats
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+# A request's stages run from microseconds (auth, resolve) to a queue wait of a second.
+STAGE_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+
+class StageHistogram(Collector):
+    """adaptgate_request_stage_seconds{method,stage}: observed on every request, so it skips
+    prometheus_client's per-observation lock and label lookup. Observations come from the event loop
+    thread only; a scrape (another thread) reads a copy, and derives the count from its buckets so
+    that the +Inf bucket and the count always agree."""
+
+    NAME = "adaptgate_request_stage_seconds"
+
+    def __init__(self, buckets: tuple[float, ...] = STAGE_BUCKETS) -> None:
+        self.buckets = buckets
+        self._series: dict[tuple[str, str], list[float]] = {}  # (method, stage) -> bucket counts, then the sum
+
+    def observe(self, method: str, stage: str, seconds: float) -> None:
+        series = self._series.get((method, stage))
+        if series is None:
+            series = self._series[(method, stage)] = [0.0] * (len(self.buckets) + 2)
+        series[bisect_left(self.buckets, seconds)] += 1
+        series[-1] += seconds
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        family = HistogramMetricFamily(
+            self.NAME, "Time per request in each stage of serving it (unary gRPC calls): on the event loop, waiting "
+            "for queue_wait, and the request's share of each forward pass that ran its rows for forward.",
+            labels=["method", "stage"],
+        )
+        for (method, stage), series in sorted(list(self._series.items())):
+            counts, total = series[:-1], series[-1]
+            cumulative, running = [], 0.0
+            for bound, count in zip((*(str(b) for b in self.buckets), "+Inf"), counts):
+                running += count
+                cumulative.append((bound, running))
+            family.add_metric([method, stage], cumulative, total)
+        yield family
 
 
 class _JobsCollector(Collector):
@@ -61,6 +99,11 @@ class Metrics:
             buckets=LATENCY_BUCKETS, registry=r,
         )
         self.queue_depth = Gauge("adaptgate_queue_depth", "Texts waiting for a forward pass.", registry=r)
+        self.engine_kernel = Info(
+            "adaptgate_engine_kernel",
+            "Which implementation each engine operation runs (path: avx512_bf16 | onednn_prepacked | pytorch).",
+            ["operation"], registry=r,
+        )  # fmt: skip
         self.adapters_loaded = Gauge("adaptgate_adapters_loaded", "Adapters resident in engine slots.", registry=r)
         self.adapter_cache = Counter(
             "adaptgate_adapter_cache_events", "Adapter cache hits, misses and evictions.", ["event"], registry=r
@@ -80,6 +123,8 @@ class Metrics:
         self.uploads_in_flight = Gauge(
             "adaptgate_uploads_in_flight", "Adapter and dataset uploads being streamed in now.", registry=r
         )
+        self.request_stages = StageHistogram()
+        r.register(self.request_stages)
         self.upload_bytes_in_flight = Gauge(
             "adaptgate_upload_bytes_in_flight", "Bytes received by uploads that have not finished, on disk in the spool.",
             registry=r,
@@ -105,3 +150,8 @@ class Metrics:
 
     def track_queue(self, depth: Callable[[], int]) -> None:
         self.queue_depth.set_function(depth)
+
+    def engine_kernels(self, paths: Mapping[str, str]) -> None:
+        """One adaptgate_engine_kernel_info series per operation, its path as a label (the engine's startup choice)."""
+        for operation, path in paths.items():
+            self.engine_kernel.labels(operation).info({"path": path})

@@ -46,11 +46,12 @@ from adaptgate.observability.requests import RequestObserver
 from adaptgate.observability.tracing import otlp_tracer_provider
 from adaptgate.quotas import StorageLimits, StorageQuotas
 from adaptgate.settings import Settings
-from adaptgate.training.database import open_database
-from adaptgate.training.datasets import DatasetStore
-from adaptgate.training.job_validation import JobLimits
-from adaptgate.training.jobs import JobManager, PublishRequest
-from adaptgate.training.ray_runner import RayRunner
+from adaptgate.training.data.datasets import DatasetStore
+from adaptgate.training.db.database import open_database
+from adaptgate.training.jobs.limits import JobLimits
+from adaptgate.training.jobs.manager import JobManager
+from adaptgate.training.jobs.records import PublishRequest
+from adaptgate.training.runners.ray_runner import RayRunner
 from adaptgate.training.tracking import TrackingConfig
 from adaptgate.v1 import (
     adapters_pb2,
@@ -123,7 +124,7 @@ def _engine(settings: Settings, base: BaseModel, metrics: Metrics, thread: Engin
         max_batch_tokens=settings.max_batch_tokens, max_wait_s=settings.max_batch_wait_ms / 1000,
         max_batch_seconds=settings.max_batch_ms / 1000,
         max_queue_rows=settings.max_queue_texts, max_input_tokens=settings.max_input_tokens,
-        cpu_kernels=settings.cpu_kernels == "auto",
+        cpu_kernels=settings.cpu_kernels == "auto", prepack_linears=settings.prepack_linears == "auto",
     )
     def on_batch(stats: BatchStats) -> None:
         metrics.observe_batch(stats)
@@ -131,6 +132,7 @@ def _engine(settings: Settings, base: BaseModel, metrics: Metrics, thread: Engin
 
     engine = Engine(base, config, on_batch, thread)
     metrics.track_queue(lambda: engine.queued_rows)
+    metrics.engine_kernels(engine.kernel_paths)
     return engine
 
 
@@ -206,9 +208,9 @@ async def build(settings: Settings, tracer_provider: trace.TracerProvider | None
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     owned_provider = None if tracer_provider is not None else otlp_tracer_provider(settings.otlp_endpoint, settings.replica_name)
     provider = tracer_provider or owned_provider
-    observer = RequestObserver(provider.get_tracer("adaptgate") if provider is not None else None)
     thread = EngineThread(settings.torch_threads)  # before any other torch work (engine.thread says why)
     metrics = Metrics(max_adapter_labels=settings.metrics_max_adapter_labels)
+    observer = RequestObserver(provider.get_tracer("adaptgate") if provider is not None else None, metrics.request_stages.observe)
     rate = RowRate()  # the engine measures it, admission reads it (deadline-aware refusals)
     runtime = RpcRuntime(_tokens(settings), metrics, ObservedAdmission.from_settings(settings, rate))
     runner = ray_runner(settings)
@@ -272,7 +274,7 @@ async def serve(settings: Settings) -> None:
         f"adaptgate listening on {host}:{gateway.port} (gRPC) and "
         f"{f':{gateway.metrics_port}/metrics' if settings.metrics_port >= 0 else 'no /metrics (metrics port -1)'} "
         f"after {time.perf_counter() - started:.1f}s; model {gateway.engine.base.name} "
-        f"in {gateway.engine.base.precision} on {gateway.engine.base.device}, {gateway.engine.kernels}",
+        f"in {gateway.engine.base.precision} on {gateway.engine.base.device}, {gateway.engine.kernels}; {gateway.engine.encoder}",
         flush=True,
     )
     tls = settings.tls_cert_file is not None

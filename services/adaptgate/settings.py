@@ -110,7 +110,13 @@ class Settings(BaseSettings):
     metrics_max_adapter_labels: int = Field(100, description="Adapters with their own metric series; the rest are 'other'.")
     cpu_kernels: Literal["auto", "off"] = Field(
         "auto",
-        description="auto: on CPU in bf16, linears run on oneDNN-prepacked weights, and LoRA deltas, packed attention and add+LayerNorm run fused kernels compiled at start (needs cc and AVX512-BF16); off: PyTorch ops.",
+        description="auto: on CPU in bf16, LoRA deltas, packed attention and add+LayerNorm run the fused kernels built "
+        "at install time, where this CPU has AVX512-BF16; off: PyTorch ops.",
+    )
+    prepack_linears: Literal["auto", "off"] = Field(
+        "auto",
+        description="auto: on CPU in bf16, the encoder's linears run on oneDNN-prepacked weights, where this CPU runs "
+        "oneDNN's bf16 matmuls natively (AVX512BW/VL/DQ or AVX-NE-CONVERT); off: plain F.linear.",
     )
     max_lora_rank: int = Field(16, description="Largest LoRA rank an adapter may have (slots are padded to it).")
     max_labels: int = Field(1024, description="Largest label count of a task head (heads are stored by size class, so small heads do not pay for it).")

@@ -288,7 +288,7 @@ def parse_exposition(text: str, metrics: Any = None) -> Exported:
 
 
 def known_label_values() -> dict[str, set[str]]:
-    from adaptgate.training.job_records import JobState
+    from adaptgate.training.jobs.records import JobState
     from adaptgate.v1 import adapters_pb2, classifier_pb2, datasets_pb2, embeddings_pb2, finetune_pb2
 
     methods = {

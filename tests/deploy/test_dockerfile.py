@@ -126,6 +126,36 @@ def test_build_installs_pinned_torch_ray_and_bakes_the_model() -> None:
     assert "packaged_model_dir" in runs, "the build fails unless the packaged base model is installed"
 
 
+def apt_packages(stage: str) -> set[str]:
+    """The packages a stage's RUN instructions apt-get install."""
+    runs = " && ".join(a for k, a in stages()[stage] if k == "RUN")
+    packages: set[str] = set()
+    for command in runs.split("&&"):
+        words = command.split()
+        if words[:2] == ["apt-get", "install"]:
+            packages |= {w.split("=")[0] for w in words[2:] if not w.startswith("-")}
+    return packages
+
+
+# A C toolchain, or what only building one needs (headers): none of it belongs on a serving node.
+COMPILER = re.compile(r"(gcc|g\+\+|cpp|clang|cc|tcc|build-essential|binutils|make)(-[\d.]+)?|.*-dev")
+
+
+def test_runtime_stage_installs_no_compiler_and_the_build_stage_builds_the_kernels() -> None:
+    """The fused CPU kernels are compiled once in the build stage (setup.py) and copied in the virtualenv;
+    the runtime neither compiles nor carries a compiler, so no replica runs a binary built for its own CPU."""
+    runtime = apt_packages("runtime")
+    assert runtime, "the runtime stage installs its packages with apt-get install"
+    assert not [p for p in runtime if COMPILER.fullmatch(p)], f"the runtime stage installs a compiler or headers: {sorted(runtime)}"
+    copied = [a for k, a in stages()["runtime"] if k == "COPY" and "--from=build" in a]
+    assert copied == ["--from=build /opt/adaptgate /opt/adaptgate"], "only the virtualenv comes from the build stage"
+    build = stages()["build"]
+    assert {"gcc", "libc6-dev", "python3-dev"} <= apt_packages("build"), "the build stage compiles the kernels"
+    assert any(k == "COPY" and "setup.py" in a.split() for k, a in build), "setup.py declares the kernels' extension"
+    runs = " ".join(a for k, a in build if k == "RUN")
+    assert "load_extension" in runs, "the build fails unless the kernels were built (setup.py only warns)"
+
+
 def _dockerignore_regex(pattern: str) -> re.Pattern[str]:
     """One .dockerignore pattern (Go filepath.Match plus **) as a regex on slash paths."""
     out, i = "", 0

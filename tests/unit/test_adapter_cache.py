@@ -124,10 +124,10 @@ class WatchedWeights(WeightsCache):
         self._watched[ref] = asyncio.Event()
         return self._watched[ref]
 
-    def get(self, ref: AdapterRef):
+    def get(self, ref: AdapterRef, published: float | None = None):
         if (asked := self._watched.pop(ref, None)) is not None:
             asked.set()
-        return super().get(ref)
+        return super().get(ref, published)
 
 
 async def within(awaitable: Awaitable[T]) -> T:
@@ -392,3 +392,37 @@ def test_memory_stays_flat_across_1000_load_unload_cycles(wide_bert_dir: Path, t
           f"{grown / 2**20:.1f} MiB")
     assert size * MEMORY_CYCLES / 20 > MEMORY_BOUND_MIB * 2**20, "the adapter is too small for the bound to mean much"
     assert grown < MEMORY_BOUND_MIB * 2**20, f"resident memory grew {grown / 2**20:.1f} MiB"
+
+
+def test_a_version_another_replica_deleted_and_published_again_is_never_served_from_memory(
+    tiny_bert_dir: Path, tmp_path: Path, files
+) -> None:
+    """Replicas share the store: another one deletes a name and publishes it again, so `v1` names new
+    weights. Here the old v1 is resident (and leased) and in the host tier: a request that begins after
+    gets the new weights; the one already running keeps the old; the old slot is freed when it ends."""
+
+    async def body() -> None:
+        cache, engine, heads = await recorded_cache(tmp_path, tiny_bert_dir, files, 2, ["spam"])
+        other = AdapterStore(tmp_path, cache.store.validator)
+        spam = AdapterRef("acme", "spam")
+
+        async def republish(scale: float) -> torch.Tensor:
+            other.delete(spam, force=True)
+            adapter = variant(files, scale)
+            assert other.publish("acme", "spam", adapter).version == 1
+            return cache.store.validator.parse(adapter).head_weight
+
+        async with cache.lease(spam) as held:
+            assert torch.equal(engine.heads[held.slot], heads["spam"])
+            second = await republish(7.0)
+            async with cache.lease(spam) as fresh:
+                assert fresh is not held, "the old v1's slot served a request that began after it was deleted"
+                assert torch.equal(engine.heads[fresh.slot], second)
+            assert torch.equal(engine.heads[held.slot], heads["spam"]), "a running request keeps its version"
+        assert held.slot not in engine.heads, "the old v1's slot is cleared once its last request ends"
+        assert cache.resident(v1("spam")) is fresh
+        await cache.unload(spam)  # its weights stay in the host tier
+        third = await republish(9.0)
+        assert torch.equal(engine.heads[(await cache.load(spam)).slot], third), "not the host tier's old v1"
+
+    asyncio.run(body())

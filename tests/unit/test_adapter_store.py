@@ -82,8 +82,10 @@ def test_versions_records_and_aliases_are_fsynced_with_their_directories(
     assert synced[-1] == adapter_dir, "the rename that publishes the version is made durable"
     synced.clear()
     store.set_alias(AdapterRef("acme", "spam", 1), "prod")
-    assert [p.parent for p in synced[:-1]] == [adapter_dir] and synced[-1] == adapter_dir
+    # the alias file, then the generation file that tells other replicas: each written beside, then renamed over
+    assert [p.parent for p in synced[0::2]] == [adapter_dir] * 2 and synced[1::2] == [adapter_dir] * 2
     assert synced[0].name != "aliases.json", "the alias file is written beside, then replaced atomically"
+    assert synced[2].name.startswith(".generation."), "the generation moves after the alias, atomically"
 
 
 def test_delete_a_version_keeps_the_others_and_never_reuses_its_number(store: AdapterStore, files) -> None:

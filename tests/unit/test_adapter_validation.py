@@ -410,7 +410,7 @@ def test_malformed_headers_are_invalid(tmp_path: Path, data: bytes, words: str) 
 @pytest.mark.parametrize("bad", ["acme\n", "spam\n"])
 def test_a_trailing_newline_is_not_a_name(bad: str) -> None:
     from adaptgate.adapters.refs import check_name
-    from adaptgate.training.datasets import check_tenant
+    from adaptgate.training.data.datasets import check_tenant
 
     with pytest.raises(InvalidArgument):
         check_name(bad, "tenant")

@@ -1,8 +1,18 @@
-"""The fused CPU kernels give the PyTorch paths' answers, and the engine falls back when they cannot build."""
+"""The fused CPU kernels give the PyTorch paths' answers, check their arguments before any kernel runs,
+load from the installed package without a compiler, and the engine falls back when they cannot load.
+
+The comparisons need a CPU with AVX512-BF16 (skipped elsewhere); loading, argument checks and the
+choice of path run on any x86-64 machine where the package was installed with a C compiler."""
 
 from __future__ import annotations
 
+import json
 import logging
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +23,8 @@ from torch import nn
 from adaptgate.adapters.validation import AdapterValidator
 from adaptgate.engine.forward import BatchForward
 from adaptgate.engine.lora import LoraLayers
-from adaptgate.engine.cpu_kernels import CpuKernels, compiler, cpu_has_avx512_bf16
+from adaptgate.engine import cpu_features, cpu_kernels
+from adaptgate.engine.cpu_kernels import CpuKernels, load_extension, operation_paths
 from adaptgate.engine.model import load_base_model
 from adaptgate.engine.packed import Packing, PackedBertEncoder, row_spans
 from adaptgate.engine.pooling import Pooling
@@ -21,12 +32,29 @@ from adaptgate.engine.rows import Row
 from tests.unit.peft_adapters import adapter_files, make_peft_adapter
 
 
+REPO = Path(__file__).resolve().parents[2]
+CAN_RUN = not cpu_features.missing_kernel_isa()
+
+
+def _compiler_at_install() -> bool:
+    """Whether `pip install` could have built the extension here (the tests then insist that it did)."""
+    return (shutil.which("cc") or shutil.which("gcc")) is not None and sysconfig.get_platform().endswith("x86_64")
+
+
 @pytest.fixture(scope="module")
 def kernel() -> CpuKernels:
-    """Skipped only where it cannot exist; a kernel that fails to build on a capable machine fails the tests."""
-    if not cpu_has_avx512_bf16() or compiler() is None:
-        pytest.skip("no AVX512-BF16 CPU or no C compiler here")
-    return CpuKernels.build()
+    """Skipped only where it cannot run; a kernel that fails to load on a capable machine fails the tests."""
+    if not CAN_RUN:
+        pytest.skip(f"this CPU lacks {', '.join(cpu_features.missing_kernel_isa())}")
+    return CpuKernels.load()
+
+
+@pytest.fixture(scope="module")
+def ops() -> object:
+    """torch.ops.adaptgate, registered from the installed extension (its checks run on any CPU)."""
+    if not _compiler_at_install():
+        pytest.skip("no C compiler here, so the install could not build the extension")
+    return cpu_kernels.ops()
 
 
 def _layers(fan_in: int, fan_out: int, rank: int, kernel: CpuKernels | None, adapters: list[tuple[torch.Tensor, torch.Tensor]]) -> LoraLayers:
@@ -63,8 +91,8 @@ def test_kernel_matches_the_bmm_path_padded(kernel: CpuKernels, fan_in: int, fan
     outputs = []
     for k in (kernel, None):
         layers = _layers(fan_in, fan_out, 12, k, adapters)
-        assert (layers.kernel is not None) == (k is not None)
-        layers.bind(row_slots, torch.device("cpu"))
+        assert (layers.path == "fused CPU kernel") == (k is not None)
+        layers.prepare(row_slots, torch.device("cpu"))
         with torch.inference_mode():
             outputs.append(layers.model["proj"](x).float())
     exact = _exact(x.view(-1, fan_in), layers, adapters, torch.arange(len(row_slots)).repeat_interleave(7), row_slots)
@@ -83,8 +111,7 @@ def test_kernel_matches_the_bmm_path_on_packed_tokens(kernel: CpuKernels) -> Non
     outputs = []
     for k in (kernel, None):
         layers = _layers(64, 96, 8, k, adapters)
-        layers.bind(row_slots, torch.device("cpu"))
-        layers.batch.packing = Packing.from_mask(mask)
+        layers.prepare(row_slots, torch.device("cpu"), Packing.from_mask(mask))
         with torch.inference_mode():
             outputs.append(layers.model["proj"](packed.clone()).float()[: sum(lengths)])
     row_of = torch.repeat_interleave(torch.arange(4), torch.tensor(lengths))
@@ -94,25 +121,197 @@ def test_kernel_matches_the_bmm_path_on_packed_tokens(kernel: CpuKernels) -> Non
     torch.testing.assert_close(outputs[0][no_lora], exact[no_lora], atol=0, rtol=0)  # a row without an adapter is untouched
 
 
-def test_kernel_runs_on_the_callers_torch_threads(kernel: CpuKernels) -> None:
-    """One OpenMP runtime (torch's libgomp): the kernel adds no thread team of its own (engine.thread)."""
+def test_kernel_runs_on_the_callers_torch_threads(ops: object) -> None:
+    """One OpenMP runtime (torch's libgomp, found by soname): the kernels add no thread team of their own
+    (engine.thread). Read through the extension, which runs this on any CPU."""
+    ext = load_extension()
     before = torch.get_num_threads()
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
-            assert kernel.threads() == torch.get_num_threads() == n
+            assert ext.threads() == torch.get_num_threads() == n
     finally:
         torch.set_num_threads(before)
+    # In a fresh process: other test modules load libraries (scikit-learn) that bring their own libgomp.
+    maps = subprocess.run([sys.executable, "-c", ONLY_TORCH_AND_THE_KERNELS], capture_output=True, text=True, timeout=60)
+    assert maps.returncode == 0, maps.stderr
+    gomp = set(maps.stdout.split())
+    assert len(gomp) == 1 and Path(torch.__file__).parent in Path(gomp.pop()).parents, "only torch's libgomp is mapped"
 
 
-@pytest.mark.skipif(not cpu_has_avx512_bf16(), reason="the compiler is tried only on a CPU with AVX512-BF16")
-def test_engine_keeps_the_bmm_path_when_the_kernel_cannot_build(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+ONLY_TORCH_AND_THE_KERNELS = """
+from pathlib import Path
+import torch
+from adaptgate.engine import cpu_kernels
+cpu_kernels.load_extension()
+print(*{line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines() if "libgomp" in line})
+"""
+
+
+LOAD_IN_A_BARE_ENVIRONMENT = """
+import json, logging, torch
+from adaptgate.engine import cpu_features, cpu_kernels
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+ext = cpu_kernels.load_extension()
+kernels = cpu_kernels.CpuKernels.try_load()
+cpu_kernels.ops(ext)
+print(json.dumps({
+    "file": ext.__file__, "missing": list(cpu_features.missing_kernel_isa()), "loaded": kernels is not None,
+    "max_rank": ext.MAX_RANK, "ops": [name for name in cpu_kernels.SCHEMAS if hasattr(torch.ops.adaptgate, name)],
+}))
+"""
+
+
+def test_the_installed_kernels_load_without_a_compiler(tmp_path: Path) -> None:
+    """Nothing is compiled at start: with no compiler reachable (PATH empty, CC a missing file) the built
+    extension imports from the package (every symbol resolved: Python loads it with RTLD_NOW), its ops
+    register, and the detector alone decides whether they run."""
+    if not _compiler_at_install():
+        pytest.skip("no C compiler here, so the install could not build the extension")
+    env = {"PATH": str(tmp_path), "CC": str(tmp_path / "no-such-cc"), "HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", LOAD_IN_A_BARE_ENVIRONMENT], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    found = json.loads(out.stdout)
+    package = Path(cpu_kernels.__file__).parent
+    assert Path(found["file"]).parent == package and found["file"].endswith(sysconfig.get_config_var("EXT_SUFFIX"))
+    assert found["ops"] == list(cpu_kernels.SCHEMAS) and found["max_rank"] == 64
+    assert found["missing"] == list(cpu_features.missing_kernel_isa())
+    assert found["loaded"] == CAN_RUN
+    if not CAN_RUN:
+        assert "INFO LoRA, packed attention and add+LayerNorm on CPU run as PyTorch ops: this CPU lacks" in out.stderr
+
+
+def test_engine_warns_and_keeps_the_pytorch_paths_when_the_extension_does_not_load(caplog: pytest.LogCaptureFixture) -> None:
+    """A CPU that could run the kernels but a package without them (built where no compiler was): a WARNING
+    with the reason, not a quiet slow path. A CPU without the instruction set is an INFO."""
     with caplog.at_level(logging.INFO, logger="adaptgate.engine.cpu_kernels"):
-        assert CpuKernels.try_build() is None
-    assert "PyTorch ops" in caplog.text and "could not build" in caplog.text
-    monkeypatch.setenv("CC", "/nonexistent/cc")
-    assert CpuKernels.try_build() is None
+        assert CpuKernels.try_load(frozenset(cpu_features.KERNEL_ISA), extension="adaptgate.engine._no_such_kernels") is None
+    (record,) = caplog.records
+    assert record.levelno == logging.WARNING and "_no_such_kernels did not load" in record.getMessage()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="adaptgate.engine.cpu_kernels"):
+        assert CpuKernels.try_load(frozenset({"avx2", "avx512f"})) is None
+    (record,) = caplog.records
+    assert record.levelno == logging.INFO and "lacks avx512bw, avx512vl, avx512_bf16" in record.getMessage()
+
+
+def test_setup_builds_for_the_instruction_set_the_detector_checks() -> None:
+    """setup.py's -m flags and cpu_features.KERNEL_ISA name the same extensions (cpuinfo spells bf16 avx512_bf16)."""
+    flags = re.findall(r'"-m(avx512\w+)"', (REPO / "setup.py").read_text())
+    assert {f.replace("avx512bf16", "avx512_bf16") for f in flags} == set(cpu_features.KERNEL_ISA)
+    assert "-march=native" not in (REPO / "setup.py").read_text()
+
+
+def test_each_operation_reports_the_path_the_detector_allows(tiny_bert_dir: Path) -> None:
+    """On a CPU without AVX512-BF16 every kernel operation says "pytorch"; the metric carries the same."""
+    from prometheus_client import generate_latest
+
+    from adaptgate.engine.prepacked import can_prepack
+    from adaptgate.metrics import Metrics
+
+    base = load_base_model(tiny_bert_dir, dtype="bfloat16", device="cpu")
+    forward = BatchForward(base, n_slots=2, max_rank=8, max_labels=4)
+    expected = operation_paths(lora=CAN_RUN, attention=CAN_RUN, linears=can_prepack())
+    assert forward.kernel_paths == expected
+    assert all(forward.kernel_paths[name] == ("avx512_bf16" if CAN_RUN else "pytorch") for name in ("lora_delta", "packed_attention", "add_layer_norm"))
+    off = BatchForward(load_base_model(tiny_bert_dir, dtype="bfloat16", device="cpu"), 2, 8, 4, cpu_kernels=False)
+    assert off.kernel_paths == operation_paths(lora=False, attention=False, linears=can_prepack())  # the kernels' switch only
+    metrics = Metrics()
+    metrics.engine_kernels(forward.kernel_paths)
+    text = generate_latest(metrics.registry).decode()
+    for operation, path in expected.items():
+        assert f'adaptgate_engine_kernel_info{{operation="{operation}",path="{path}"}} 1.0' in text
+
+
+def _lora_args(**change: torch.Tensor) -> list[torch.Tensor]:
+    """Valid lora_delta arguments (10 tokens, 16 -> 24 features, 3 slots of rank 8) with some replaced."""
+    args = {
+        "x": torch.zeros(10, 16, dtype=torch.bfloat16), "y": torch.zeros(10, 24, dtype=torch.bfloat16),
+        "a": torch.zeros(3, 8, 16, dtype=torch.bfloat16), "bv": torch.zeros(3, 4, 24, 2, dtype=torch.bfloat16),
+        "tokens": torch.arange(10), "slots": torch.tensor([0, 0, 1, 1, 1, 2, 2, 0, 1, 2]),
+    }  # fmt: skip
+    args.update(change)
+    return list(args.values())
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"x": torch.zeros(10, 16)}, "x must be a contiguous 2-D torch.bfloat16"),
+        ({"y": torch.zeros(24, 10, dtype=torch.bfloat16).t()}, "y must be a contiguous"),
+        ({"y": torch.zeros(9, 24, dtype=torch.bfloat16)}, "one row per token"),
+        ({"a": torch.zeros(3, 8, 12, dtype=torch.bfloat16)}, "a must be"),
+        ({"bv": torch.zeros(3, 8, 24, 2, dtype=torch.bfloat16)}, "bv"),
+        ({"tokens": torch.arange(10, dtype=torch.int32)}, "tokens must be a contiguous 1-D torch.int64"),
+        ({"slots": torch.zeros(9, dtype=torch.int64)}, "one length"),
+        ({"tokens": torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 10])}, r"tokens\[9\] = 10 is outside x's 10 rows"),
+        ({"tokens": torch.tensor([0, -1, 2, 3, 4, 5, 6, 7, 8, 9])}, r"tokens\[1\] = -1"),
+        ({"slots": torch.tensor([0, 0, 1, 1, 1, 2, 3, 0, 1, 2])}, r"slots\[6\] = 3 is outside the 3 slots"),
+        ({"a": torch.zeros(3, 4, 16, dtype=torch.bfloat16), "bv": torch.zeros(3, 2, 24, 2, dtype=torch.bfloat16)}, "multiple of 8"),
+    ],
+)
+def test_lora_delta_refuses_wrong_arguments_before_any_kernel_runs(ops: object, change: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ops.lora_delta(*_lora_args(**change))
+
+
+def test_valid_arguments_reach_the_kernel_only_on_a_capable_cpu(ops: object) -> None:
+    """Every check passed: on a CPU without AVX512-BF16 the extension refuses (never an illegal instruction)."""
+    if CAN_RUN:
+        CpuKernels.load()
+        x, y, a, bv, tokens, slots = _lora_args()
+        ops.lora_delta(x, y, a, bv, tokens, slots)
+        assert not y.any()  # zero weights add nothing
+        return
+    with pytest.raises(RuntimeError, match="not enabled on this CPU"):
+        ops.lora_delta(*_lora_args())
+    q = torch.zeros(12, 8, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="not enabled"):
+        ops.packed_attention(q, q, q, torch.tensor([0, 5]), torch.tensor([5, 6]), 6, 2)
+    w = torch.ones(8, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="not enabled"):
+        ops.add_layer_norm(q, q, w, w, 1e-12)
+    with pytest.raises(RuntimeError, match="missing value for argument 'slots'"):  # the dispatcher's schema check
+        ops.lora_delta(*_lora_args()[:5])
+
+
+@pytest.mark.parametrize(
+    ("starts", "lengths", "longest", "heads", "message"),
+    [
+        ([0, 5], [5, 6], 6, 3, "must be an even integer"),  # 8 features in 3 heads
+        ([0, 5], [5, 6], 6, 8, "must be an even integer"),  # heads of 1
+        ([0, 6], [5, 6], 6, 2, "does not follow"),  # a gap between rows
+        ([1, 5], [4, 6], 6, 2, "does not follow"),  # not from token 0
+        ([0, 5], [5, 8], 8, 2, "the rows hold 13 tokens, q only 12"),
+        ([0, 5], [5, 6], 5, 2, "longer than 5"),
+        ([0, 5], [5, 6], 13, 2, "longest row 13 is outside 1..12"),
+        ([0], [5, 6], 6, 2, "one entry per row"),
+    ],
+)
+def test_packed_attention_refuses_rows_outside_the_tokens(ops: object, starts: list[int], lengths: list[int], longest: int, heads: int, message: str) -> None:
+    q = torch.zeros(12, 8, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=message):
+        ops.packed_attention(q, q, q, torch.tensor(starts), torch.tensor(lengths), longest, heads)
+
+
+def test_packed_attention_and_add_layer_norm_refuse_wrong_layouts(ops: object) -> None:
+    q, w = torch.zeros(12, 8, dtype=torch.bfloat16), torch.ones(8, dtype=torch.bfloat16)
+    rows = (torch.tensor([0, 5]), torch.tensor([5, 6]), 6)
+    with pytest.raises(ValueError, match="one shape"):
+        ops.packed_attention(q, q[:6], q, *rows, 2)
+    with pytest.raises(ValueError, match="k must be a contiguous"):
+        ops.packed_attention(q, q.t().contiguous().t(), q, *rows, 2)
+    with pytest.raises(ValueError, match="starts must be a contiguous 1-D torch.int64"):
+        ops.packed_attention(q, q, q, rows[0].int(), rows[1], 6, 2)
+    with pytest.raises(ValueError, match="residual"):
+        ops.add_layer_norm(q, q[:3], w, w, 1e-12)
+    with pytest.raises(ValueError, match="weight and bias must be \\[8\\]"):
+        ops.add_layer_norm(q, q, w[:4], w, 1e-12)
+    with pytest.raises(ValueError, match="bias must be a contiguous 1-D torch.bfloat16"):
+        ops.add_layer_norm(q, q, w, w.float(), 1e-12)
+    wide = torch.zeros(2, 8200, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="hidden size 8200 is outside 1..8192"):
+        ops.add_layer_norm(wide, wide, wide[0], wide[0], 1e-12)
 
 
 @pytest.mark.parametrize("padding_free", [True, False])
@@ -127,7 +326,7 @@ def test_bf16_forward_with_the_kernel_matches_the_bmm_path(
     for use_kernel in (True, False):
         forward = BatchForward(base, n_slots=2, max_rank=8, max_labels=4, padding_free=padding_free, cpu_kernels=use_kernel)
         forward.lora.install(1, weights.lora, weights.scaling)
-        assert forward.lora.layers and all((layer.kernel is not None) == use_kernel for layer in forward.lora.layers.values())
+        assert forward.lora.layers and (forward.lora.path == "fused CPU kernel") == use_kernel
         forward.heads.install(1, weights.head_weight, weights.head_bias, weights.head_input, weights.normalize_head_input)
         rows = [Row(i, lora_slot=s, head_slots=(1,) if s == 1 else (), pooling=Pooling.MEAN) for i, s in zip(ids, [1, -1, 1])]
         results.append(forward(rows))
@@ -193,3 +392,35 @@ def test_add_layer_norm_matches_fp32_layer_norm_of_the_sum(kernel: CpuKernels, h
     torch.testing.assert_close(got.float(), expected, atol=3e-2, rtol=1e-2)  # one bf16 rounding of the output
     assert kernel.add_layer_norm(x.float(), residual.float(), norm.float()) is None  # fp32: PyTorch's ops
     assert kernel.add_layer_norm(x.t(), residual.t(), norm) is None  # not row-major [T, H]
+
+
+@pytest.mark.parametrize(("cpu_kernels_setting", "prepack_setting"), [("off", "auto"), ("auto", "off")])
+async def test_the_server_reports_each_operations_path(
+    tiny_bert_dir: Path, tmp_path: Path, cpu_kernels_setting: str, prepack_setting: str
+) -> None:
+    """The two settings reach the engine separately, and /metrics carries the path each operation took."""
+    from prometheus_client import generate_latest
+
+    from adaptgate.engine.prepacked import can_prepack
+    from adaptgate.engine.rate import RowRate
+    from adaptgate.engine.thread import EngineThread
+    from adaptgate.metrics import Metrics
+    from adaptgate.server import _engine
+    from adaptgate.settings import Settings
+
+    settings = Settings(
+        data_dir=tmp_path, base_model=str(tiny_bert_dir), device="cpu", dtype="bfloat16",
+        cpu_kernels=cpu_kernels_setting, prepack_linears=prepack_setting,
+    )  # fmt: skip
+    metrics, thread = Metrics(), EngineThread()
+    engine = _engine(settings, load_base_model(tiny_bert_dir, dtype="bfloat16", device="cpu"), metrics, thread, RowRate())
+    try:
+        kernels = CAN_RUN and cpu_kernels_setting == "auto"
+        expected = operation_paths(lora=kernels, attention=kernels, linears=can_prepack() and prepack_setting == "auto")
+        assert engine.kernel_paths == expected
+        assert engine.kernels == "paths " + ", ".join(f"{op}={path}" for op, path in expected.items())
+        text = generate_latest(metrics.registry).decode()
+        assert all(f'adaptgate_engine_kernel_info{{operation="{op}",path="{path}"}} 1.0' in text for op, path in expected.items())
+    finally:
+        await engine.stop()
+        thread.shutdown()

@@ -1,4 +1,4 @@
-"""The fused GPU LoRA GEMM (engine.lora_triton) gives base + delta for every token, on a GPU or, elsewhere,
+"""The fused GPU LoRA GEMM (engine.lora.triton_gemm) gives base + delta for every token, on a GPU or, elsewhere,
 in Triton's interpreter on the CPU (bf16 dots upcast there)."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ pytest.importorskip("triton")  # without a GPU, tests/conftest.py has it run ker
 from adaptgate.adapters.validation import AdapterValidator  # noqa: E402
 from adaptgate.engine.forward import BatchForward  # noqa: E402
 from adaptgate.engine.lora import LoraLayers  # noqa: E402
-from adaptgate.engine.lora_triton import Blocks, TritonLoraLinear, tile_map  # noqa: E402
+from adaptgate.engine.lora.triton_gemm import Blocks, TritonGemm, TritonLoraLinear, tile_map  # noqa: E402
 from adaptgate.engine.model import load_base_model  # noqa: E402
 from adaptgate.engine.packed import Packing  # noqa: E402
 from adaptgate.engine.pooling import Pooling  # noqa: E402
@@ -83,9 +83,8 @@ def test_lora_layers_on_the_fused_gpu_path_match_the_bmm_path(packed: bool) -> N
         layers = LoraLayers(model, n_slots=2, max_rank=8, fused_gpu=fused)
         for slot, (a, b) in enumerate(adapters):
             layers.install(slot, {"proj": (a, b)}, scaling=2.0)
-        assert (layers.layers["proj"].fused_gpu is not None) == (fused is not None)
-        layers.bind(row_slots, DEVICE)
-        layers.batch.packing = Packing.from_mask(mask.to(DEVICE)) if packed else None
+        assert (layers.path == TritonGemm.name) == (fused is not None)
+        layers.prepare(row_slots, DEVICE, Packing.from_mask(mask.to(DEVICE)) if packed else None)
         with torch.inference_mode():
             out = layers.model["proj"](x).float().cpu()
         outputs.append(out[: sum(lengths)] if packed else out)
@@ -96,7 +95,8 @@ def _forward(base_dir: Path, adapter_dir: Path, fused: TritonLoraLinear | None, 
     base = load_base_model(base_dir, dtype="bfloat16", device=str(DEVICE))
     weights = AdapterValidator(base.spec, max_rank=8, max_labels=4).parse(adapter_files(adapter_dir))
     forward = BatchForward(base, n_slots=2, max_rank=8, max_labels=4, cpu_kernels=False)
-    forward.lora.fused_gpu = fused  # what gpu_lora_kernel=True sets on CUDA; set by hand so the CPU can run it too
+    if fused is not None:  # what gpu_lora_kernel=True selects on CUDA; set by hand so the CPU can run it too
+        forward.lora.use(TritonGemm(fused))
     forward.lora.install(1, weights.lora, weights.scaling)
     forward.heads.install(1, weights.head_weight, weights.head_bias, weights.head_input, weights.normalize_head_input)
     rows = [Row(ids, lora_slot=s, head_slots=(1,) if s == 1 else (), pooling=Pooling.MEAN) for ids, s in zip(rows_ids, slots)]
@@ -128,4 +128,4 @@ def test_a_layer_on_the_cpu_kernel_keeps_it_over_the_triton_gemm() -> None:
     model = nn.ModuleDict({"proj": nn.Linear(48, 72)}).to(torch.bfloat16)
     layers = LoraLayers(model, n_slots=1, max_rank=8, kernel=kernels, fused_gpu=TritonLoraLinear())
     layers.install(0, {"proj": (torch.randn(8, 48), torch.randn(72, 8))}, scaling=1.0)
-    assert layers.layers["proj"].kernel is kernels and layers.layers["proj"].fused_gpu is None
+    assert layers.path == "fused CPU kernel" and layers.layers["proj"].lora_b.dim() == 4

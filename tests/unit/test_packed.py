@@ -10,7 +10,7 @@ import torch
 
 from adaptgate.adapters.validation import AdapterValidator
 from adaptgate.engine import forward as forward_module
-from adaptgate.engine import lora as lora_module
+from adaptgate.engine.lora import reference as lora_module
 from adaptgate.engine.forward import BatchForward
 from adaptgate.engine.lora import LoraChunks, chunk_length
 from adaptgate.engine.model import load_base_model

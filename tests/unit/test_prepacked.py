@@ -55,10 +55,10 @@ def test_only_the_cpu_bf16_encoder_is_prepacked(tiny_bert_dir: Path) -> None:
     assert prepack_linears(base.model, base.dtype, base.device) == 0  # idempotent
 
 
-def _forward_results(base_dir: Path, adapter_dir: Path, cpu_kernels: bool) -> tuple[BatchForward, list]:
+def _forward_results(base_dir: Path, adapter_dir: Path, prepack: bool) -> tuple[BatchForward, list]:
     base = load_base_model(base_dir, dtype="bfloat16", device="cpu")
     weights = AdapterValidator(base.spec, max_rank=8, max_labels=4).parse(adapter_files(adapter_dir))
-    forward = BatchForward(base, n_slots=2, max_rank=8, max_labels=4, cpu_kernels=cpu_kernels)
+    forward = BatchForward(base, n_slots=2, max_rank=8, max_labels=4, prepack=prepack)
     forward.lora.install(1, weights.lora, weights.scaling)
     forward.heads.install(1, weights.head_weight, weights.head_bias, weights.head_input, weights.normalize_head_input)
     texts = ["hi", "a much longer message about the weekly competition entry", "URGENT! you have won"]
@@ -72,11 +72,21 @@ def _forward_results(base_dir: Path, adapter_dir: Path, cpu_kernels: bool) -> tu
 def test_lora_on_prepacked_linears_matches_the_plain_forward(tiny_bert_dir: Path, tmp_path: Path) -> None:
     """Every linear carries LoRA here, the FFN's first one included: its delta must come before GELU."""
     make_peft_adapter(tiny_bert_dir, tmp_path, 3, 4, seed=7)
-    packed, ours = _forward_results(tiny_bert_dir, tmp_path, cpu_kernels=True)
-    plain, theirs = _forward_results(tiny_bert_dir, tmp_path, cpu_kernels=False)
+    packed, ours = _forward_results(tiny_bert_dir, tmp_path, prepack=True)
+    plain, theirs = _forward_results(tiny_bert_dir, tmp_path, prepack=False)
     assert isinstance(packed.lora.layers["encoder.layer.0.intermediate.dense"].base, PrepackedLinear)
     assert not any(isinstance(m, PrepackedLinear) for m in plain.base.model.modules())
     for a, b in zip(ours, theirs):
         assert float(np.dot(a.embedding, b.embedding)) > 0.999
         for p, q in zip(a.probabilities, b.probabilities):
             np.testing.assert_allclose(p, q, atol=2e-2)
+
+
+def test_prepacking_has_its_own_switch(tiny_bert_dir: Path) -> None:
+    """ADAPTGATE_CPU_KERNELS=off turns off the fused kernels only; ADAPTGATE_PREPACK_LINEARS=off the prepacking."""
+    kernels_off = BatchForward(load_base_model(tiny_bert_dir, dtype="bfloat16", device="cpu"), 2, 8, 4, cpu_kernels=False)
+    assert any(isinstance(m, PrepackedLinear) for m in kernels_off.base.model.modules())
+    assert kernels_off.kernel_paths["linear"] == "onednn_prepacked" and kernels_off.kernel_paths["lora_delta"] == "pytorch"
+    prepack_off = BatchForward(load_base_model(tiny_bert_dir, dtype="bfloat16", device="cpu"), 2, 8, 4, prepack=False)
+    assert not any(isinstance(m, PrepackedLinear) for m in prepack_off.base.model.modules())
+    assert prepack_off.kernel_paths["linear"] == "pytorch"

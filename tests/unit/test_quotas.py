@@ -16,8 +16,8 @@ from adaptgate.adapters.validation import AdapterValidator
 from adaptgate.engine.model import load_base_model
 from adaptgate.errors import QuotaExceeded
 from adaptgate.quotas import StorageLimits, StorageQuotas, Usage, describe_bytes
-from adaptgate.training.database import Database
-from adaptgate.training.datasets import DatasetStore
+from adaptgate.training.data.datasets import DatasetStore
+from adaptgate.training.db.database import Database
 from tests.unit.peft_adapters import adapter_files, make_peft_adapter
 from tests.unit.training.conftest import jsonl, separable_rows
 

@@ -27,8 +27,8 @@ from adaptgate.engine.engine import Engine, EngineConfig
 from adaptgate.engine.model import load_base_model
 from adaptgate.errors import UploadsBusy
 from adaptgate.metrics import Metrics
-from adaptgate.training.database import Database
-from adaptgate.training.datasets import DatasetStore
+from adaptgate.training.data.datasets import DatasetStore
+from adaptgate.training.db.database import Database
 from adaptgate.v1 import adapters_pb2 as pb
 from adaptgate.v1 import datasets_pb2
 from tests.unit.peft_adapters import make_peft_adapter

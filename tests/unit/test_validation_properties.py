@@ -26,7 +26,7 @@ from adaptgate.adapters.safetensors_header import DTYPE_BYTES
 from adaptgate.adapters.validation import MAX_LORA_ALPHA, MAX_WEIGHT_ABS, AdapterValidator
 from adaptgate.engine.model import load_base_model
 from adaptgate.errors import BaseModelMismatch, InvalidAdapter, InvalidArgument, InvalidDataset
-from adaptgate.training.dataset_checks import parse_dataset, parse_dataset_file
+from adaptgate.training.data.checks import parse_dataset, parse_dataset_file
 from tests.unit.peft_adapters import adapter_files, make_peft_adapter
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

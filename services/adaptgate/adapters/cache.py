@@ -5,6 +5,11 @@ version's slot until its rows come back, so an alias flip never changes an in-fl
 slot is never rewritten under a running batch. Pinned adapters are never evicted. Behind the slots
 sits a byte-budgeted host tier of validated weights (`WeightsCache`), so a re-load skips the disk.
 
+Resolution is the store's, served from memory and checked against the disk on every call, so a
+write made by another replica sharing the store is seen by the next request here. A resident (or a
+host-tier entry) from an earlier publish of the same version number, its name deleted and published
+again elsewhere, is retired, never served.
+
 Every lease is taken in the same event-loop step that finds its adapter resident: on a hit, or, for
 a request that waits on a load in flight, by the load itself as it lands. No other coroutine runs
 between "resident" and "leased", so nothing can evict a slot a request is about to use.
@@ -37,6 +42,7 @@ class Resident:
     leases: int = 0
     pinned_by: str | None = None  # the (admin) tenant that pinned it; only an admin lifts a pin
     unload_when_idle: bool = False
+    retired: bool = False  # out of the resident map (its version was published again); slot freed when idle
 
     @property
     def pinned(self) -> bool:
@@ -87,10 +93,13 @@ class AdapterCache:
         return await self._acquire(ref, lease=False, pinned_by=pinned_by)
 
     async def _acquire(self, ref: AdapterRef, lease: bool, pinned_by: str | None) -> Resident:
-        concrete = await asyncio.to_thread(self.store.resolve, ref)
+        concrete, published = await asyncio.to_thread(self.store.resolve_published, ref)
         if concrete in self._deleting:
             raise FailedPrecondition(f"adapter {concrete} is being deleted; use another version")
-        if (resident := self._resident.get(concrete)) is not None:
+        if (resident := self._resident.get(concrete)) is not None and resident.record.created_at != published:
+            await self._retire(resident)
+            resident = None
+        if resident is not None:
             self._resident.move_to_end(concrete)
             self.metrics.adapter_cache.labels("hit").inc()
             resident.leases += lease
@@ -133,21 +142,33 @@ class AdapterCache:
 
     async def _release(self, resident: Resident) -> None:
         resident.leases -= 1
-        if resident.leases == 0 and resident.unload_when_idle:
+        if resident.leases == 0 and resident.retired:
+            await self._clear([resident])
+        elif resident.leases == 0 and resident.unload_when_idle:
             await self._evict(resident)
 
-    async def _weights(self, ref: AdapterRef) -> AdapterWeights:
-        if (weights := self.weights.get(ref)) is not None:
+    async def _retire(self, resident: Resident) -> None:
+        """Its version number now names another publish: out of the map and the host tier in this step,
+        so no request leases it again; its slot is freed now, or when the requests using it finish."""
+        ref = resident.record.ref
+        del self._resident[ref]
+        self.weights.discard(ref)
+        resident.retired = True
+        if resident.leases == 0:
+            await self._clear([resident])
+
+    async def _weights(self, ref: AdapterRef, published: float) -> AdapterWeights:
+        if (weights := self.weights.get(ref, published)) is not None:
             return weights
         files = await asyncio.to_thread(self.store.read_files, ref)
         weights = await asyncio.to_thread(self.store.validator.parse, files)
-        self.metrics.adapter_cache.labels("host_eviction").inc(self.weights.put(ref, weights))
+        self.metrics.adapter_cache.labels("host_eviction").inc(self.weights.put(ref, weights, published))
         return weights
 
     async def _load(self, ref: AdapterRef) -> Resident:
         started = time.perf_counter()
         record = await asyncio.to_thread(self.store.get, ref)
-        weights = await self._weights(ref)
+        weights = await self._weights(ref, record.created_at)
         slot = await self._claim_slot()
         try:
             await self.engine.install(slot, weights.lora, weights.scaling, _head(weights))

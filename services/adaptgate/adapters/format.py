@@ -67,7 +67,7 @@ def head_only_files(
     abstain: tuple[float, str] | None = None,
 ) -> dict[str, bytes]:
     """Files of an adapter that is just a linear head over pooled base embeddings (the `head` job);
-    `abstain` is (threshold, label) when the job calibrated one (training/abstain.py)."""
+    `abstain` is (threshold, label) when the job calibrated one (training/methods/abstain.py)."""
     config = {
         "peft_type": "LORA",
         "task_type": "SEQ_CLS",

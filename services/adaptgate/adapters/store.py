@@ -5,8 +5,10 @@ Layout: `<root>/<tenant>/<name>/v<N>/` (the adapter's files plus `record.json`),
 version ever published, so a deleted version's number is never handed out again while the name
 exists). A version is staged under `<root>/.staging/`, appears by one atomic rename after
 validation and disappears by one atomic rename before its files are removed, and an alias moves by one atomic file replace, so readers never see
-half a write. Every write is fsynced with its directory: a power cut keeps either the old state or
-the new one. Anything else found in the store (`lost+found`, `.DS_Store`, a name the store would
+half a write. Each write then replaces the adapter's generation file before it returns, which lets
+every replica sharing the store answer resolution from memory and still see the write on its next
+call (`adaptgate.adapters.resolution`). Every write is fsynced with its directory: a power cut keeps
+either the old state or the new one. Anything else found in the store (`lost+found`, `.DS_Store`, a name the store would
 never write) is skipped, never an error.
 """
 
@@ -22,11 +24,12 @@ import shutil
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from adaptgate.adapters.format import ALLOWED_FILES, WEIGHTS_FILE, AdapterWeights
 from adaptgate.adapters.refs import NAME_PATTERN, AdapterRef, check_name
+from adaptgate.adapters.resolution import DEFAULT_MAX_AGE_S, AdapterView, Resolver, ResolverStats, bump_generation
 from adaptgate.adapters.validation import AdapterValidator, check_filenames
 from adaptgate.durable import fsync_dir, fsync_file, write_atomically, write_synced
 from adaptgate.errors import AdapterNotFound, FailedPrecondition, InvalidArgument
@@ -89,8 +92,12 @@ def _stored_bytes(version_dir: Path) -> int:
 
 
 class AdapterStore:
-    def __init__(self, root: Path, validator: AdapterValidator, quotas: StorageQuotas | None = None) -> None:
+    def __init__(
+        self, root: Path, validator: AdapterValidator, quotas: StorageQuotas | None = None,
+        max_resolve_age_s: float = DEFAULT_MAX_AGE_S,
+    ) -> None:
         self.root = root.resolve()
+        self._resolver: Resolver[AdapterRecord] = Resolver(max_resolve_age_s)
         self.validator = validator
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()  # version numbers, alias files and deletes: one writer at a time
@@ -104,6 +111,16 @@ class AdapterStore:
         if not path.is_relative_to(self.root):
             raise InvalidArgument(f"adapter {tenant}/{name} resolves outside the store")
         return path
+
+    def _unresolved_dir(self, tenant: str, name: str) -> Path:
+        """Checked like `_adapter_dir`, but not followed through links, so a link swapped later changes the stamp."""
+        self._adapter_dir(tenant, name)
+        return self.root / tenant / name
+
+    @property
+    def resolve_stats(self) -> ResolverStats:
+        """How many resolutions memory answered (`hits`) and how many read the disk (`loads`)."""
+        return self._resolver.stats
 
     def version_dir(self, ref: AdapterRef) -> Path:
         return self._adapter_dir(ref.tenant, ref.name) / f"v{ref.version}"
@@ -190,6 +207,7 @@ class AdapterStore:
             if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
                 return False
             raise
+        bump_generation(adapter_dir)
         return True
 
     def _finish(self, ref: AdapterRef, alias: str) -> AdapterRecord:
@@ -221,39 +239,77 @@ class AdapterStore:
         path = adapter_dir / ALIASES_FILE
         return json.loads(path.read_text()) if path.exists() else {}
 
-    def resolve(self, ref: AdapterRef) -> AdapterRef:
-        """Alias or 'latest' to a concrete version; a missing anything is the same NOT_FOUND."""
-        adapter_dir = self._adapter_dir(ref.tenant, ref.name)
-        versions = self._versions(adapter_dir)
-        if ref.alias:
-            version = self._aliases(adapter_dir).get(ref.alias)
-        else:
-            version = ref.version if ref.version is not None else (versions[-1] if versions else None)
-        if version is None or version not in versions:
+    def _read_view(self, tenant: str, name: str) -> AdapterView[AdapterRecord]:
+        adapter_dir = self._adapter_dir(tenant, name)
+        try:
+            versions = self._versions(adapter_dir)
+            aliases = self._aliases(adapter_dir)
+        except (FileNotFoundError, NotADirectoryError):  # deleted since its stamp was read
+            return AdapterView(frozenset(), None, {})
+        return AdapterView(frozenset(versions), versions[-1] if versions else None, aliases)
+
+    def _resolved(self, ref: AdapterRef) -> tuple[AdapterView[AdapterRecord], int]:
+        """The adapter's current view (one `open` and one `stat` when memory has it) and the version `ref` names."""
+        view = self._resolver.view(
+            ref.tenant, ref.name, lambda: self._unresolved_dir(ref.tenant, ref.name),
+            lambda: self._read_view(ref.tenant, ref.name),
+        )
+        if view is None:
             raise AdapterNotFound(f"adapter {ref} not found")
+        if ref.alias:
+            version = view.aliases.get(ref.alias)
+        else:
+            version = ref.version if ref.version is not None else view.latest
+        if version is None or version not in view.versions:
+            raise AdapterNotFound(f"adapter {ref} not found")
+        return view, version
+
+    def resolve(self, ref: AdapterRef) -> AdapterRef:
+        """Alias or 'latest' to a concrete version; a missing anything is the same NOT_FOUND.
+
+        Answered from memory while the adapter's stamp is unchanged, so a write acknowledged by any
+        replica sharing the store (its stamp changed before it returned) is seen by this call.
+        """
+        _, version = self._resolved(ref)
         return AdapterRef(ref.tenant, ref.name, version)
 
+    def resolve_published(self, ref: AdapterRef) -> tuple[AdapterRef, float]:
+        """`resolve`, plus when that version was published: a name deleted and published again (by
+        any replica) reuses its version numbers, and a cache keyed by version must not serve the old one."""
+        view, version = self._resolved(ref)
+        return AdapterRef(ref.tenant, ref.name, version), self._record(view, ref, version).created_at
+
     def get(self, ref: AdapterRef) -> AdapterRecord:
-        concrete = self.resolve(ref)
-        version_dir = self.version_dir(concrete)
-        try:
-            record = AdapterRecord(**json.loads((version_dir / RECORD_FILE).read_text()))
-        except FileNotFoundError:  # deleted between resolve and read
-            raise AdapterNotFound(f"adapter {ref} not found") from None
-        aliases = self._aliases(version_dir.parent)
-        record.aliases = sorted(a for a, v in aliases.items() if v == concrete.version)
+        """The version's record with its current aliases; the record file is read once per view."""
+        view, version = self._resolved(ref)
+        record = self._record(view, ref, version)
+        return replace(record, aliases=sorted(a for a, v in view.aliases.items() if v == version))
+
+    def _record(self, view: AdapterView[AdapterRecord], ref: AdapterRef, version: int) -> AdapterRecord:
+        """Shared with the view: callers copy before they change it."""
+        record = view.records.get(version)
+        if record is None:
+            path = self.version_dir(AdapterRef(ref.tenant, ref.name, version)) / RECORD_FILE
+            try:
+                record = AdapterRecord(**json.loads(path.read_text()))
+            except FileNotFoundError:  # deleted between resolve and read
+                raise AdapterNotFound(f"adapter {ref} not found") from None
+            view.records[version] = record
         return record
 
     def read_files(self, ref: AdapterRef) -> dict[str, bytes]:
         """Only regular files of the allowed names, and never through a symlink out of the store."""
         version_dir = self.version_dir(self.resolve(ref))
         files = {}
-        for path in version_dir.iterdir():
-            if path.name in ALLOWED_FILES:
-                real = path.resolve()
-                if path.is_symlink() or not real.is_relative_to(self.root):
-                    raise InvalidArgument(f"{ref}: {path.name} is a link out of the adapter store; refusing to read it")
-                files[path.name] = real.read_bytes()
+        try:
+            for path in version_dir.iterdir():
+                if path.name in ALLOWED_FILES:
+                    real = path.resolve()
+                    if path.is_symlink() or not real.is_relative_to(self.root):
+                        raise InvalidArgument(f"{ref}: {path.name} is a link out of the adapter store; refusing to read it")
+                    files[path.name] = real.read_bytes()
+        except FileNotFoundError:  # deleted between resolve and read
+            raise AdapterNotFound(f"adapter {ref} not found") from None
         return files
 
     def set_alias(self, ref: AdapterRef, alias: str) -> AdapterRecord:
@@ -265,6 +321,7 @@ class AdapterStore:
             aliases = self._aliases(adapter_dir)
             aliases[alias] = concrete.version
             write_atomically(adapter_dir / ALIASES_FILE, json.dumps(aliases).encode())
+            bump_generation(adapter_dir)
         return self.get(concrete)
 
     def _tenants(self) -> list[str]:
@@ -333,7 +390,7 @@ class AdapterStore:
                 if aliases:
                     kept = {a: v for a, v in self._aliases(adapter_dir).items() if a not in aliases}
                     write_atomically(adapter_dir / ALIASES_FILE, json.dumps(kept).encode())
-                self._remove(adapter_dir / f"v{ref.version}")
+                self._remove(adapter_dir / f"v{ref.version}", changed=adapter_dir)
         return Deletion([AdapterRef(ref.tenant, ref.name, v) for v in versions], aliases)
 
     def _deletion(self, ref: AdapterRef, force: bool) -> tuple[list[int], list[str]]:
@@ -357,10 +414,14 @@ class AdapterStore:
             )
         return versions, pointing
 
-    def _remove(self, path: Path) -> None:
+    def _remove(self, path: Path, changed: Path | None = None) -> None:
+        """`changed`: the adapter directory whose generation moves once `path` is out of sight (a whole
+        name's directory needs none: its generation file leaves with it)."""
         hidden = path.with_name(f"{DELETING_PREFIX}{path.name}-{secrets.token_hex(4)}")
         os.rename(path, hidden)
         fsync_dir(path.parent)
+        if changed is not None:
+            bump_generation(changed)
         shutil.rmtree(hidden, ignore_errors=True)
 
     def _sweep_staging(self) -> None:

@@ -12,6 +12,7 @@ from adaptgate.api.auth import Principal
 from adaptgate.api.rpc import RpcRuntime, deadline_of, unary
 from adaptgate.errors import InvalidArgument
 from adaptgate.inference import Inference
+from adaptgate.observability import stages
 from adaptgate.v1 import classifier_pb2 as pb
 from adaptgate.v1 import classifier_pb2_grpc
 
@@ -37,14 +38,26 @@ class Abstain:
 
 
 def to_classification(probs: np.ndarray, labels: list[str], top_k: int, abstain: Abstain = Abstain()) -> pb.Classification:
-    order = np.argsort(-probs, kind="stable")
+    """One row's answer (probs [labels]): the batch's, for a batch of one."""
+    return to_classifications(probs[np.newaxis, :], labels, top_k, abstain)[0]
+
+
+def to_classifications(
+    probs: np.ndarray, labels: list[str], top_k: int, abstain: Abstain = Abstain()
+) -> list[pb.Classification]:
+    """Every row's answer (probs [rows, labels]) from one stable argsort over the whole batch, the order and
+    the scores turned into Python lists at once: the per-row work left is building the messages."""
+    order = np.argsort(-probs, axis=1, kind="stable")
     if top_k:
-        order = order[:top_k]
-    scores = [pb.LabelScore(label=labels[i], score=float(probs[i])) for i in order]
-    below = abstain.threshold is not None and scores[0].score < abstain.threshold
-    if below or (abstain.learnt and labels[order[0]] == abstain.learnt):
-        return pb.Classification(label=abstain.label, score=scores[0].score, scores=scores, abstained=True)
-    return pb.Classification(label=scores[0].label, score=scores[0].score, scores=scores)
+        order = order[:, :top_k]
+    threshold, learnt = abstain.threshold, abstain.learnt
+    out = []
+    for row_order, row_probs in zip(order.tolist(), probs.tolist()):
+        top, best = labels[row_order[0]], row_probs[row_order[0]]
+        abstained = (threshold is not None and best < threshold) or (bool(learnt) and top == learnt)
+        scored = [pb.LabelScore(label=labels[i], score=row_probs[i]) for i in row_order]
+        out.append(pb.Classification(label=abstain.label if abstained else top, score=best, scores=scored, abstained=abstained))
+    return out
 
 
 async def classify(
@@ -58,21 +71,25 @@ async def classify(
     names = list(request.adapters) or [request.adapter]
     refs = [principal.adapter(name) for name in names]
     texts = list(request.texts)
+    stages.mark("resolve")
     # Rows: one forward per text and adapter at most (head-only adapters share one, known only once resolved).
     async with runtime.admission.admitted(principal.tenant, len(texts) * len(refs), refs, deadline):
+        stages.mark("admission")
         answers = await inference.classify(texts, refs, request.truncate, deadline, principal.tenant)
     runtime.metrics.texts.labels("Classify").inc(len(request.texts) * len(answers))
-    abstains = [Abstain.of(request, a.record) for a in answers]
     by_adapter = [
         pb.AdapterResults(
             adapter=str(a.record.ref),
-            results=[to_classification(p, a.record.labels, request.top_k, abstain) for p in a.probabilities],
+            results=to_classifications(np.stack(a.probabilities), a.record.labels, request.top_k, Abstain.of(request, a.record)),
         )
-        for a, abstain in zip(answers, abstains)
+        for a in answers
     ]
     if request.adapters:
-        return pb.ClassifyResponse(by_adapter=by_adapter)
-    return pb.ClassifyResponse(results=by_adapter[0].results, adapter=by_adapter[0].adapter)
+        response = pb.ClassifyResponse(by_adapter=by_adapter)
+    else:
+        response = pb.ClassifyResponse(results=by_adapter[0].results, adapter=by_adapter[0].adapter)
+    stages.mark("answer")
+    return response
 
 
 class ClassifierServicer(classifier_pb2_grpc.ClassifierServicer):

@@ -12,7 +12,7 @@ from adaptgate.api.rpc import RpcRuntime, unary
 from adaptgate.api.uploads import SizeLimit, Uploads, quota_guard
 from adaptgate.errors import InvalidArgument
 from adaptgate.quotas import Usage
-from adaptgate.training.datasets import DatasetRecord, DatasetStore, check_name
+from adaptgate.training.data.datasets import DatasetRecord, DatasetStore, check_name
 from adaptgate.v1 import datasets_pb2 as pb
 from adaptgate.v1 import datasets_pb2_grpc
 

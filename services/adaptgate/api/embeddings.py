@@ -12,6 +12,7 @@ from adaptgate.api.auth import Principal
 from adaptgate.api.rpc import RpcRuntime, deadline_of, server_stream, unary
 from adaptgate.engine.pooling import Pooling
 from adaptgate.inference import Inference
+from adaptgate.observability import stages
 from adaptgate.v1 import embeddings_pb2 as pb
 from adaptgate.v1 import embeddings_pb2_grpc
 
@@ -63,7 +64,9 @@ class EmbeddingsServicer(embeddings_pb2_grpc.EmbeddingsServicer):
         normalize = request.normalize if request.HasField("normalize") else None  # None: the model's own
         prompt_name = request.prompt_name if request.HasField("prompt_name") else None  # None: the model's default
         texts, deadline = list(request.texts), deadline_of(context)
+        stages.mark("resolve")
         async with self.runtime.admission.admitted(principal.tenant, len(texts), (ref,) if ref else (), deadline):
+            stages.mark("admission")
             out = await self.inference.embed(
                 texts, ref, POOLING.get(request.pooling), normalize, request.truncate, deadline, principal.tenant,
                 prompt_name,
@@ -73,4 +76,6 @@ class EmbeddingsServicer(embeddings_pb2_grpc.EmbeddingsServicer):
             embeddings = [pb.Embedding(packed=v.astype("<f4").tobytes(), tokens=n) for v, n in zip(out.vectors, out.tokens)]
         else:
             embeddings = [pb.Embedding(values=v, tokens=n) for v, n in zip(out.vectors, out.tokens)]
-        return pb.EmbedResponse(embeddings=embeddings, model=self.model_name)
+        response = pb.EmbedResponse(embeddings=embeddings, model=self.model_name)
+        stages.mark("answer")
+        return response

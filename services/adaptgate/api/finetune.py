@@ -9,7 +9,8 @@ import grpc
 
 from adaptgate.api.auth import Principal
 from adaptgate.api.rpc import RpcRuntime, server_stream, unary
-from adaptgate.training.jobs import JobEvent, JobManager, JobRecord, JobSpec, JobState
+from adaptgate.training.jobs.manager import JobManager
+from adaptgate.training.jobs.records import JobEvent, JobRecord, JobSpec, JobState
 from adaptgate.v1 import finetune_pb2 as pb
 from adaptgate.v1 import finetune_pb2_grpc
 
@@ -22,7 +23,7 @@ def metrics_proto(metrics: dict[str, float]) -> pb.JobMetrics:
 
 
 def details_proto(details: dict[str, Any]) -> pb.JobDetails:
-    """The JSON-shaped details of a job or event (see training/updates.py) as a JobDetails message."""
+    """The JSON-shaped details of a job or event (see training/runners/updates.py) as a JobDetails message."""
     out = pb.JobDetails()
     if confusion := details.get("confusion"):
         out.confusion.labels.extend(str(label) for label in confusion.get("labels", []))
@@ -63,7 +64,7 @@ class FinetuneServicer(finetune_pb2_grpc.FinetuneServicer):
     @unary
     async def SubmitJob(self, request: pb.SubmitJobRequest, context: grpc.aio.ServicerContext, principal: Principal) -> pb.Job:
         spec = JobSpec(
-            dataset_id=request.dataset_id, adapter_name=request.adapter_name, method=request.method or "auto",
+            dataset_id=request.dataset_id, adapter_name=request.adapter_name, method=request.method,
             alias=request.alias, validation_fraction=request.validation_fraction or 0.1, epochs=request.epochs,
             learning_rate=request.learning_rate, seed=request.seed, lora_rank=request.lora_rank,
             batch_size=request.batch_size, max_tokens=request.max_tokens, max_steps=request.max_steps,

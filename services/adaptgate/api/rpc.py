@@ -24,6 +24,7 @@ from adaptgate.api.malformed import Malformed
 from adaptgate.api.errors import status_of
 from adaptgate.errors import AdaptgateError, ErrorCode, InvalidArgument
 from adaptgate.metrics import Metrics
+from adaptgate.observability import stages
 from adaptgate.observability.requests import current_request_id, note
 
 log = logging.getLogger("adaptgate.rpc")
@@ -53,6 +54,7 @@ class _Call:
     def principal(self) -> Principal:
         principal = self.runtime.auth.authenticate(self.context.invocation_metadata())
         note(tenant=principal.tenant)  # for the access line and the trace (observability)
+        stages.mark("auth")
         return principal
 
     async def fail(self, exc: BaseException) -> None:

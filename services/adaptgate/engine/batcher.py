@@ -79,6 +79,8 @@ class SubmitTiming:
     queued_ns: int
     answered_ns: int = 0
     batches: list[BatchTiming] = field(default_factory=list)
+    # The submit's share of the forward passes: each pass's time times this submit's rows in it over its rows.
+    forward_ns: float = 0.0
 
 
 # A collector the API layer sets around one request: each submit made in that context appends its
@@ -413,4 +415,5 @@ def _record_timing(pending: list[_Pending], queued_ns: int) -> None:
     if collector is None:
         return
     batches = list({id(p.batch): p.batch for p in pending if p.batch is not None}.values())
-    collector.append(SubmitTiming(len(pending), queued_ns, time.time_ns(), batches))
+    share = sum((p.batch.ended_ns - p.batch.started_ns) / p.batch.rows for p in pending if p.batch is not None)
+    collector.append(SubmitTiming(len(pending), queued_ns, time.time_ns(), batches, share))

@@ -1,29 +1,48 @@
-"""Fused CPU kernels (engine/kernels/*.c): compiled for this CPU when the engine starts, PyTorch ops otherwise.
+"""Fused CPU kernels (engine/kernels/*.c), built at install time, registered as PyTorch ops `adaptgate::*`.
 
 Hot spots that PyTorch runs as many small ops on the CPU: the per-row LoRA delta (`lora.c`),
 attention within each row of packed tokens (`attention.c`), and BERT's residual add + LayerNorm
-(`add_norm.c`). Compiling at start-up, as torch.compile's C++ backend does, lets `-march=native`
-pick this machine's vector instructions; it takes about 0.3 s with gcc. Without a compiler, or on a CPU without AVX512-BF16, the engine keeps the PyTorch paths,
-which are also the references the tests hold these kernels to.
+(`add_norm.c`). setup.py compiles them once into `adaptgate.engine._cpu_kernels` for a fixed
+instruction set (AVX512-BF16), so every replica runs the same binary and no node needs a compiler;
+engine.cpu_features decides whether this CPU may call them. Without the extension (not built) or on
+another CPU the engine runs the PyTorch paths, which are also the references the tests hold these
+kernels to.
+
+Each kernel is a torch.library op in the `adaptgate` namespace: the dispatcher checks the argument
+types against the schema, and the implementations here check dtypes, shapes and contiguity, while
+the extension checks every index the kernel will follow, so a wrong argument is a ValueError in
+every mode rather than memory corruption. The ops are defined with torch.library.Library and a
+plain Python implementation, the lightest registration (torch.library.custom_op adds its own
+per-call layers on top of the dispatcher's).
 """
 
 from __future__ import annotations
 
-import ctypes
+import functools
+import importlib
 import logging
-import os
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
+from types import ModuleType
+from typing import Any
 
-import torch
+import torch  # first: the extension links libgomp by soname, and must find the one torch loaded
 from torch import nn
+
+from adaptgate.engine import cpu_features
 
 log = logging.getLogger(__name__)
 
-SOURCES = tuple(Path(__file__).with_name("kernels") / name for name in ("lora.c", "attention.c", "add_norm.c"))
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+EXTENSION = "adaptgate.engine._cpu_kernels"
+# The path each operation runs (the adaptgate_engine_kernel_info metric, the startup line).
+FUSED = "avx512_bf16"  # a kernel of this module
+PREPACKED = "onednn_prepacked"  # engine.prepacked's linears
+PYTORCH = "pytorch"
+OPERATIONS = ("lora_delta", "packed_attention", "add_layer_norm", "linear")
+
+SCHEMAS = {
+    "lora_delta": "lora_delta(Tensor x, Tensor(a!) y, Tensor a, Tensor bv, Tensor tokens, Tensor slots) -> ()",
+    "packed_attention": "packed_attention(Tensor q, Tensor k, Tensor v, Tensor starts, Tensor lengths, int longest, int heads) -> Tensor",
+    "add_layer_norm": "add_layer_norm(Tensor x, Tensor residual, Tensor weight, Tensor bias, float eps) -> Tensor",
+}
 
 
 def kernel_rank(max_rank: int) -> int:
@@ -32,67 +51,142 @@ def kernel_rank(max_rank: int) -> int:
 
 
 class CpuKernelsUnavailable(RuntimeError):
-    """Why this machine runs the PyTorch paths instead (no compiler, no AVX512-BF16, ...)."""
+    """Why this engine runs the PyTorch paths instead; `expected` when that is simply this CPU (no AVX512-BF16)."""
+
+    def __init__(self, reason: str, expected: bool) -> None:
+        super().__init__(reason)
+        self.expected = expected
 
 
-def cpu_has_avx512_bf16() -> bool:
+def load_extension(name: str = EXTENSION) -> ModuleType:
+    """The compiled extension, found in this package (built at install time; nothing is compiled here)."""
     try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(line.startswith("flags") and "avx512_bf16" in line.split() for line in info.splitlines())
+        return importlib.import_module(name)
+    except ImportError as exc:
+        raise CpuKernelsUnavailable(
+            f"the extension {name} did not load ({exc}); reinstall the package where a C compiler "
+            "with AVX512-BF16 support can build it", expected=False,
+        ) from exc  # fmt: skip
 
 
-def compiler() -> str | None:
-    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+def _bad(what: str) -> ValueError:
+    return ValueError(f"adaptgate CPU kernel: {what}")
 
 
-def _compile(target: Path) -> None:
-    cc = compiler()
-    if cc is None:
-        raise CpuKernelsUnavailable("no C compiler (cc or gcc) on PATH")
-    done = subprocess.run([cc, *FLAGS, "-o", str(target), *map(str, SOURCES), "-lm"], capture_output=True, text=True)
-    if done.returncode != 0:
-        first = (done.stderr.strip().splitlines() or ["(no output)"])[0]
-        raise CpuKernelsUnavailable(f"{Path(cc).name} could not build engine/kernels: {first}")
+def _size(name: str, t: torch.Tensor, dtype: torch.dtype, dims: int) -> torch.Size:
+    """t's size, once checked contiguous with `dims` dimensions of `dtype` (one size() call: these run per layer)."""
+    size = t.size()
+    if t.dtype != dtype or len(size) != dims or not t.is_contiguous():
+        raise _bad(f"{name} must be a contiguous {dims}-D {dtype} tensor, got {t.dtype} {tuple(size)}")
+    return size
+
+
+def _lora_delta(ext: ModuleType, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, bv: torch.Tensor,
+                tokens: torch.Tensor, slots: torch.Tensor) -> None:  # fmt: skip
+    bf16 = torch.bfloat16
+    (rows, fan_in), (y_rows, fan_out) = _size("x", x, bf16, 2), _size("y", y, bf16, 2)
+    n_slots, rank, a_in = _size("a", a, bf16, 3)
+    b_size = _size("bv", bv, bf16, 4)
+    (n,), (n_slot_indices,) = _size("tokens", tokens, torch.int64, 1), _size("slots", slots, torch.int64, 1)
+    if y_rows != rows or n_slot_indices != n:
+        raise _bad(f"x [{rows}, ...] and y [{y_rows}, ...] need one row per token, tokens [{n}] and slots [{n_slot_indices}] one length")
+    if a_in != fan_in or b_size != (n_slots, rank // 2, fan_out, 2):
+        raise _bad(f"a must be [slots, rank, {fan_in}] and bv [slots, rank/2, {fan_out}, 2], got {tuple(a.size())} and {tuple(b_size)}")
+    ext.lora_delta(
+        x.data_ptr(), y.data_ptr(), a.data_ptr(), bv.data_ptr(), tokens.data_ptr(), slots.data_ptr(),
+        n, fan_in, fan_out, rank, rows, n_slots,
+    )  # fmt: skip
+
+
+def _packed_attention(ext: ModuleType, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor,
+                      lengths: torch.Tensor, longest: int, heads: int) -> torch.Tensor:  # fmt: skip
+    bf16 = torch.bfloat16
+    size = _size("q", q, bf16, 2)
+    if _size("k", k, bf16, 2) != size or _size("v", v, bf16, 2) != size:
+        raise _bad("packed attention takes q, k, v of one shape")
+    (rows,) = _size("starts", starts, torch.int64, 1)
+    if _size("lengths", lengths, torch.int64, 1) != (rows,):
+        raise _bad("starts and lengths need one entry per row")
+    tokens, width = size
+    if heads <= 0 or width % heads or (width // heads) % 2:
+        raise _bad(f"head size {width}/{heads} must be an even integer")
+    out = torch.empty_like(q)
+    ext.packed_attention(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), starts.data_ptr(), lengths.data_ptr(),
+        rows, heads, width // heads, longest, tokens,
+    )  # fmt: skip
+    return out
+
+
+def _add_layer_norm(ext: ModuleType, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                    eps: float) -> torch.Tensor:  # fmt: skip
+    bf16 = torch.bfloat16
+    size = _size("x", x, bf16, 2)
+    if _size("residual", residual, bf16, 2) != size:
+        raise _bad(f"residual {tuple(residual.size())} must match x {tuple(size)}")
+    rows, hidden = size
+    if _size("weight", weight, bf16, 1) != (hidden,) or _size("bias", bias, bf16, 1) != (hidden,):
+        raise _bad(f"weight and bias must be [{hidden}], got {tuple(weight.size())} and {tuple(bias.size())}")
+    out = torch.empty_like(x)
+    ext.add_layer_norm(x.data_ptr(), residual.data_ptr(), weight.data_ptr(), bias.data_ptr(), out.data_ptr(), rows, hidden, eps)
+    return out
+
+
+@functools.cache
+def _library(ext: ModuleType) -> torch.library.Library:
+    """Defines and implements the ops once per process; the cache keeps the registration alive."""
+    library = torch.library.Library("adaptgate", "FRAGMENT")  # FRAGMENT: other modules may add ops to the namespace
+    implementations = {"lora_delta": _lora_delta, "packed_attention": _packed_attention, "add_layer_norm": _add_layer_norm}
+    for name, schema in SCHEMAS.items():
+        library.define(schema)
+        library.impl(name, functools.partial(implementations[name], ext), "CPU")
+    return library
+
+
+def ops(ext: ModuleType | None = None) -> Any:
+    """`torch.ops.adaptgate`, its ops registered (they validate on any CPU, but run only once `enable`d)."""
+    _library(ext or load_extension())
+    return torch.ops.adaptgate
 
 
 class CpuKernels:
-    """ctypes handles on the compiled kernels; every call runs on the calling thread's OpenMP team
-    (the kernels link the libgomp torch already loaded: one runtime, see engine.thread)."""
+    """The fused kernels as the engine calls them; every call runs on the calling thread's OpenMP team
+    (the extension links the libgomp torch already loaded: one runtime, see engine.thread)."""
 
-    def __init__(self, lib: ctypes.CDLL) -> None:
-        self._lib = lib
-        lib.lora_delta_bf16.restype = None
-        lib.lora_delta_bf16.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 4
-        lib.packed_attention_bf16.restype = ctypes.c_int
-        lib.packed_attention_bf16.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 4
-        lib.add_layer_norm_bf16.restype = ctypes.c_int
-        lib.add_layer_norm_bf16.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2 + [ctypes.c_float]
-        self.max_rank = int(lib.lora_max_rank())
+    def __init__(self, ext: ModuleType) -> None:
+        self._ext = ext
+        self._ops = ops(ext)
+        self.max_rank = int(ext.MAX_RANK)
+        self.max_hidden = int(ext.MAX_HIDDEN)
 
     @classmethod
-    def build(cls) -> CpuKernels:
-        if not cpu_has_avx512_bf16():
-            raise CpuKernelsUnavailable("this CPU has no AVX512-BF16")
-        with tempfile.TemporaryDirectory(prefix="adaptgate-kernels-") as tmp:
-            target = Path(tmp) / "kernels.so"
-            _compile(target)
-            return cls(ctypes.CDLL(str(target)))  # the mapping outlives the file
+    def load(cls, flags: frozenset[str] | None = None, extension: str = EXTENSION) -> CpuKernels:
+        """The kernels, when this CPU has their instruction set and the extension was built; else raises.
+        flags: the CPU's (engine.cpu_features reads them by default)."""
+        missing = cpu_features.missing_kernel_isa(flags)
+        if missing:
+            raise CpuKernelsUnavailable(f"this CPU lacks {', '.join(missing)}", expected=True)
+        ext = load_extension(extension)
+        ext.enable()
+        return cls(ext)
 
     @classmethod
-    def try_build(cls) -> CpuKernels | None:
+    def try_load(cls, flags: frozenset[str] | None = None, extension: str = EXTENSION) -> CpuKernels | None:
+        """load(), or None with the reason logged: INFO for a CPU without AVX512-BF16, WARNING for a load failure."""
         try:
-            kernels = cls.build()
-        except (CpuKernelsUnavailable, OSError) as exc:
-            log.info("LoRA and attention on CPU run as PyTorch ops: %s", exc)
+            kernels = cls.load(flags, extension)
+        except CpuKernelsUnavailable as exc:
+            level = logging.INFO if exc.expected else logging.WARNING
+            log.log(level, "LoRA, packed attention and add+LayerNorm on CPU run as PyTorch ops: %s", exc)
             return None
-        log.info("LoRA and packed attention on CPU run fused AVX512-BF16 kernels")
+        log.info("LoRA, packed attention and add+LayerNorm on CPU run the fused AVX512-BF16 kernels")
         return kernels
+
+    try_build = try_load  # the name callers used when the kernels were compiled at start
 
     def threads(self) -> int:
         """The OpenMP threads a call from this thread would use (torch's count when they share libgomp)."""
-        return int(self._lib.lora_threads())
+        return int(self._ext.threads())
 
     def supports_lora(self, dtype: torch.dtype, device: torch.device, rank: int) -> bool:
         return dtype == torch.bfloat16 and device.type == "cpu" and kernel_rank(rank) <= self.max_rank
@@ -101,12 +195,8 @@ class CpuKernels:
         self, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, bv: torch.Tensor, tokens: torch.Tensor, slots: torch.Tensor
     ) -> None:
         """y[t] += (x[t]·A[s]ᵀ)·B[s] in place. x [T, in], y [T, out], a [S, r, in], bv [S, r/2, out, 2] (r a
-        multiple of 8), all contiguous bf16 on the CPU; tokens, slots [n] int64 within range. The caller
-        (BatchedLoraLinear) builds every one of them so; checking here would cost as much as a small layer's call."""
-        self._lib.lora_delta_bf16(
-            x.data_ptr(), y.data_ptr(), a.data_ptr(), bv.data_ptr(), tokens.data_ptr(), slots.data_ptr(),
-            len(tokens), x.shape[1], y.shape[1], a.shape[1],
-        )  # fmt: skip
+        multiple of 8), all contiguous bf16 on the CPU; tokens, slots [n] int64 within range (checked)."""
+        self._ops.lora_delta(x, y, a, bv, tokens, slots)
 
     def packed_attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: tuple[torch.Tensor, torch.Tensor, int], heads: int
@@ -115,34 +205,28 @@ class CpuKernels:
         rows' starts and lengths ([rows] int64, in order, contiguous) and the longest length. Tokens past
         the last row (a bucket's filler) come back zero."""
         starts, lengths, longest = rows
-        for t in (q, k, v):
-            if t.dtype != torch.bfloat16 or not t.is_contiguous() or t.shape != q.shape:
-                raise ValueError("packed attention takes contiguous bf16 q, k, v of one shape")
-        d = q.shape[1] // heads
-        if d % 2 or d * heads != q.shape[1]:
-            raise ValueError(f"head size {q.shape[1]}/{heads} must be an even integer")
-        out = torch.empty_like(q)
-        out[int(starts[-1]) + int(lengths[-1]) :].zero_()
-        failed = self._lib.packed_attention_bf16(
-            q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), starts.data_ptr(), lengths.data_ptr(),
-            len(lengths), heads, d, longest,
-        )  # fmt: skip
-        if failed:
-            raise MemoryError("packed attention could not allocate its scratch buffers")
-        return out
+        return self._ops.packed_attention(q, k, v, starts, lengths, longest, heads)
 
     def add_layer_norm(self, x: torch.Tensor, residual: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor | None:
         """`norm(x + residual)` for contiguous bf16 [T, H] x and residual, the sum kept in fp32; None where
-        the kernel does not apply (other dtypes or layouts, no affine weights, H over 8,192)."""
+        the kernel does not apply (other dtypes or layouts, no affine weights, H over the kernel's scratch)."""
         weight, bias = norm.weight, norm.bias
         if (
             x.dtype != torch.bfloat16 or residual.shape != x.shape or residual.dtype != x.dtype or x.dim() != 2
             or not (x.is_contiguous() and residual.is_contiguous()) or weight is None or bias is None
             or weight.dtype != x.dtype or bias.dtype != x.dtype or tuple(norm.normalized_shape) != (x.shape[1],)
-        ):
+            or x.shape[1] > self.max_hidden
+        ):  # fmt: skip
             return None
-        out = torch.empty_like(x)
-        failed = self._lib.add_layer_norm_bf16(
-            x.data_ptr(), residual.data_ptr(), weight.data_ptr(), bias.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], norm.eps
-        )  # fmt: skip
-        return None if failed else out
+        return self._ops.add_layer_norm(x, residual, weight, bias, norm.eps)
+
+
+def operation_paths(lora: bool, attention: bool, linears: bool) -> dict[str, str]:
+    """Which path each operation of the CPU forward runs: lora_delta, packed_attention and add_layer_norm
+    a fused kernel or PyTorch's ops, linear oneDNN-prepacked weights or plain F.linear."""
+    return {
+        "lora_delta": FUSED if lora else PYTORCH,
+        "packed_attention": FUSED if attention else PYTORCH,
+        "add_layer_norm": FUSED if attention else PYTORCH,
+        "linear": PREPACKED if linears else PYTORCH,
+    }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,7 +30,8 @@ class EngineConfig:
     max_batch_seconds: float = 0.0  # 0: batches bounded by tokens alone (batcher.BatchBudget)
     max_queue_rows: int = 4096
     max_input_tokens: int = 0  # 0 = the model's own limit
-    cpu_kernels: bool = True  # on CPU: the fused kernels when they build here (engine.cpu_kernels)
+    cpu_kernels: bool = True  # on CPU in bf16: the fused kernels where this CPU runs them (engine.cpu_kernels)
+    prepack_linears: bool = True  # on CPU in bf16: oneDNN-prepacked linears where this CPU runs them (engine.prepacked)
 
 
 @dataclass(frozen=True)
@@ -70,8 +72,9 @@ class Engine:
         self._thread = thread or EngineThread()
         self._executor = self._thread.executor
         self._forward = self._thread.call(
-            BatchForward, base, config.n_slots, config.max_rank, config.max_labels, True, config.cpu_kernels
-        )
+            functools.partial(BatchForward, cpu_kernels=config.cpu_kernels, prepack=config.prepack_linears),
+            base, config.n_slots, config.max_rank, config.max_labels,
+        )  # fmt: skip
         padding_free = self._forward.packed is not None
         limits = BatcherLimits(
             config.max_batch_tokens, config.max_wait_s, config.max_queue_rows, padding_free, config.max_batch_seconds
@@ -85,9 +88,20 @@ class Engine:
         return self.base.spec
 
     @property
+    def kernel_paths(self) -> dict[str, str]:
+        """Which path each operation of the forward runs (engine.cpu_kernels.operation_paths)."""
+        return dict(self._forward.kernel_paths)
+
+    @property
     def kernels(self) -> str:
-        """For the startup line: which CPU kernels the forward runs (engine.cpu_kernels)."""
-        return "fused CPU kernels" if self._forward.lora.kernel is not None else "PyTorch ops"
+        """For the startup line: which path each operation runs."""
+        return "paths " + ", ".join(f"{operation}={path}" for operation, path in self._forward.kernel_paths.items())
+
+    @property
+    def encoder(self) -> str:
+        """For the startup line: padding-free on packed tokens, or the family's padded transformers forward
+        and why (engine.packed's registry); and how LoRA deltas are computed (engine.lora's backend)."""
+        return f"{self._forward.encoder_path.description}, LoRA by {self._forward.lora.path}"
 
     @property
     def queued_rows(self) -> int:

@@ -9,19 +9,19 @@ import torch
 
 from adaptgate.engine.heads import HEAD_INPUT_CODES, HEAD_INPUT_POOLING, HeadPool
 from adaptgate.engine.lora import LoraLayers
-from adaptgate.engine.cpu_kernels import CpuKernels
+from adaptgate.engine.cpu_kernels import CpuKernels, operation_paths
 from adaptgate.engine.model import BaseModel
-from adaptgate.engine.packed import Packing, PackedBertEncoder, supports_packing
+from adaptgate.engine.packed import Packing, encoder_path
 from adaptgate.engine.prepacked import prepack_linears
 from adaptgate.engine.pooling import Pooling, normalize, pool, without_pad_tokens
 from adaptgate.engine.rows import Row, RowResult
 
-if TYPE_CHECKING:  # imports Triton, which only the GPU path needs
-    from adaptgate.engine.lora_triton import TritonLoraLinear
+if TYPE_CHECKING:  # imports Triton, which only the GPU backend needs
+    from adaptgate.engine.lora.triton_gemm import TritonLoraLinear
 
 
 def _fused_gpu() -> TritonLoraLinear:
-    from adaptgate.engine.lora_triton import TritonLoraLinear
+    from adaptgate.engine.lora.triton_gemm import TritonLoraLinear
 
     return TritonLoraLinear()
 
@@ -42,17 +42,24 @@ class BatchForward:
         padding_free: bool = True,
         cpu_kernels: bool = True,
         gpu_lora_kernel: bool = False,
+        prepack: bool = True,
     ) -> None:
-        """gpu_lora_kernel: on CUDA, LoRA layers run engine.lora_triton's fused GEMM (not yet measured on a
+        """cpu_kernels: on CPU in bf16, the fused kernels (engine.cpu_kernels) where this CPU runs them;
+        prepack: on CPU in bf16, linears on oneDNN-prepacked weights (engine.prepacked) where this CPU runs them;
+        gpu_lora_kernel: on CUDA, LoRA layers run engine.lora.triton_gemm's fused GEMM (not yet measured on a
         GPU, so only bench/multi_adapter.py asks for it) instead of the gathered bmm."""
         self.base = base
         on_cpu_bf16 = base.device.type == "cpu" and base.dtype == torch.bfloat16
-        kernels = CpuKernels.try_build() if cpu_kernels and on_cpu_bf16 else None
-        if cpu_kernels:
-            prepack_linears(base.model, base.dtype, base.device)
-        self.packed = PackedBertEncoder(base.model, kernels) if padding_free and supports_packing(base.model) else None
+        kernels = CpuKernels.try_load() if cpu_kernels and on_cpu_bf16 else None
+        prepacked = prepack_linears(base.model, base.dtype, base.device) if prepack else 0
+        self.encoder_path = encoder_path(base.model, kernels, padding_free)  # the family registry (engine.packed)
+        self.packed = self.encoder_path.encoder
         fused_gpu = _fused_gpu() if gpu_lora_kernel and base.device.type == "cuda" else None
         self.lora = LoraLayers(base.model, n_slots, max_rank, kernels, fused_gpu)
+        self.kernel_paths = operation_paths(  # which path each operation runs: the metric and the startup line
+            lora=kernels is not None and kernels.supports_lora(base.dtype, base.device, max_rank),
+            attention=self.packed is not None and self.packed.kernels is not None, linears=prepacked > 0,
+        )
         self.heads = HeadPool(n_slots, base.spec.hidden_size, max_labels, base.device)
         self.pad_id = int(base.tokenizer.pad_token_id or 0)
 
@@ -64,7 +71,7 @@ class BatchForward:
         width = longest if len(rows) == 1 else -(-longest // 8) * 8
         ids = np.full((len(rows), width), self.pad_id, dtype=np.int64)
         mask = np.zeros((len(rows), width), dtype=np.int64)
-        for i, row in enumerate(rows):  # numpy: 3.6 ms per 1,024 rows, against 16 for per-row torch ops
+        for i, row in enumerate(rows):  # numpy rows: far cheaper than per-row torch ops
             ids[i, : len(row.input_ids)] = row.input_ids
             mask[i, : len(row.input_ids)] = 1
         return torch.from_numpy(ids).to(self.base.device), torch.from_numpy(mask).to(self.base.device)
@@ -72,29 +79,31 @@ class BatchForward:
     @torch.inference_mode()
     def __call__(self, rows: list[Row]) -> list[RowResult]:
         ids, mask = self._pad(rows)
-        self.lora.bind([r.lora_slot for r in rows], self.base.device)
+        packing = self._packing(mask)
+        self.lora.prepare([r.lora_slot for r in rows], self.base.device, packing)  # the batch's mapping, once
         try:
-            out = self._encode(ids, mask, pooler=any(self.heads.reads_pooler(s) for r in rows for s in r.head_slots))
+            out = self._encode(ids, mask, packing, pooler=any(self.heads.reads_pooler(s) for r in rows for s in r.head_slots))
         finally:
-            self.lora.bind([], self.base.device)
+            self.lora.prepare([], self.base.device)
         results = [RowResult() for _ in rows]
         self._embeddings(rows, out.last_hidden_state, mask, results)
         self._classify(rows, out, ids, mask, results)
         return results
 
-    def _encode(self, ids: torch.Tensor, mask: torch.Tensor, pooler: bool) -> object:
-        """Padding-free only when padding would cost more than packing does (batches of similar lengths stay padded),
-        and always with the CPU kernels, whose packed attention beats a grid even without pads (849 vs 749 seq/s on
-        length-sorted batches)."""
-        min_waste = 1.0 if self.packed is not None and self.packed.kernels is not None else PACKING_MIN_WASTE
-        if self.packed is None or mask.numel() < min_waste * int(mask.sum()):
+    def _packing(self, mask: torch.Tensor) -> Packing | None:
+        """The packed-batch object when this batch runs padding-free, else None.
+
+        Padding-free only when padding would cost more than packing does (batches of similar lengths stay
+        padded), and always with the CPU kernels, whose packed attention beats a grid even without pads."""
+        if self.packed is None:
+            return None
+        min_waste = 1.0 if self.packed.kernels is not None else PACKING_MIN_WASTE
+        return None if mask.numel() < min_waste * int(mask.sum()) else Packing.from_mask(mask)
+
+    def _encode(self, ids: torch.Tensor, mask: torch.Tensor, packing: Packing | None, pooler: bool) -> object:
+        if packing is None or self.packed is None:
             return self.base.model(input_ids=ids, attention_mask=mask)
-        batch = self.lora.batch
-        batch.packing = Packing.from_mask(mask)
-        try:
-            return self.packed(ids, mask, batch.packing, before_pooler=lambda: setattr(batch, "packing", None), pooler=pooler)
-        finally:
-            batch.packing = None
+        return self.packed(ids, mask, packing, pooler=pooler)
 
     def _embeddings(self, rows: list[Row], hidden: torch.Tensor, mask: torch.Tensor, results: list[RowResult]) -> None:
         for mode in {r.pooling for r in rows if r.pooling is not None}:

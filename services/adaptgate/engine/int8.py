@@ -9,11 +9,10 @@ one forward over seeded random tokens at load time (the outlier channels are a p
 not of the text). Down projections (in > out: the FFN's second linear, whose inputs follow GELU)
 stay in the model's dtype: quantizing them too cost the most accuracy for the least time.
 
-Against fp32 embeddings of all-MiniLM-L6-v2: min cosine 0.9983, mean 0.9995 over 256 SMS texts
-(bf16 alone: 0.99984 / 0.99995); 0.9974 / 0.9996 over 1,024 SST-2 texts. The test bound
-(tests/integration/test_precision.py) is 0.99 min and 0.999 mean. Speed: 1.04x bf16 on a 2-core
-EPYC with avx512_bf16 and VNNI but no AMX, where bf16 already has fast matmuls; it is opt-in for
-CPUs whose int8 units outrun their bf16 ones (AMX doubles the int8 rate).
+tests/integration/test_precision.py holds the embeddings to a cosine to fp32 of at least 0.99 (min)
+and 0.999 (mean). It is opt-in: where bf16 matmuls are already fast (avx512_bf16 without AMX) int8
+gains little; it is for CPUs whose int8 units outrun their bf16 ones (AMX doubles the int8 rate).
+Measured accuracy and speed: docs/performance.md, Precision.
 """
 
 from __future__ import annotations

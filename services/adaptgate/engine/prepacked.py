@@ -2,9 +2,10 @@
 
 `F.linear` on a bf16 CPU tensor hands oneDNN a plain [out, in] weight, which it reorders into its
 blocked layout on every call; a weight reordered once at load time (what inductor's freezing pass
-does) skips that: 5-15% faster per matmul at 100-2048 tokens on a 2-core EPYC (bit-identical
-results). The same call can apply GELU in the matmul's epilogue, sparing the FFN one pass over its
-widest activation. Serving only: the packed weights take no gradients, so training loads its own model.
+does) skips that, with bit-identical results. The same call can apply GELU in the matmul's epilogue,
+sparing the FFN one pass over its widest activation. Serving only: the packed weights take no
+gradients, so training loads its own model. Whether this CPU runs oneDNN's bf16 matmuls natively is
+engine.cpu_features' call (the same detector that picks the fused kernels).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import logging
 import torch
 from torch import nn
 from transformers.activations import GELUActivation
+
+from adaptgate.engine import cpu_features
 
 log = logging.getLogger(__name__)
 
@@ -50,28 +53,26 @@ def is_exact_gelu(module: nn.Module) -> bool:
 
 @functools.cache
 def can_prepack() -> bool:
-    """Whether oneDNN prepacks bf16 linears on this CPU (it needs AVX512BW/VL/DQ or AVX-NE-CONVERT)."""
-    if not torch.backends.mkldnn.is_available():
-        return False
-    try:
-        PrepackedLinear(nn.Linear(8, 8).to(torch.bfloat16))
-    except (RuntimeError, AttributeError):
-        return False
-    return True
+    """Whether this torch has oneDNN and this CPU runs its bf16 matmuls natively (engine.cpu_features)."""
+    return torch.backends.mkldnn.is_available() and cpu_features.onednn_bf16()
 
 
 def prepack_linears(model: nn.Module, dtype: torch.dtype, device: torch.device) -> int:
-    """Swap every nn.Linear of the encoder for a PrepackedLinear (CPU bf16 with oneDNN only); returns how many.
+    """Swap every nn.Linear of the encoder for a PrepackedLinear (CPU bf16 where can_prepack); returns how many.
 
-    Leaves the model as it was where this torch cannot prepack, and says why in the log.
+    Leaves the model as it was elsewhere, and says why in the log: INFO for a CPU or torch without
+    native bf16 oneDNN, WARNING when oneDNN was expected to prepack and failed.
     """
-    if device.type != "cpu" or dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
+    if device.type != "cpu" or dtype != torch.bfloat16:
+        return 0
+    if not can_prepack():
+        log.info("linears run unpacked: this CPU or torch has no native bf16 oneDNN (AVX512BW/VL/DQ or AVX-NE-CONVERT)")
         return 0
     names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear) and not name.startswith("pooler")]
     try:
         swaps = {name: PrepackedLinear(model.get_submodule(name)) for name in names}
     except (RuntimeError, AttributeError) as exc:  # a torch without these oneDNN ops
-        log.info("linears run unpacked: oneDNN could not prepack them (%s)", exc)
+        log.warning("linears run unpacked: oneDNN could not prepack them (%s)", exc)
         return 0
     for name, packed in swaps.items():
         parent_name, _, child = name.rpartition(".")

@@ -3,10 +3,10 @@
 PyTorch's OpenMP runtime on Linux (libgomp) keeps a team of worker threads for every thread that
 ever ran a parallel region. Once a process holds more OpenMP threads than cores, libgomp stops
 spinning between regions and puts the workers to sleep instead, and every matmul then waits for
-them to wake. On 2 cores that cut the engine's forwards from about 620 to 430 sequences/s when
-the model had been loaded on another thread (the same when a side thread validated an adapter).
-So the model is loaded, and every batch run, on this one thread, and the rest of the process is
-made single-threaded for torch: a side thread's small tensor work then runs inline, no new team.
+them to wake: a model loaded on another thread (or a side thread validating an adapter) was enough
+to slow every forward (docs/performance.md). So the model is loaded, and every batch run, on this
+one thread, and the rest of the process is made single-threaded for torch: a side thread's small
+tensor work then runs inline, no new team.
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ from adaptgate.observability.requests import current
 
 
 class ObservedAdmission(TenantAdmission):
-    """`TenantAdmission` whose `admitted` notes its arguments on the current request and runs in an
-    `admission` span (a refusal, paced or not, ends it with the error)."""
+    """`TenantAdmission` whose `admitted` notes its arguments on the current request and, when the
+    request is traced, runs in an `admission` span (a refusal, paced or not, ends it with the error)."""
 
     @asynccontextmanager
     async def admitted(
@@ -20,11 +20,12 @@ class ObservedAdmission(TenantAdmission):
     ) -> AsyncIterator[None]:
         wanted = list(adapters)
         request = current()
-        if request is None:
+        if request is not None:
+            request.admitting(tenant, rows, [str(a) for a in wanted])
+        if request is None or not request.span.is_recording():  # no trace: no span to open (the usual case)
             async with super().admitted(tenant, rows, wanted, deadline):
                 yield
             return
-        request.admitting(tenant, rows, [str(a) for a in wanted])
         async with AsyncExitStack() as stack:
             with request.phase("admission") as span:
                 span.set_attributes({"adaptgate.tenant": tenant, "adaptgate.rows": rows})

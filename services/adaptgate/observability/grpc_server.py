@@ -15,7 +15,9 @@ from typing import Any
 
 import grpc
 
+from adaptgate.observability import stages
 from adaptgate.observability.requests import REQUEST_ID_KEY, ObservedRequest, RequestObserver
+from adaptgate.observability.stages import Timed
 
 SERVED_PREFIX = "/adaptgate."  # health and reflection are not requests worth a line or a trace
 
@@ -35,22 +37,44 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
             return handler
         service, _, method = path[1:].rpartition("/")
         if handler.unary_unary is not None:
+            handler = self._timed_codec(handler, method)
             return handler._replace(unary_unary=self._unary(handler.unary_unary, service, method))  # type: ignore[attr-defined]
         if handler.stream_unary is not None:
-            return handler._replace(stream_unary=self._unary(handler.stream_unary, service, method))  # type: ignore[attr-defined]
+            return handler._replace(stream_unary=self._unary(handler.stream_unary, service, method, staged=False))  # type: ignore[attr-defined]
         if handler.unary_stream is not None:
             return handler._replace(unary_stream=self._stream(handler.unary_stream, service, method))  # type: ignore[attr-defined]
         return handler._replace(stream_stream=self._stream(handler.stream_stream, service, method))  # type: ignore[attr-defined]
+
+    def _timed_codec(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        """decode and encode of a unary call: the protobuf (de)serializers' time, reported as each runs
+        (outside the handler's observation: decode comes before it, encode after)."""
+        sink = self.observer.stage_sink
+        if sink is None:
+            return handler
+        replaced = {}
+        if handler.request_deserializer is not None:
+            replaced["request_deserializer"] = Timed(handler.request_deserializer, method, "decode", sink)
+        if handler.response_serializer is not None:
+            replaced["response_serializer"] = Timed(handler.response_serializer, method, "encode", sink)
+        return handler._replace(**replaced)  # type: ignore[attr-defined]
 
     def _open(self, context: grpc.aio.ServicerContext, service: str, method: str) -> AbstractContextManager[ObservedRequest]:
         carrier = {key.lower(): value for key, value in context.invocation_metadata() or () if isinstance(value, str)}
         attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
         return self.observer.request("grpc", method, f"{service}/{method}", carrier, attributes)
 
-    def _unary(self, behavior: Callable[..., Awaitable[Any]], service: str, method: str) -> Callable[..., Awaitable[Any]]:
+    def _unary(
+        self, behavior: Callable[..., Awaitable[Any]], service: str, method: str, staged: bool = True
+    ) -> Callable[..., Awaitable[Any]]:
+        """`staged`: one request, one message (unary-unary), so its stages are the request's."""
+
         async def observed(request: Any, context: grpc.aio.ServicerContext) -> Any:
             with self._open(context, service, method) as call:
+                if not staged:
+                    call.stage_sink = None
+                stages.mark("observe")
                 await context.send_initial_metadata(((REQUEST_ID_KEY, call.request_id),))
+                stages.lap()
                 try:
                     return await behavior(request, context)
                 finally:
@@ -61,6 +85,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
     def _stream(self, behavior: Callable[..., AsyncIterator[Any]], service: str, method: str) -> Callable[..., AsyncIterator[Any]]:
         async def observed(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             with self._open(context, service, method) as call:
+                call.stage_sink = None  # a stream's chunks run concurrently: no one request's stages
                 await context.send_initial_metadata(((REQUEST_ID_KEY, call.request_id),))
                 try:
                     async for item in behavior(request, context):

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import re
 import time
-import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -23,6 +23,8 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 
 from adaptgate.engine.batcher import SUBMIT_TIMINGS, SubmitTiming
+from adaptgate.observability import stages as request_stages
+from adaptgate.observability.stages import StageSink, StageTimes
 
 REQUEST_ID_KEY = "x-request-id"  # the gRPC metadata key and the HTTP header, taken in and echoed back
 # A client's id is kept when it is a plain token (no spaces or control characters a log line could be forged with).
@@ -57,6 +59,8 @@ class ObservedRequest:
     http_status: int | None = None
     responded_ns: int | None = None  # when the response left our code (gRPC: the handler returned)
     timings: list[SubmitTiming] = field(default_factory=list)
+    stages: StageTimes = field(default_factory=StageTimes)
+    stage_sink: StageSink | None = None
 
     def admitting(self, tenant: str, rows: int, adapters: list[str]) -> None:
         """Admission's arguments: an Embed costs a row per text, a Classify one per text and adapter
@@ -98,17 +102,21 @@ def note(*, tenant: str | None = None, method: str | None = None, code: str | No
 
 
 def request_id_of(given: str | None) -> str:
-    """The client's id when it is a plain token, else a new one."""
+    """The client's id when it is a plain token, else a new one: 128 random bits as 32 hex digits, as
+    uuid4().hex reads, from the random module (seeded from the OS once) rather than a system call per
+    request. An id needs to be unique, not unguessable."""
     if given and _CLIENT_ID.fullmatch(given):
         return given
-    return uuid.uuid4().hex
+    return f"{random.getrandbits(128):032x}"
 
 
 class RequestObserver:
     """Opens and closes each request's observation; built once by the composition root with its tracer."""
 
-    def __init__(self, tracer: Tracer | None = None) -> None:
+    def __init__(self, tracer: Tracer | None = None, stage_sink: StageSink | None = None) -> None:
+        """`stage_sink` takes each gRPC API request's time per stage when it ends (Metrics.request_stages.observe)."""
         self.tracer = tracer if tracer is not None else trace.get_tracer("adaptgate")
+        self.stage_sink = stage_sink
 
     @contextmanager
     def request(
@@ -122,7 +130,11 @@ class RequestObserver:
             )
         else:
             span = trace.INVALID_SPAN
-        observed = ObservedRequest(request_id_of(carrier.get(REQUEST_ID_KEY)), protocol, method, span, self.tracer, api)
+        times, stages_token = request_stages.begin()
+        observed = ObservedRequest(
+            request_id_of(carrier.get(REQUEST_ID_KEY)), protocol, method, span, self.tracer, api, stages=times,
+            stage_sink=self.stage_sink if api and protocol == "grpc" else None,  # HTTP's stages cross awaits
+        )
         request_token, timings_token = _current.set(observed), SUBMIT_TIMINGS.set(observed.timings)
         try:
             with trace.use_span(span, end_on_exit=False, record_exception=False, set_status_on_exception=False):
@@ -135,6 +147,7 @@ class RequestObserver:
                 finish(observed)
             finally:
                 _reset(request_token, timings_token)
+                request_stages.end(stages_token)
 
 
 def _reset(request_token: object, timings_token: object) -> None:
@@ -156,6 +169,22 @@ def finish(request: ObservedRequest) -> None:
         _engine_spans(request, ended_ns)
         _end_request_span(request, ended_ns)
     _access_line(request, duration_ms)
+    if request.stage_sink is not None:
+        _report_stages(request)
+
+
+def _report_stages(request: ObservedRequest) -> None:
+    """The engine's stages from the batcher's timings, this function's own cost as `observe`, then every stage out."""
+    stages = request.stages
+    stages.mark("observe")
+    for timing in request.timings:
+        first = min((b.started_ns for b in timing.batches), default=timing.answered_ns)
+        stages.add("queue_wait", (first - timing.queued_ns) / 1e9)
+        stages.add("forward", timing.forward_ns / 1e9)
+    sink, method = request.stage_sink, request.method
+    assert sink is not None
+    for stage, seconds in stages.seconds.items():
+        sink(method, stage, seconds)
 
 
 def _end_request_span(request: ObservedRequest, ended_ns: int) -> None:

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from adaptgate.training.updates import Report, Update
+from adaptgate.training.runners.updates import Report, Update
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ def open_tracker(spec: TrackingSpec | None) -> Tracker:
 
 
 def block_metrics(blocks: Iterable[Mapping[str, Any]]) -> dict[str, float]:
-    """A per-block learning-rate table (updates.py `details.blocks`) as metrics: rate, HTSR alpha, multiplier."""
+    """A per-block learning-rate table (runners/updates.py `details.blocks`) as metrics: rate, HTSR alpha, multiplier."""
     out: dict[str, float] = {}
     for row in blocks:
         block = int(row.get("block", -1))

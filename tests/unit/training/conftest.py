@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from adaptgate.training.database import Database
+from adaptgate.training.db.database import Database
 
 
 @pytest.fixture(scope="session")

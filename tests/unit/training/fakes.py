@@ -7,12 +7,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from adaptgate.training.head import HeadParams, HeadResult
-from adaptgate.training.job_records import PublishRequest
-from adaptgate.training.lora import LoraParams, LoraResult
-from adaptgate.training.methods import TrainParams, TrainResult
-from adaptgate.training.runner import OnEvent
-from adaptgate.training.updates import make_update
+from adaptgate.training.jobs.records import PublishRequest
+from adaptgate.training.methods.head import HeadParams, HeadResult
+from adaptgate.training.methods.lora import LoraParams, LoraResult
+from adaptgate.training.methods.method import TrainParams, TrainResult
+from adaptgate.training.runners.base import OnEvent
+from adaptgate.training.runners.updates import make_update
 
 METRICS = {"accuracy": 0.95, "macro_f1": 0.9, "loss": 0.2}
 LORA_MODULE = "encoder.layer.1.attention.self.query"

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adaptgate.training.abstain import calibrate, calibrate_head
+from adaptgate.training.methods.abstain import calibrate, calibrate_head
 
 
 def test_the_threshold_is_the_lowest_score_reaching_the_precision() -> None:

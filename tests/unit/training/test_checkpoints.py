@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from adaptgate.storage import Storage
-from adaptgate.training.checkpoints import STATE_FILE, CheckpointDir, signature
+from adaptgate.training.runners.checkpoints import STATE_FILE, CheckpointDir, signature
 
 TENSORS = {"param/a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "rng/torch": torch.get_rng_state()}
 META = {"signature": signature("inputs"), "step": 40, "best": {"accuracy": 0.9}}

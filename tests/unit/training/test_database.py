@@ -11,11 +11,9 @@ import psycopg
 import pytest
 
 from adaptgate.errors import ResourceExhausted, Unavailable
-from adaptgate.training.database import (
-    Database, DatabaseBusy, DatabaseFull, DatabaseIOError, DatabaseUnavailable, postgres_failure,
-)
-from adaptgate.training.job_records import JobEvent, JobRecord, JobSpec, JobState
-from adaptgate.training.job_store import JobStore
+from adaptgate.training.db.database import Database, DatabaseBusy, DatabaseFull, DatabaseIOError, DatabaseUnavailable, postgres_failure
+from adaptgate.training.jobs.records import JobEvent, JobRecord, JobSpec, JobState
+from adaptgate.training.jobs.store import JobStore
 from tests.postgres import NOT_INSTALLED, PostgresServer, binaries, free_port
 
 
@@ -104,7 +102,7 @@ def test_a_database_locked_by_another_process_is_a_clear_error(tmp_path: Path) -
 FULL_FILESYSTEM = """
 import subprocess, sys, tempfile
 from pathlib import Path
-from adaptgate.training.database import Database
+from adaptgate.training.db.database import Database
 mount = Path(tempfile.mkdtemp())
 subprocess.run(["mount", "-t", "tmpfs", "-o", "size=192k", "tmpfs", str(mount)], check=True)
 db = Database(mount / "a.db")

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from adaptgate.errors import FailedPrecondition, NotFound
-from adaptgate.training.database import Database
-from adaptgate.training.datasets import DatasetStore
-from adaptgate.training.job_records import JobEvent, JobRecord, JobSpec, JobState
-from adaptgate.training.job_store import JobStore
+from adaptgate.training.data.datasets import DatasetStore
+from adaptgate.training.db.database import Database
+from adaptgate.training.jobs.records import JobEvent, JobRecord, JobSpec, JobState
+from adaptgate.training.jobs.store import JobStore
 
 from .conftest import jsonl, separable_rows
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from adaptgate.errors import InvalidDataset
-from adaptgate.training.datasets import parse_dataset
-from adaptgate.training.problems import describe_lines
+from adaptgate.training.data.datasets import parse_dataset
+from adaptgate.training.data.problems import describe_lines
 
 from .conftest import jsonl
 
@@ -154,7 +154,7 @@ def test_describe_lines() -> None:
 
 
 def parse_file(tmp_path: Path, data: bytes, fmt: str = "jsonl", **kwargs: object):
-    from adaptgate.training.dataset_checks import parse_dataset_file
+    from adaptgate.training.data.checks import parse_dataset_file
 
     path = tmp_path / f"upload.{fmt}"
     path.write_bytes(data)
@@ -205,7 +205,7 @@ def csv_bytes(rows: list[dict[str, object]]) -> bytes:
 
 
 def test_a_line_over_the_limit_is_refused_with_its_number(tmp_path: Path) -> None:
-    from adaptgate.training.dataset_rows import MAX_LINE_BYTES
+    from adaptgate.training.data.rows import MAX_LINE_BYTES
 
     long_row = json.dumps({"text": "x" * MAX_LINE_BYTES, "label": "spam"}).encode() + b"\n"
     message = rejected_file(tmp_path, jsonl(GOOD[:2]) + long_row + jsonl(GOOD[2:]))
@@ -216,7 +216,7 @@ def test_a_line_over_the_limit_is_refused_with_its_number(tmp_path: Path) -> Non
 
 
 def test_the_row_count_is_capped_with_a_clear_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from adaptgate.training import dataset_rows
+    from adaptgate.training.data import rows as dataset_rows
 
     monkeypatch.setattr(dataset_rows, "MAX_ROWS", 6)
     rows = [{"text": f"t{i}", "label": "ab"[i % 2]} for i in range(7)]

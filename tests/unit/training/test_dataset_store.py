@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from adaptgate.errors import InvalidArgument, InvalidDataset, NotFound
-from adaptgate.training.database import Database
-from adaptgate.training.datasets import DatasetStore
+from adaptgate.training.data.datasets import DatasetStore
+from adaptgate.training.db.database import Database
 
 from .conftest import jsonl, separable_rows
 

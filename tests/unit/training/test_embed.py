@@ -14,10 +14,10 @@ from adaptgate.engine.engine import Engine, EngineConfig
 from adaptgate.engine.model import load_base_model
 from adaptgate.engine.pooling import Pooling
 from adaptgate.engine.rows import Row
-from adaptgate.training.embed import EmbedParams, EmbedResult, _EmbedTrainer
-from adaptgate.training.lora_data import pad
-from adaptgate.training.methods import train
-from adaptgate.training.updates import Update
+from adaptgate.training.methods.embed import EmbedParams, EmbedResult, _EmbedTrainer
+from adaptgate.training.methods.lora_data import pad
+from adaptgate.training.methods.train import train
+from adaptgate.training.runners.updates import Update
 
 from .conftest import separable_rows
 

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from adaptgate.engine.model import load_base_model
-from adaptgate.training.head import HeadParams, TrainingDiverged, label_order, train_head
-from adaptgate.training.head_embed import chunk_size
-from adaptgate.training.head_fit import FitConfig, fit_linear_head, macro_f1
-from adaptgate.training.head_split import Split, job_split, stratified_split, validation_count
-from adaptgate.training.updates import Update
+from adaptgate.training.data.splits import Split, job_split, stratified_split, validation_count
+from adaptgate.training.methods.head import HeadParams, TrainingDiverged, label_order, train_head
+from adaptgate.training.methods.head_embed import chunk_size
+from adaptgate.training.methods.head_fit import FitConfig, fit_linear_head, macro_f1
+from adaptgate.training.runners.updates import Update
 
 from .conftest import separable_rows
 

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from adaptgate.training.database import Database
-from adaptgate.training.datasets import DatasetStore
-from adaptgate.training.job_store import JobStore
-from adaptgate.training.jobs import JobManager, JobSpec, JobState
+from adaptgate.training.data.datasets import DatasetStore
+from adaptgate.training.db.database import Database
+from adaptgate.training.jobs.manager import JobManager
+from adaptgate.training.jobs.records import JobSpec, JobState
+from adaptgate.training.jobs.store import JobStore
 
 from .conftest import jsonl, separable_rows
 from .fakes import FakePublisher, FakeRunner

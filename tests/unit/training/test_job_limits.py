@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from adaptgate.errors import InvalidArgument, ResourceExhausted
-from adaptgate.training.job_validation import JobLimits
-from adaptgate.training.jobs import JobRecord, JobState
-from adaptgate.training.lora import LoraParams
+from adaptgate.training.jobs.limits import JobLimits
+from adaptgate.training.jobs.records import JobRecord, JobState
+from adaptgate.training.methods.lora import LoraParams
 
 from .fakes import FakeRunner
 from .test_job_manager import World, events_of

@@ -11,12 +11,14 @@ import pytest
 from safetensors.torch import load
 
 from adaptgate.errors import FailedPrecondition, InvalidArgument, JobNotFound, NotFound, ResourceExhausted
-from adaptgate.training.database import Database, DatabaseFull
-from adaptgate.training.datasets import DatasetStore
-from adaptgate.training.job_manager import Sleep
-from adaptgate.training.job_store import JobStore
-from adaptgate.training.job_validation import JobLimits
-from adaptgate.training.jobs import JobEvent, JobManager, JobRecord, JobSpec, JobState, TrainingFailed
+from adaptgate.training.data.datasets import DatasetStore
+from adaptgate.training.db.database import Database, DatabaseFull
+from adaptgate.training.jobs.limits import JobLimits
+from adaptgate.training.jobs.manager import Sleep
+from adaptgate.training.jobs.manager import JobManager
+from adaptgate.training.jobs.records import JobEvent, JobRecord, JobSpec, JobState
+from adaptgate.training.jobs.store import JobStore
+from adaptgate.training.runners.base import TrainingFailed
 
 from .conftest import jsonl, separable_rows
 from .fakes import FakePublisher, FakeRunner

@@ -12,9 +12,9 @@ from typing import TypeVar
 import pytest
 
 from adaptgate.errors import ResourceExhausted, Unavailable
-from adaptgate.training.database import Database
-from adaptgate.training.job_records import JobEvent, JobRecord, JobSpec, JobState
-from adaptgate.training.job_store import JobStore, LeaseLost
+from adaptgate.training.db.database import Database
+from adaptgate.training.jobs.records import JobEvent, JobRecord, JobSpec, JobState
+from adaptgate.training.jobs.store import JobStore, LeaseLost
 
 T = TypeVar("T")
 

@@ -15,13 +15,13 @@ from adaptgate.adapters.validation import AdapterValidator
 from adaptgate.engine.engine import Engine, EngineConfig, HeadWeights
 from adaptgate.engine.model import load_base_model
 from adaptgate.engine.rows import Row
-from adaptgate.training.checkpoints import CheckpointDir, signature
-from adaptgate.training.head_fit import TrainingDiverged
-from adaptgate.training.htsr import HIGH, LOW, hill_alpha, multipliers
-from adaptgate.training.lora import LoraParams, _Trainer, train_lora
-from adaptgate.training.lora_data import epoch_batches, steps_per_epoch
-from adaptgate.training.lora_model import block_of, select_targets
-from adaptgate.training.updates import Update
+from adaptgate.training.methods.head_fit import TrainingDiverged
+from adaptgate.training.methods.htsr import HIGH, LOW, hill_alpha, multipliers
+from adaptgate.training.methods.lora import LoraParams, _Trainer, train_lora
+from adaptgate.training.methods.lora_data import epoch_batches, steps_per_epoch
+from adaptgate.training.methods.lora_model import block_of, select_targets
+from adaptgate.training.runners.checkpoints import CheckpointDir, signature
+from adaptgate.training.runners.updates import Update
 
 from .conftest import separable_rows
 
@@ -65,7 +65,7 @@ def test_served_probabilities_equal_the_trained_models(tiny_model_dir: Path) -> 
 
     with torch.no_grad():
         ids = [trainer.base.tokenizer(t)["input_ids"] for t in PROBE]
-        from adaptgate.training.lora_data import pad
+        from adaptgate.training.methods.lora_data import pad
 
         own = torch.softmax(trainer.model(*pad(ids, 0, torch.device("cpu"))), dim=-1).numpy()
 

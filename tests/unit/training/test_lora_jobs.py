@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load
 
-from adaptgate.training.database import Database
-from adaptgate.training.head import HeadParams
-from adaptgate.training.job_store import JobStore
-from adaptgate.training.jobs import JobRecord, JobSpec, JobState
-from adaptgate.training.lora import LoraParams
-from adaptgate.training.methods import HEAD_MAX_ROWS, choose_method
+from adaptgate.training.db.database import Database
+from adaptgate.training.jobs.records import JobRecord, JobSpec, JobState
+from adaptgate.training.jobs.store import JobStore
+from adaptgate.training.methods.auto import HEAD_MAX_ROWS, choose_method
+from adaptgate.training.methods.head import HeadParams
+from adaptgate.training.methods.lora import LoraParams
 
 from .conftest import jsonl, separable_rows
 from .fakes import LORA_MODULE, FakeRunner
@@ -121,7 +121,7 @@ def test_an_old_database_gains_the_new_columns(tmp_path: Path) -> None:
     old = store.get("job-old")
     assert old is not None and (old.method, old.lora_rank, old.auto, old.details) == ("head", 0, False, {})
     record = JobRecord.new("acme", JobSpec("ds-1", "x", method="lora", lora_rank=8, auto=True))
-    from adaptgate.training.jobs import JobEvent
+    from adaptgate.training.jobs.records import JobEvent
 
     store.insert(record, JobEvent(record.id, 0, 0.0, JobState.QUEUED, "state", "queued", details={"k": 1}))
     again = store.get(record.id)

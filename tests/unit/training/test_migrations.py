@@ -13,10 +13,10 @@ from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.config import Config
 
-from adaptgate.training.database import MIGRATIONS, Database
-from adaptgate.training.job_records import JobState
-from adaptgate.training.job_store import JobStore
-from adaptgate.training.schema import metadata
+from adaptgate.training.db.database import MIGRATIONS, Database
+from adaptgate.training.db.schema import metadata
+from adaptgate.training.jobs.records import JobState
+from adaptgate.training.jobs.store import JobStore
 
 # The schema releases before migrations created with raw SQL; `LATER` marks the columns added later,
 # which a file from the first release does not have.

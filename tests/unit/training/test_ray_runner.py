@@ -13,11 +13,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from adaptgate.training.head import HeadParams
-from adaptgate.training.lora import LoraParams, LoraResult
-from adaptgate.training.ray_runner import RayRunner
-from adaptgate.training.runner import OnEvent, TrainingFailed
-from adaptgate.training.updates import Update
+from adaptgate.training.methods.head import HeadParams
+from adaptgate.training.methods.lora import LoraParams, LoraResult
+from adaptgate.training.runners.base import OnEvent, TrainingFailed
+from adaptgate.training.runners.ray_runner import RayRunner
+from adaptgate.training.runners.updates import Update
 
 from .conftest import separable_rows
 

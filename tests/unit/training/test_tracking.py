@@ -17,18 +17,19 @@ from typing import Any
 
 import pytest
 
-from adaptgate.training.database import Database
-from adaptgate.training.datasets import DatasetStore
-from adaptgate.training.head import HeadParams
-from adaptgate.training.jobs import JobEvent, JobManager, JobRecord, JobSpec, JobState, TrainingFailed
-from adaptgate.training.lora import LoraParams
-from adaptgate.training.methods import TrainParams, TrainResult, train
-from adaptgate.training.ray_runner import RayRunner
-from adaptgate.training.runner import OnEvent
-from adaptgate.training.tracking import (
-    CONFUSION_CSV, CONFUSION_JSON, MlflowTracker, TrackingConfig, TrackingSpec, confusion_csv, open_job_run,
-)
-from adaptgate.training.updates import Update
+from adaptgate.training.data.datasets import DatasetStore
+from adaptgate.training.db.database import Database
+from adaptgate.training.jobs.manager import JobManager
+from adaptgate.training.jobs.records import JobEvent, JobRecord, JobSpec, JobState
+from adaptgate.training.methods.head import HeadParams
+from adaptgate.training.methods.lora import LoraParams
+from adaptgate.training.methods.method import TrainParams, TrainResult
+from adaptgate.training.methods.train import train
+from adaptgate.training.runners.base import TrainingFailed
+from adaptgate.training.runners.base import OnEvent
+from adaptgate.training.runners.ray_runner import RayRunner
+from adaptgate.training.runners.updates import Update
+from adaptgate.training.tracking import CONFUSION_CSV, CONFUSION_JSON, MlflowTracker, TrackingConfig, TrackingSpec, confusion_csv, open_job_run
 from tests.mlflow_server import free_port, mlflow_server  # noqa: F401 - the session fixture
 
 from .conftest import jsonl, separable_rows

@@ -10,10 +10,10 @@ from adaptgate import server
 from adaptgate.engine.model import load_base_model
 from adaptgate.errors import AdaptgateError
 from adaptgate.settings import Settings
-from adaptgate.training.head import HeadParams
-from adaptgate.training.job_manager import JobManager
-from adaptgate.training.lora import LoraParams
-from adaptgate.training.worker_base import load_training_base
+from adaptgate.training.jobs.manager import JobManager
+from adaptgate.training.methods.head import HeadParams
+from adaptgate.training.methods.lora import LoraParams
+from adaptgate.training.runners.worker_base import load_training_base
 
 from .fakes import FakeRunner
 from .test_job_manager import World, events_of

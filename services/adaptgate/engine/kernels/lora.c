@@ -3,31 +3,29 @@
  * y[t] += (x[t] · A[s]ᵀ) · B[s] for every listed token t and its slot s, in place. One token's whole
  * low-rank path stays in registers: its rank-sized intermediate never goes to memory, and y is read
  * and written once. PyTorch's gathered bmm does the same arithmetic in four passes with a fixed cost
- * per batch entry, which at rank 8 is most of the time. Built at run time by cpu_kernels.py
- * (`-march=native -fopenmp`); its OpenMP is the libgomp torch already loaded (same soname), so the
- * calling thread's torch thread count applies.
+ * per batch entry, which at small ranks is most of the time. Built ahead of time by setup.py with
+ * explicit ISA flags; its OpenMP is the libgomp torch already loaded (same soname, and torch is imported
+ * before this library), so the calling thread's torch thread count applies and no second thread pool exists.
  *
  * Two neighbouring tokens of one slot (a row's tokens are contiguous) go through together, so each
- * load of A or B serves both: 1.4x faster than one token at a time.
+ * load of A or B serves both.
  *
  * Layouts (bf16 stored as uint16, row-major): x [T, fin], y [T, fout], a [S, rank, fin],
  * bv [S, rank/2, fout, 2] (B with pairs of ranks interleaved, the operand layout of vdpbf16ps).
- * rank is a multiple of 8 and at most MAX_RANK.
+ * rank is a multiple of 8 and at most LORA_MAX_RANK; module.c checks tokens and slots are in range.
  */
 #include <immintrin.h>
 #include <omp.h>
 #include <stdint.h>
 
+#include "kernels.h"
+
 #ifndef __AVX512BF16__
 #error "this kernel needs AVX512-BF16"
 #endif
 
-#define MAX_RANK 64
+#define MAX_RANK LORA_MAX_RANK
 #define INLINE static inline __attribute__((always_inline))
-
-int lora_max_rank(void) { return MAX_RANK; }
-
-int lora_threads(void) { return omp_get_max_threads(); }
 
 INLINE __mmask32 tail32(int64_t left) { return left >= 32 ? 0xFFFFFFFFu : (__mmask32)((1u << left) - 1u); }
 

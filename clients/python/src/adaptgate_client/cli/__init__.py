@@ -142,8 +142,8 @@ def _jobs_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("job_id", nargs="?", help="watch/get/cancel: the job id")
     p.add_argument("--dataset-id", "--dataset", dest="dataset_id", default="", help="submit: the dataset to train on")
     p.add_argument("--adapter-name", default="", help="submit: the adapter the job publishes (a new version of it)")
-    p.add_argument("--method", default="head", choices=["head", "lora", "embed", "auto"],
-                   help="submit: what to train (default head; auto picks by the data)")
+    p.add_argument("--method", default="",
+                   help="submit: what to train, e.g. head, lora or embed (default: the server's, auto, which picks by the data)")
     p.add_argument("--alias", default="", help="submit: move this alias to the new version on success")
     p.add_argument("--validation-fraction", type=float, default=0.0, help="submit: rows held out for validation (0: 0.1)")
     p.add_argument("--epochs", type=int, default=0, help="submit: passes over the training rows (0: the method's default)")

@@ -1,0 +1,1 @@
+"""Tenant datasets: reading uploads row by row, checking them, storing them, and splitting them for training."""

@@ -1,1 +1,0 @@
-"""Alembic migrations of the job database (see database.py: they run when a Database is opened)."""
