@@ -263,3 +263,46 @@ def test_concurrent_publishes_and_alias_moves_never_go_back(
             thread.join()
     assert violations == []
     assert mine.resolve(PROD).version == mine.resolve(LATEST).version == 9
+
+
+MOUNTS = """\
+overlay / overlay rw,relatime 0 0
+/dev/nvme0n1p1 /data ext4 rw,relatime 0 0
+server:/export /data/adapters nfs4 rw,relatime,vers=4.2 0 0
+tmpfs /tmp tmpfs rw 0 0
+s3fs /mnt/my\\040bucket fuse.s3fs rw 0 0
+"""
+
+
+@pytest.mark.parametrize(
+    ("path", "local"),
+    [("/data/store", True), ("/data/adapters/acme", False), ("/data/adapters", False), ("/srv", True),
+     ("/tmp/x", True), ("/mnt/my bucket/store", False)],
+)
+def test_a_store_on_a_network_filesystem_is_known_as_such(path: str, local: bool) -> None:
+    """The innermost mount decides: an NFS export mounted inside a local disk is NFS (and a FUSE mount too)."""
+    assert resolution.on_local_filesystem(Path(path), MOUNTS) is local
+
+
+async def test_on_a_local_disk_a_reference_resolves_on_the_event_loop(tmp_path: Path, validator, files) -> None:
+    """No worker-thread hop per request where the check costs microseconds; a network store keeps the hop."""
+    from adaptgate.adapters.cache import AdapterCache
+    from adaptgate.metrics import Metrics
+
+    store = AdapterStore(tmp_path / "store", validator)
+    store.publish("acme", "spam", files, alias="prod")
+    threads: list[int] = []
+    resolve = store.resolve_published
+
+    def recording(ref: AdapterRef) -> tuple[AdapterRef, float]:
+        threads.append(threading.get_ident())
+        return resolve(ref)
+
+    store.resolve_published = recording  # type: ignore[method-assign]
+    cache = AdapterCache(store, None, 2, Metrics())  # type: ignore[arg-type]
+    ref = AdapterRef("acme", "spam", alias="prod")
+    assert store.local, "the test's temporary directory should be a local filesystem"
+    assert await cache._resolve_published(ref) == resolve(ref)
+    store.local = False  # as on an NFS mount
+    assert await cache._resolve_published(ref) == resolve(ref)
+    assert threads[0] == threading.get_ident() and threads[1] != threading.get_ident()

@@ -81,7 +81,9 @@ def _backend(name: str) -> LoraBackend:
     return backend
 
 
-@pytest.mark.parametrize("row_slots", [[1, -1, 0, 1], [1, 0, 0, 1]], ids=["some rows", "every row"])
+@pytest.mark.parametrize(
+    "row_slots", [[1, -1, 0, 1], [1, 0, 0, 1], [1, 1, 1, 1], [0, -1, 0, 0]], ids=["some rows", "every row", "one adapter", "one adapter, some rows"]
+)
 @pytest.mark.parametrize("name", sorted(BACKENDS))
 def test_every_backend_adds_the_exact_deltas_on_padded_and_packed_rows(name: str, row_slots: list[int]) -> None:
     layers = _layers(_backend(name))

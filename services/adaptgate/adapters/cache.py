@@ -93,7 +93,7 @@ class AdapterCache:
         return await self._acquire(ref, lease=False, pinned_by=pinned_by)
 
     async def _acquire(self, ref: AdapterRef, lease: bool, pinned_by: str | None) -> Resident:
-        concrete, published = await asyncio.to_thread(self.store.resolve_published, ref)
+        concrete, published = await self._resolve_published(ref)
         if concrete in self._deleting:
             raise FailedPrecondition(f"adapter {concrete} is being deleted; use another version")
         if (resident := self._resident.get(concrete)) is not None and resident.record.created_at != published:
@@ -114,6 +114,12 @@ class AdapterCache:
         except asyncio.CancelledError:
             await self._abandon(loading, lease)
             raise
+
+    async def _resolve_published(self, ref: AdapterRef) -> tuple[AdapterRef, float]:
+        """On the event loop where the store is on a local disk (a thread hop costs more than the check)."""
+        if self.store.local:
+            return self.store.resolve_published(ref)
+        return await asyncio.to_thread(self.store.resolve_published, ref)
 
     def _start_load(self, concrete: AdapterRef) -> _Loading:
         """The load runs as its own task: a caller that gives up does not cancel it for the others."""

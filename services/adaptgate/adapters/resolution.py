@@ -143,3 +143,31 @@ class Resolver(Generic[R]):
         else:
             self._entries.pop(key, None)
         return view
+
+
+# Filesystems whose reads can wait on a network round trip (or a FUSE daemon): resolution then runs on a
+# worker thread. On any other (ext4, xfs, overlay, tmpfs, ...) the stamp's read and stat take microseconds,
+# less than the hop, and run on the caller's thread.
+NETWORK_FILESYSTEMS = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "ceph", "glusterfs", "9p", "lustre", "gpfs", "afs", "virtiofs"})
+
+
+def on_local_filesystem(path: Path, mounts: str | None = None) -> bool:
+    """Whether `path` lies on a local filesystem, from the mount table (`/proc/mounts`; `mounts` for tests).
+
+    The longest mount point that contains the path decides. Unknown (no mount table): not local.
+    """
+    if mounts is None:
+        try:
+            mounts = Path("/proc/mounts").read_text()
+        except OSError:
+            return False
+    target, best, fstype = str(path.resolve()), "", ""
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, fstype = point, fields[2]
+    return bool(best) and fstype not in NETWORK_FILESYSTEMS and not fstype.startswith("fuse")

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from adaptgate.adapters.format import ALLOWED_FILES, WEIGHTS_FILE, AdapterWeights
 from adaptgate.adapters.refs import NAME_PATTERN, AdapterRef, check_name
-from adaptgate.adapters.resolution import DEFAULT_MAX_AGE_S, AdapterView, Resolver, ResolverStats, bump_generation
+from adaptgate.adapters.resolution import DEFAULT_MAX_AGE_S, AdapterView, Resolver, ResolverStats, bump_generation, on_local_filesystem
 from adaptgate.adapters.validation import AdapterValidator, check_filenames
 from adaptgate.durable import fsync_dir, fsync_file, write_atomically, write_synced
 from adaptgate.errors import AdapterNotFound, FailedPrecondition, InvalidArgument
@@ -98,6 +98,8 @@ class AdapterStore:
     ) -> None:
         self.root = root.resolve()
         self._resolver: Resolver[AdapterRecord] = Resolver(max_resolve_age_s)
+        # Whether a resolve may run on the event loop: microseconds on a local disk, a round trip on NFS.
+        self.local = on_local_filesystem(self.root)
         self.validator = validator
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()  # version numbers, alias files and deletes: one writer at a time

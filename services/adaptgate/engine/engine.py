@@ -18,6 +18,10 @@ from adaptgate.errors import InputTooLong, InvalidArgument
 
 # A token is rarely more than this many characters; longer texts fail before the tokenizer runs.
 MAX_CHARS_PER_TOKEN = 32
+# Requests this short (in characters, all texts together) are tokenized on the caller's thread: a hop to
+# a worker thread costs more than the tokenizer does on a sentence or two, and it adds a wait for a free
+# worker when many requests are in flight. Longer ones go to a thread so the event loop keeps serving.
+INLINE_TOKENIZE_CHARS = 2048
 
 
 @dataclass
@@ -149,6 +153,8 @@ class Engine:
                     "shorten it or set truncate"
                 )
         clipped = [(prompt + t)[:char_limit] for t in texts]
+        if sum(map(len, clipped)) <= INLINE_TOKENIZE_CHARS:
+            return self._token_ids(clipped, truncate, bool(prompt))
         return await asyncio.to_thread(self._token_ids, clipped, truncate, bool(prompt))
 
     def _token_ids(self, texts: list[str], truncate: bool, prompted: bool = False) -> list[list[int]]:

@@ -23,6 +23,7 @@ class LoraMapping:
     batch_rows: int
     every_row: bool  # every row carries an adapter: deltas go in place, with no row gather or scatter
     packing: Packing | None = None  # the packed-batch object when the encoder runs on packed tokens
+    single_slot: int | None = None  # the one slot every adapter row uses, when they all use the same
 
     @classmethod
     def build(cls, row_slots: list[int], device: torch.device, packing: Packing | None = None) -> LoraMapping | None:
@@ -32,7 +33,9 @@ class LoraMapping:
             return None
         rows = torch.tensor([p[0] for p in pairs], device=device)
         slots = torch.tensor([p[1] for p in pairs], device=device)
-        return cls(rows, slots, len(row_slots), len(pairs) == len(row_slots), packing)
+        distinct = {p[1] for p in pairs}
+        single = distinct.pop() if len(distinct) == 1 else None
+        return cls(rows, slots, len(row_slots), len(pairs) == len(row_slots), packing, single)
 
     def is_packed(self, x: torch.Tensor) -> bool:
         """Whether x holds this batch's packed tokens rather than its rows."""

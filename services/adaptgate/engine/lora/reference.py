@@ -91,6 +91,8 @@ class GatheredBmm(LoraBackend):
         self._chunks = self._last = None
 
     def add_delta(self, layer: BatchedLoraLinear, x: torch.Tensor, y: torch.Tensor, mapping: LoraMapping) -> torch.Tensor:
+        if mapping.every_row and mapping.single_slot is not None:
+            return self._one_adapter(layer, x, y, mapping, mapping.single_slot)
         if mapping.is_packed(x):
             return self._packed(layer, x, y, mapping)
         rows, slots = mapping.rows, mapping.slots
@@ -101,6 +103,18 @@ class GatheredBmm(LoraBackend):
         xs = x.index_select(0, rows).reshape(len(rows), -1, x.shape[-1])  # [n, T, in]; T=1 for BERT's pooler
         delta = torch.bmm(torch.bmm(xs, _a(layer, slots)), layer.lora_b[slots])  # [n, T, out]
         return y.index_add_(0, rows, delta.reshape(len(rows), *y.shape[1:]).to(y.dtype))
+
+    @staticmethod
+    def _one_adapter(
+        layer: BatchedLoraLinear, x: torch.Tensor, y: torch.Tensor, mapping: LoraMapping, slot: int
+    ) -> torch.Tensor:
+        """Every row carries the same adapter (one tenant's traffic): two plain matmuls over all tokens, in
+        place, with no per-row copies of A and B and no chunk grid. A packed bucket's filler gets no delta."""
+        flat_x, flat_y = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
+        if mapping.packing is not None and mapping.is_packed(x):
+            flat_x, flat_y = flat_x[: mapping.packing.tokens], flat_y[: mapping.packing.tokens]
+        flat_y.addmm_(flat_x @ layer.lora_a[slot].t(), layer.lora_b[slot])  # [t, r] · [r, out]
+        return y
 
     def chunks(self, mapping: LoraMapping) -> LoraChunks:
         """The packed grid, built on the batch's first LoRA layer."""
