@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import json
 import os
 import re
@@ -59,15 +58,6 @@ SERVER_FLAGS = ("--max-inflight-per-tenant", "0", "--max-leased-adapters-per-ten
 AWAITING_STAGES = ("tokenize", "lease", "queue_wait", "forward")
 CPU_SERIES = re.compile(r"^process_cpu_seconds_total (\S+)$", re.M)
 STAGE_SERIES = re.compile(r'^adaptgate_request_stage_seconds_(sum|count)\{method="(\w+)",stage="(\w+)"\} (\S+)$', re.M)
-
-
-def load_multi_adapter() -> ModuleType:
-    """bench/multi_adapter.py's texts and adapters, so both benches serve the same adapters."""
-    spec = importlib.util.spec_from_file_location("bench_multi_adapter", REPO / "bench" / "multi_adapter.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @dataclass
@@ -295,7 +285,7 @@ def main() -> None:
     parser.add_argument("--server-flag", action="append", default=[], help="an extra flag for `adaptgate serve`")
     parser.add_argument("--profile", type=Path, help="py-spy the last tree's gateway through the timed rounds into this file")
     args = parser.parse_args()
-    multi = load_multi_adapter()
+    import multi_adapter as multi  # its texts and adapters: both benches serve the same ones (bench/ is on sys.path)
     texts = multi.load_texts(max(args.requests * args.texts_per_request, 256))
     gateways: list[Gateway] = []
     with tempfile.TemporaryDirectory() as tmp:

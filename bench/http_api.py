@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import importlib.util
 import os
 import signal
 import subprocess
@@ -38,15 +37,6 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 INFINITY_VENVS = (REPO / ".venv-peers",)
 INFINITY_PORT = 7997
-
-
-def load_run() -> ModuleType:
-    """bench/run.py's workload and server starters, so the two benches measure the same thing."""
-    spec = importlib.util.spec_from_file_location("bench_run", REPO / "bench" / "run.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @dataclass
@@ -134,7 +124,7 @@ def main() -> None:
     parser.add_argument("--infinity", type=Path, default=None, help="an infinity_emb binary (default: its venvs)")
     parser.add_argument("--no-infinity", action="store_true", help="leave Infinity out")
     args = parser.parse_args()
-    run = load_run()
+    import run  # its workload and server starters: both benches measure the same thing (bench/ is on sys.path)
     texts = run.load_texts(args.texts)
     tokens_per_text = run.token_count(texts) / len(texts)
     chunks = [texts[i : i + args.batch] for i in range(0, len(texts), args.batch)]
