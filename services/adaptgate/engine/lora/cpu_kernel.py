@@ -48,8 +48,7 @@ class CpuKernel(LoraBackend):
         self._token_slots.clear()
 
     def add_delta(self, layer: BatchedLoraLinear, x: torch.Tensor, y: torch.Tensor, mapping: LoraMapping) -> torch.Tensor:
-        """One kernel call adds every LoRA token's delta to y in place."""
-        assert x.dtype == y.dtype == torch.bfloat16 and y.is_contiguous()
+        """One kernel call adds every LoRA token's delta to y in place (the op checks dtypes, shapes and indices)."""
         flat_x = x.reshape(-1, x.shape[-1]).contiguous()
         tokens, slots = self.token_slots(mapping, x, len(flat_x) // len(x))
         self.kernels.lora_delta(flat_x, y.view(-1, y.shape[-1]), layer.lora_a, layer.lora_b, tokens, slots)
