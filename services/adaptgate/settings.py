@@ -111,7 +111,8 @@ class Settings(BaseSettings):
     cpu_kernels: Literal["auto", "off"] = Field(
         "auto",
         description="auto: on CPU in bf16, LoRA deltas, packed attention and add+LayerNorm run the fused kernels built "
-        "at install time, where this CPU has AVX512-BF16; off: PyTorch ops.",
+        "at install time, where this CPU has AVX512-BF16, and in fp32 LoRA deltas run the AVX2 kernel, where it has "
+        "AVX2 and FMA; off: PyTorch ops.",
     )
     prepack_linears: Literal["auto", "off"] = Field(
         "auto",

@@ -32,8 +32,17 @@ def test_skylake_lacks_only_bf16_and_arm_needs_its_bf16_feature() -> None:
     assert missing_kernel_isa(parse_cpu_flags(_cpuinfo(SKYLAKE_X))) == ("avx512_bf16",)
     arm = parse_cpu_flags(_cpuinfo("asimd sve bf16 i8mm", key="Features"))
     assert onednn_bf16(arm, machine="aarch64") and not onednn_bf16(arm, machine="x86_64")
-    assert missing_kernel_isa(arm) == cpu_features.KERNEL_ISA
-    assert parse_cpu_flags("") == frozenset() and missing_kernel_isa(frozenset()) == cpu_features.KERNEL_ISA
+    bf16 = cpu_features.KERNEL_ISA[cpu_features.BF16_KERNELS]
+    assert missing_kernel_isa(arm) == bf16 and cpu_features.kernel_isas(arm) == ()
+    assert parse_cpu_flags("") == frozenset() and missing_kernel_isa(frozenset()) == bf16
+
+
+@pytest.mark.parametrize(
+    ("flags", "isas"),
+    [(ZEN4, ("avx512_bf16", "avx2_fma")), (SKYLAKE_X, ("avx2_fma",)), (ZEN2, ("avx2_fma",)), ("avx avx2 f16c", ())],
+)
+def test_fp32_lora_kernel_needs_only_avx2_and_fma(flags: str, isas: tuple[str, ...]) -> None:
+    assert cpu_features.kernel_isas(parse_cpu_flags(_cpuinfo(flags))) == isas
 
 
 def test_the_detector_reads_this_machine_once() -> None:

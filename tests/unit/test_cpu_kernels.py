@@ -1,8 +1,9 @@
 """The fused CPU kernels give the PyTorch paths' answers, check their arguments before any kernel runs,
 load from the installed package without a compiler, and the engine falls back when they cannot load.
 
-The comparisons need a CPU with AVX512-BF16 (skipped elsewhere); loading, argument checks and the
-choice of path run on any x86-64 machine where the package was installed with a C compiler."""
+The bf16 comparisons need a CPU with AVX512-BF16, the fp32 LoRA kernel's AVX2 with FMA (skipped elsewhere);
+loading, argument checks and the choice of path run on any x86-64 machine where the package was installed
+with a C compiler."""
 
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ from tests.unit.peft_adapters import adapter_files, make_peft_adapter
 
 
 REPO = Path(__file__).resolve().parents[2]
-CAN_RUN = not cpu_features.missing_kernel_isa()
+CAN_RUN = not cpu_features.missing_kernel_isa()  # the bf16 kernels
+CAN_RUN_FP32 = not cpu_features.missing_kernel_isa(isa=cpu_features.FP32_KERNELS)
 
 
 def _compiler_at_install() -> bool:
@@ -176,8 +178,10 @@ def test_the_installed_kernels_load_without_a_compiler(tmp_path: Path) -> None:
     assert Path(found["file"]).parent == package and found["file"].endswith(sysconfig.get_config_var("EXT_SUFFIX"))
     assert found["ops"] == list(cpu_kernels.SCHEMAS) and found["max_rank"] == 64
     assert found["missing"] == list(cpu_features.missing_kernel_isa())
-    assert found["loaded"] == CAN_RUN
-    if not CAN_RUN:
+    assert found["loaded"] == (CAN_RUN or CAN_RUN_FP32)
+    if not CAN_RUN and CAN_RUN_FP32:
+        assert "INFO fp32 LoRA on CPU runs the fused AVX2 kernel; packed attention and add+LayerNorm run as PyTorch ops: this CPU lacks" in out.stderr
+    elif not CAN_RUN:
         assert "INFO LoRA, packed attention and add+LayerNorm on CPU run as PyTorch ops: this CPU lacks" in out.stderr
 
 
@@ -185,25 +189,32 @@ def test_engine_warns_and_keeps_the_pytorch_paths_when_the_extension_does_not_lo
     """A CPU that could run the kernels but a package without them (built where no compiler was): a WARNING
     with the reason, not a quiet slow path. A CPU without the instruction set is an INFO."""
     with caplog.at_level(logging.INFO, logger="adaptgate.engine.cpu_kernels"):
-        assert CpuKernels.try_load(frozenset(cpu_features.KERNEL_ISA), extension="adaptgate.engine._no_such_kernels") is None
+        assert CpuKernels.try_load(frozenset(cpu_features.KERNEL_ISA[cpu_features.BF16_KERNELS]), extension="adaptgate.engine._no_such_kernels") is None
     (record,) = caplog.records
     assert record.levelno == logging.WARNING and "_no_such_kernels did not load" in record.getMessage()
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="adaptgate.engine.cpu_kernels"):
         assert CpuKernels.try_load(frozenset({"avx2", "avx512f"})) is None
     (record,) = caplog.records
-    assert record.levelno == logging.INFO and "lacks avx512bw, avx512vl, avx512_bf16" in record.getMessage()
+    assert record.levelno == logging.INFO and "lacks avx512bw, avx512vl, avx512_bf16 and fma" in record.getMessage()
 
 
-def test_setup_builds_for_the_instruction_set_the_detector_checks() -> None:
-    """setup.py's -m flags and cpu_features.KERNEL_ISA name the same extensions (cpuinfo spells bf16 avx512_bf16)."""
-    flags = re.findall(r'"-m(avx512\w+)"', (REPO / "setup.py").read_text())
-    assert {f.replace("avx512bf16", "avx512_bf16") for f in flags} == set(cpu_features.KERNEL_ISA)
-    assert "-march=native" not in (REPO / "setup.py").read_text()
+def test_setup_builds_for_the_instruction_sets_the_detector_checks() -> None:
+    """setup.py's -m flags for each instruction set and cpu_features.KERNEL_ISA name the same extensions
+    (cpuinfo spells bf16 avx512_bf16), and every kernel source is compiled for one of those sets."""
+    text = (REPO / "setup.py").read_text()
+    for isa, extensions in cpu_features.KERNEL_ISA.items():
+        (flags,) = re.findall(rf'"{isa}": \[([^\]]*)\]', text)
+        assert {f.replace("avx512bf16", "avx512_bf16") for f in re.findall(r'"-m(\w+)"', flags)} == set(extensions)
+    kernel_sources = {p.name for p in (REPO / "services/adaptgate/engine/kernels").glob("*.c")} - {"module.c"}
+    sources = dict(re.findall(r'KERNELS / "(\w+\.c)"\): "(\w+)"', text))
+    assert set(sources) == kernel_sources and set(sources.values()) == set(cpu_features.KERNEL_ISA)
+    assert "-march=native" not in text
 
 
 def test_each_operation_reports_the_path_the_detector_allows(tiny_bert_dir: Path) -> None:
-    """On a CPU without AVX512-BF16 every kernel operation says "pytorch"; the metric carries the same."""
+    """On a CPU without AVX512-BF16 every bf16 kernel operation says "pytorch", and an fp32 model's LoRA runs the
+    AVX2 kernel where the CPU has it; the metric carries the same."""
     from prometheus_client import generate_latest
 
     from adaptgate.engine.prepacked import can_prepack
@@ -211,11 +222,14 @@ def test_each_operation_reports_the_path_the_detector_allows(tiny_bert_dir: Path
 
     base = load_base_model(tiny_bert_dir, dtype="bfloat16", device="cpu")
     forward = BatchForward(base, n_slots=2, max_rank=8, max_labels=4)
-    expected = operation_paths(lora=CAN_RUN, attention=CAN_RUN, linears=can_prepack())
+    expected = operation_paths(lora="avx512_bf16" if CAN_RUN else "pytorch", attention=CAN_RUN, linears=can_prepack())
     assert forward.kernel_paths == expected
     assert all(forward.kernel_paths[name] == ("avx512_bf16" if CAN_RUN else "pytorch") for name in ("lora_delta", "packed_attention", "add_layer_norm"))
     off = BatchForward(load_base_model(tiny_bert_dir, dtype="bfloat16", device="cpu"), 2, 8, 4, cpu_kernels=False)
-    assert off.kernel_paths == operation_paths(lora=False, attention=False, linears=can_prepack())  # the kernels' switch only
+    assert off.kernel_paths == operation_paths(lora="pytorch", attention=False, linears=can_prepack())  # the kernels' switch only
+    fp32 = BatchForward(load_base_model(tiny_bert_dir, dtype="float32", device="cpu"), 2, 8, 4)
+    assert fp32.kernel_paths == operation_paths(lora="avx2_fma" if CAN_RUN_FP32 else "pytorch", attention=False, linears=False)
+    assert (fp32.lora.path == "fused CPU kernel") == CAN_RUN_FP32
     metrics = Metrics()
     metrics.engine_kernels(forward.kernel_paths)
     text = generate_latest(metrics.registry).decode()
@@ -234,10 +248,16 @@ def _lora_args(**change: torch.Tensor) -> list[torch.Tensor]:
     return list(args.values())
 
 
+FP32_ARGS = {"x": torch.zeros(10, 16), "y": torch.zeros(10, 24), "a": torch.zeros(3, 8, 16), "bv": torch.zeros(3, 4, 24, 2)}
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"x": torch.zeros(10, 16)}, "x must be a contiguous 2-D torch.bfloat16"),
+        ({"x": torch.zeros(10, 16, dtype=torch.float16)}, "x must be a contiguous 2-D torch.bfloat16"),
+        ({"x": torch.zeros(10, 16)}, "y must be a contiguous 2-D torch.float32"),  # x's dtype picks the kernel
+        (FP32_ARGS, "bv must be a contiguous 3-D torch.float32"),  # fp32 B is not rank-pair interleaved
+        ({**FP32_ARGS, "bv": torch.zeros(3, 4, 24)}, r"b \[slots, rank, 24\], got \(3, 8, 16\) and \(3, 4, 24\)"),
         ({"y": torch.zeros(24, 10, dtype=torch.bfloat16).t()}, "y must be a contiguous"),
         ({"y": torch.zeros(9, 24, dtype=torch.bfloat16)}, "one row per token"),
         ({"a": torch.zeros(3, 8, 12, dtype=torch.bfloat16)}, "a must be"),
@@ -273,6 +293,19 @@ def test_valid_arguments_reach_the_kernel_only_on_a_capable_cpu(ops: object) -> 
         ops.add_layer_norm(q, q, w, w, 1e-12)
     with pytest.raises(RuntimeError, match="missing value for argument 'slots'"):  # the dispatcher's schema check
         ops.lora_delta(*_lora_args()[:5])
+
+
+def test_the_fp32_lora_kernel_runs_where_avx2_does(ops: object) -> None:
+    """fp32 arguments reach the AVX2 kernel once the detector has enabled it; a CPU without AVX2 refuses."""
+    x, y, a, b = torch.ones(10, 16), torch.zeros(10, 24), torch.ones(3, 8, 16), torch.ones(3, 8, 24)
+    args = _lora_args(x=x, y=y, a=a, bv=b)
+    if not CAN_RUN_FP32:
+        with pytest.raises(RuntimeError, match="not enabled on this CPU"):
+            ops.lora_delta(*args)
+        return
+    CpuKernels.load()
+    ops.lora_delta(*args)
+    assert torch.equal(y, torch.full((10, 24), 16.0 * 8))  # each of 8 ranks: x·a = 16, times b = 1
 
 
 @pytest.mark.parametrize(
@@ -416,7 +449,8 @@ async def test_the_server_reports_each_operations_path(
     engine = _engine(settings, load_base_model(tiny_bert_dir, dtype="bfloat16", device="cpu"), metrics, thread, RowRate())
     try:
         kernels = CAN_RUN and cpu_kernels_setting == "auto"
-        expected = operation_paths(lora=kernels, attention=kernels, linears=can_prepack() and prepack_setting == "auto")
+        lora = "avx512_bf16" if kernels else "pytorch"
+        expected = operation_paths(lora=lora, attention=kernels, linears=can_prepack() and prepack_setting == "auto")
         assert engine.kernel_paths == expected
         assert engine.kernels == "paths " + ", ".join(f"{op}={path}" for op, path in expected.items())
         text = generate_latest(metrics.registry).decode()

@@ -1,5 +1,5 @@
 """The LoRA backend seam: every backend this machine can run gives the exact deltas on one mixed batch,
-padded and packed, and the engine picks one backend, once."""
+padded and packed, in bf16 and fp32, and the engine picks one backend, once."""
 
 from __future__ import annotations
 
@@ -17,24 +17,29 @@ FAN_IN, FAN_OUT, RANKS = 40, 56, (8, 3)
 SCALING = 2.0
 
 
-def _cpu_kernel() -> LoraBackend | None:
+def _cpu_kernel(dtype: torch.dtype) -> LoraBackend | None:
+    """The AVX512-BF16 kernel for bf16, the AVX2 one for fp32, where this CPU runs it."""
     from adaptgate.engine.cpu_kernels import CpuKernels
     from adaptgate.engine.lora.cpu_kernel import CpuKernel
 
     kernels = CpuKernels.try_load()
-    return CpuKernel(kernels) if kernels is not None else None
+    return CpuKernel(kernels, dtype) if kernels is not None and kernels.supports_lora(dtype, torch.device("cpu"), 8) else None
 
 
-def _triton_gemm() -> LoraBackend | None:
+def _triton_gemm(dtype: torch.dtype = torch.bfloat16) -> LoraBackend | None:
     try:
         from adaptgate.engine.lora.triton_gemm import TritonGemm
     except ImportError:  # triton is a dev extra
         return None
-    return TritonGemm()
+    return TritonGemm() if dtype != torch.float32 else None  # a half-precision GEMM
 
 
-BACKENDS: dict[str, Callable[[], LoraBackend | None]] = {
-    "gathered bmm": GatheredBmm,
+def _gathered_bmm(dtype: torch.dtype) -> LoraBackend:
+    return GatheredBmm()
+
+
+BACKENDS: dict[str, Callable[[torch.dtype], LoraBackend | None]] = {
+    "gathered bmm": _gathered_bmm,
     "fused CPU kernel": _cpu_kernel,
     "fused Triton GEMM": _triton_gemm,
 }
@@ -45,9 +50,9 @@ def _adapters() -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(torch.randn(r, FAN_IN, generator=gen) * 0.3, torch.randn(FAN_OUT, r, generator=gen) * 0.3) for r in RANKS]
 
 
-def _layers(backend: LoraBackend) -> LoraLayers:
+def _layers(backend: LoraBackend, dtype: torch.dtype = torch.bfloat16) -> LoraLayers:
     torch.manual_seed(0)
-    model = nn.ModuleDict({"proj": nn.Linear(FAN_IN, FAN_OUT)}).to(torch.bfloat16)
+    model = nn.ModuleDict({"proj": nn.Linear(FAN_IN, FAN_OUT)}).to(dtype)
     layers = LoraLayers(model, n_slots=2, max_rank=8, backend=backend)
     for slot, (a, b) in enumerate(_adapters()):
         layers.install(slot, {"proj": (a, b)}, SCALING)
@@ -55,13 +60,13 @@ def _layers(backend: LoraBackend) -> LoraLayers:
 
 
 def _exact(layers: LoraLayers, x: torch.Tensor, token_slots: list[int]) -> torch.Tensor:
-    """fp32: the bf16 base output plus each token's delta, from PEFT's a and b (A as the layer stores it, bf16)."""
+    """fp32: the base output plus each token's delta, from PEFT's a and b (A as the layer stores it, in x's dtype)."""
     with torch.no_grad():
         y = layers.layers["proj"].base(x).float()
     for t, slot in enumerate(token_slots):
         if slot >= 0:
             a, b = _adapters()[slot]
-            y[t] += SCALING * (x[t].float() @ a.bfloat16().float().t()) @ b.float().t()
+            y[t] += SCALING * (x[t].float() @ a.to(x.dtype).float().t()) @ b.float().t()
     return y
 
 
@@ -74,25 +79,26 @@ def _run(layers: LoraLayers, x: torch.Tensor, row_slots: list[int], packing: Pac
         layers.prepare([], torch.device("cpu"))
 
 
-def _backend(name: str) -> LoraBackend:
-    backend = BACKENDS[name]()
+def _backend(name: str, dtype: torch.dtype = torch.bfloat16) -> LoraBackend:
+    backend = BACKENDS[name](dtype)
     if backend is None:
-        pytest.skip(f"{name} does not run on this machine")
+        pytest.skip(f"{name} does not run {dtype} on this machine")
     return backend
 
 
 @pytest.mark.parametrize(
     "row_slots", [[1, -1, 0, 1], [1, 0, 0, 1], [1, 1, 1, 1], [0, -1, 0, 0]], ids=["some rows", "every row", "one adapter", "one adapter, some rows"]
 )
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("name", sorted(BACKENDS))
-def test_every_backend_adds_the_exact_deltas_on_padded_and_packed_rows(name: str, row_slots: list[int]) -> None:
-    layers = _layers(_backend(name))
+def test_every_backend_adds_the_exact_deltas_on_padded_and_packed_rows(name: str, row_slots: list[int], dtype: torch.dtype) -> None:
+    layers = _layers(_backend(name, dtype), dtype)
     assert layers.path == name
     width = max(LENGTHS)
     mask = torch.tensor([[1] * n + [0] * (width - n) for n in LENGTHS])
     packing = Packing.from_mask(mask)
     gen = torch.Generator().manual_seed(2)
-    padded = torch.randn(len(LENGTHS), width, FAN_IN, generator=gen).bfloat16()
+    padded = torch.randn(len(LENGTHS), width, FAN_IN, generator=gen).to(dtype)
     packed = packing.pack(padded)  # the real tokens, then the bucket's filler
     pooled = padded[:, 0].contiguous()  # what a packed batch's pooler sees: one vector per row
     token_rows = torch.repeat_interleave(torch.arange(len(LENGTHS)), torch.tensor(LENGTHS)).tolist()
@@ -130,13 +136,14 @@ def test_the_mapping_tells_packed_tokens_from_rows_by_shape() -> None:
     assert not mapping.is_packed(torch.zeros(2, 4, 4))  # a padded batch
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("name", sorted(BACKENDS))
-def test_a_pooler_shaped_like_the_packed_tokens_gets_the_same_deltas(name: str) -> None:
+def test_a_pooler_shaped_like_the_packed_tokens_gets_the_same_deltas(name: str, dtype: torch.dtype) -> None:
     """Eight one-token rows fill a bucket of eight exactly: packed token i is row i, so either reading is right."""
-    layers = _layers(_backend(name))
+    layers = _layers(_backend(name, dtype), dtype)
     row_slots = [1, -1, 0, 1, 0, -1, -1, 1]
     packing = Packing.from_mask(torch.ones(8, 1, dtype=torch.long))
-    x = torch.randn(8, FAN_IN, generator=torch.Generator().manual_seed(4)).bfloat16()
+    x = torch.randn(8, FAN_IN, generator=torch.Generator().manual_seed(4)).to(dtype)
     assert packing.bucket == len(row_slots)
     exact = _exact(layers, x, row_slots)
     for pack in (packing, None):

@@ -122,9 +122,9 @@ def test_a_layer_on_the_cpu_kernel_keeps_it_over_the_triton_gemm() -> None:
     """The CPU kernel stores B interleaved for itself; the Triton GEMM must not read that layout."""
     from adaptgate.engine.cpu_kernels import CpuKernels
 
-    kernels = CpuKernels.try_build()
-    if kernels is None:
-        pytest.skip("no fused CPU kernels on this machine")
+    kernels = CpuKernels.try_load()
+    if kernels is None or not kernels.supports_lora(torch.bfloat16, torch.device("cpu"), 8):
+        pytest.skip("no fused bf16 CPU kernels on this machine")
     model = nn.ModuleDict({"proj": nn.Linear(48, 72)}).to(torch.bfloat16)
     layers = LoraLayers(model, n_slots=1, max_rank=8, kernel=kernels, fused_gpu=TritonLoraLinear())
     layers.install(0, {"proj": (torch.randn(8, 48), torch.randn(72, 8))}, scaling=1.0)

@@ -2,8 +2,9 @@
 
 Two optional CPU paths depend on the instruction set, and both ask here rather than probing on their own:
 
-- the fused kernels (engine.cpu_kernels, built ahead of time by setup.py for exactly `KERNEL_ISA`) need
-  every one of those extensions; a CPU without them must never call the kernels (an illegal instruction);
+- the fused kernels (engine.cpu_kernels, built ahead of time by setup.py for exactly the instruction sets of
+  `KERNEL_ISA`) need every extension of a set before any kernel of that set runs; a CPU without them must
+  never call those kernels (an illegal instruction);
 - oneDNN's prepacked bf16 linears (engine.prepacked) need AVX512BW, AVX512VL and AVX512DQ, or AVX-NE-CONVERT
   on x86 (oneDNN's own condition for its bf16 matmuls), or BF16 on Arm.
 
@@ -18,9 +19,14 @@ import functools
 import platform
 from pathlib import Path
 
-# The extensions setup.py compiles engine/kernels/*.c for (-mavx512f -mavx512bw -mavx512vl -mavx512bf16);
-# tests/unit/test_cpu_kernels.py holds the two lists equal.
-KERNEL_ISA = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
+# The instruction sets setup.py compiles engine/kernels/*.c for (its KERNEL_ISA_FLAGS), as cpuinfo spells their
+# extensions; tests/unit/test_cpu_kernels.py holds the two equal.
+BF16_KERNELS = "avx512_bf16"  # lora.c, attention.c, add_norm.c: bf16 models
+FP32_KERNELS = "avx2_fma"  # lora_f32.c: fp32 models
+KERNEL_ISA: dict[str, tuple[str, ...]] = {
+    BF16_KERNELS: ("avx512f", "avx512bw", "avx512vl", "avx512_bf16"),
+    FP32_KERNELS: ("avx2", "fma"),
+}
 ONEDNN_BF16_ISA_X86 = (("avx512bw", "avx512vl", "avx512dq"), ("avx_ne_convert",))
 ONEDNN_BF16_ISA_ARM = (("bf16",),)
 
@@ -43,10 +49,15 @@ def cpu_flags() -> frozenset[str]:
         return frozenset()
 
 
-def missing_kernel_isa(flags: frozenset[str] | None = None) -> tuple[str, ...]:
-    """The extensions of KERNEL_ISA this CPU lacks (empty: the fused kernels may run)."""
+def missing_kernel_isa(flags: frozenset[str] | None = None, isa: str = BF16_KERNELS) -> tuple[str, ...]:
+    """The extensions of one of KERNEL_ISA's sets this CPU lacks (empty: that set's kernels may run)."""
     have = cpu_flags() if flags is None else flags
-    return tuple(name for name in KERNEL_ISA if name not in have)
+    return tuple(name for name in KERNEL_ISA[isa] if name not in have)
+
+
+def kernel_isas(flags: frozenset[str] | None = None) -> tuple[str, ...]:
+    """The instruction sets of KERNEL_ISA whose kernels this CPU runs."""
+    return tuple(isa for isa in KERNEL_ISA if not missing_kernel_isa(flags, isa))
 
 
 def onednn_bf16(flags: frozenset[str] | None = None, machine: str | None = None) -> bool:

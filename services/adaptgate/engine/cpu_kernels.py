@@ -1,10 +1,11 @@
 """Fused CPU kernels (engine/kernels/*.c), built at install time, registered as PyTorch ops `adaptgate::*`.
 
-Hot spots that PyTorch runs as many small ops on the CPU: the per-row LoRA delta (`lora.c`),
-attention within each row of packed tokens (`attention.c`), and BERT's residual add + LayerNorm
-(`add_norm.c`). setup.py compiles them once into `adaptgate.engine._cpu_kernels` for a fixed
-instruction set (AVX512-BF16), so every replica runs the same binary and no node needs a compiler;
-engine.cpu_features decides whether this CPU may call them. Without the extension (not built) or on
+Hot spots that PyTorch runs as many small ops on the CPU: the per-row LoRA delta (`lora.c` in bf16,
+`lora_f32.c` in fp32), attention within each row of packed tokens (`attention.c`), and BERT's residual
+add + LayerNorm (`add_norm.c`). setup.py compiles them once into `adaptgate.engine._cpu_kernels`, each
+for a fixed instruction set (AVX512-BF16 for the bf16 kernels, AVX2 with FMA for the fp32 one), so every
+replica runs the same binary and no node needs a compiler; engine.cpu_features decides which of them
+this CPU may call. Without the extension (not built) or on
 another CPU the engine runs the PyTorch paths, which are also the references the tests hold these
 kernels to.
 
@@ -32,8 +33,10 @@ from adaptgate.engine import cpu_features
 log = logging.getLogger(__name__)
 
 EXTENSION = "adaptgate.engine._cpu_kernels"
-# The path each operation runs (the adaptgate_engine_kernel_info metric, the startup line).
-FUSED = "avx512_bf16"  # a kernel of this module
+# The path each operation runs (the adaptgate_engine_kernel_info metric, the startup line): a kernel of this
+# module is named by its instruction set (cpu_features.KERNEL_ISA's keys).
+FUSED = cpu_features.BF16_KERNELS
+FUSED_FP32 = cpu_features.FP32_KERNELS
 PREPACKED = "onednn_prepacked"  # engine.prepacked's linears
 PYTORCH = "pytorch"
 OPERATIONS = ("lora_delta", "packed_attention", "add_layer_norm", "linear")
@@ -51,7 +54,7 @@ def kernel_rank(max_rank: int) -> int:
 
 
 class CpuKernelsUnavailable(RuntimeError):
-    """Why this engine runs the PyTorch paths instead; `expected` when that is simply this CPU (no AVX512-BF16)."""
+    """Why this engine runs the PyTorch paths instead; `expected` when that is simply this CPU (no kernel's ISA)."""
 
     def __init__(self, reason: str, expected: bool) -> None:
         super().__init__(reason)
@@ -65,7 +68,7 @@ def load_extension(name: str = EXTENSION) -> ModuleType:
     except ImportError as exc:
         raise CpuKernelsUnavailable(
             f"the extension {name} did not load ({exc}); reinstall the package where a C compiler "
-            "with AVX512-BF16 support can build it", expected=False,
+            "with AVX512-BF16 and AVX2 support can build it", expected=False,
         ) from exc  # fmt: skip
 
 
@@ -83,16 +86,23 @@ def _size(name: str, t: torch.Tensor, dtype: torch.dtype, dims: int) -> torch.Si
 
 def _lora_delta(ext: ModuleType, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, bv: torch.Tensor,
                 tokens: torch.Tensor, slots: torch.Tensor) -> None:  # fmt: skip
-    bf16 = torch.bfloat16
-    (rows, fan_in), (y_rows, fan_out) = _size("x", x, bf16, 2), _size("y", y, bf16, 2)
-    n_slots, rank, a_in = _size("a", a, bf16, 3)
-    b_size = _size("bv", bv, bf16, 4)
+    """bf16: bv is B with rank pairs interleaved, [slots, rank/2, out, 2]; fp32 (x's dtype decides): B, [slots, rank, out]."""
+    dtype = torch.float32 if x.dtype == torch.float32 else torch.bfloat16
+    (rows, fan_in), (y_rows, fan_out) = _size("x", x, dtype, 2), _size("y", y, dtype, 2)
+    n_slots, rank, a_in = _size("a", a, dtype, 3)
+    b_size = _size("bv", bv, dtype, 3 if dtype == torch.float32 else 4)
     (n,), (n_slot_indices,) = _size("tokens", tokens, torch.int64, 1), _size("slots", slots, torch.int64, 1)
     if y_rows != rows or n_slot_indices != n:
         raise _bad(f"x [{rows}, ...] and y [{y_rows}, ...] need one row per token, tokens [{n}] and slots [{n_slot_indices}] one length")
-    if a_in != fan_in or b_size != (n_slots, rank // 2, fan_out, 2):
+    if dtype == torch.float32:
+        if a_in != fan_in or b_size != (n_slots, rank, fan_out):
+            raise _bad(f"a must be [slots, rank, {fan_in}] and b [slots, rank, {fan_out}], got {tuple(a.size())} and {tuple(b_size)}")
+        kernel = ext.lora_delta_f32
+    elif a_in != fan_in or b_size != (n_slots, rank // 2, fan_out, 2):
         raise _bad(f"a must be [slots, rank, {fan_in}] and bv [slots, rank/2, {fan_out}, 2], got {tuple(a.size())} and {tuple(b_size)}")
-    ext.lora_delta(
+    else:
+        kernel = ext.lora_delta
+    kernel(
         x.data_ptr(), y.data_ptr(), a.data_ptr(), bv.data_ptr(), tokens.data_ptr(), slots.data_ptr(),
         n, fan_in, fan_out, rank, rows, n_slots,
     )  # fmt: skip
@@ -153,49 +163,66 @@ class CpuKernels:
     """The fused kernels as the engine calls them; every call runs on the calling thread's OpenMP team
     (the extension links the libgomp torch already loaded: one runtime, see engine.thread)."""
 
-    def __init__(self, ext: ModuleType) -> None:
+    def __init__(self, ext: ModuleType, isas: tuple[str, ...]) -> None:
         self._ext = ext
+        self.isas = isas  # the instruction sets enabled (cpu_features.KERNEL_ISA's keys)
         self._ops = ops(ext)
         self.max_rank = int(ext.MAX_RANK)
         self.max_hidden = int(ext.MAX_HIDDEN)
 
     @classmethod
     def load(cls, flags: frozenset[str] | None = None, extension: str = EXTENSION) -> CpuKernels:
-        """The kernels, when this CPU has their instruction set and the extension was built; else raises.
-        flags: the CPU's (engine.cpu_features reads them by default)."""
-        missing = cpu_features.missing_kernel_isa(flags)
-        if missing:
-            raise CpuKernelsUnavailable(f"this CPU lacks {', '.join(missing)}", expected=True)
+        """The kernels of every instruction set this CPU has, when it has one and the extension was built;
+        else raises. flags: the CPU's (engine.cpu_features reads them by default)."""
+        isas = cpu_features.kernel_isas(flags)
+        if not isas:
+            missing = {isa: cpu_features.missing_kernel_isa(flags, isa) for isa in cpu_features.KERNEL_ISA}
+            raise CpuKernelsUnavailable("this CPU lacks " + " and ".join(", ".join(m) for m in missing.values()), expected=True)
         ext = load_extension(extension)
-        ext.enable()
-        return cls(ext)
+        bits = {FUSED: ext.ISA_AVX512_BF16, FUSED_FP32: ext.ISA_AVX2_FMA}
+        ext.enable(sum(bits[isa] for isa in isas))
+        return cls(ext, isas)
 
     @classmethod
     def try_load(cls, flags: frozenset[str] | None = None, extension: str = EXTENSION) -> CpuKernels | None:
-        """load(), or None with the reason logged: INFO for a CPU without AVX512-BF16, WARNING for a load failure."""
+        """load(), or None with the reason logged: INFO for a CPU without any kernel's ISA, WARNING for a load failure."""
         try:
             kernels = cls.load(flags, extension)
         except CpuKernelsUnavailable as exc:
             level = logging.INFO if exc.expected else logging.WARNING
             log.log(level, "LoRA, packed attention and add+LayerNorm on CPU run as PyTorch ops: %s", exc)
             return None
-        log.info("LoRA, packed attention and add+LayerNorm on CPU run the fused AVX512-BF16 kernels")
+        if kernels.runs_bf16:
+            log.info("LoRA, packed attention and add+LayerNorm on CPU run the fused kernels (%s)", ", ".join(kernels.isas))
+        else:
+            log.info("fp32 LoRA on CPU runs the fused AVX2 kernel; packed attention and add+LayerNorm run as PyTorch "
+                     "ops: this CPU lacks %s", ", ".join(cpu_features.missing_kernel_isa(flags)))  # fmt: skip
         return kernels
-
-    try_build = try_load  # the name callers used when the kernels were compiled at start
 
     def threads(self) -> int:
         """The OpenMP threads a call from this thread would use (torch's count when they share libgomp)."""
         return int(self._ext.threads())
 
+    @property
+    def runs_bf16(self) -> bool:
+        """Whether the bf16 kernels (LoRA, packed attention, add+LayerNorm) run here."""
+        return FUSED in self.isas
+
+    def lora_path(self, dtype: torch.dtype, device: torch.device, rank: int) -> str:
+        """The kernel that adds LoRA deltas for this dtype (its ISA name), or PYTORCH where none does."""
+        isa = {torch.bfloat16: FUSED, torch.float32: FUSED_FP32}.get(dtype)
+        fits = device.type == "cpu" and kernel_rank(rank) <= self.max_rank
+        return isa if fits and isa in self.isas else PYTORCH
+
     def supports_lora(self, dtype: torch.dtype, device: torch.device, rank: int) -> bool:
-        return dtype == torch.bfloat16 and device.type == "cpu" and kernel_rank(rank) <= self.max_rank
+        return self.lora_path(dtype, device, rank) != PYTORCH
 
     def lora_delta(
         self, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, bv: torch.Tensor, tokens: torch.Tensor, slots: torch.Tensor
     ) -> None:
-        """y[t] += (x[t]·A[s]ᵀ)·B[s] in place. x [T, in], y [T, out], a [S, r, in], bv [S, r/2, out, 2] (r a
-        multiple of 8), all contiguous bf16 on the CPU; tokens, slots [n] int64 within range (checked)."""
+        """y[t] += (x[t]·A[s]ᵀ)·B[s] in place. x [T, in], y [T, out], a [S, r, in] (r a multiple of 8), and in
+        bf16 bv [S, r/2, out, 2], in fp32 B itself [S, r, out], all contiguous on the CPU; tokens, slots [n]
+        int64 within range (checked)."""
         self._ops.lora_delta(x, y, a, bv, tokens, slots)
 
     def packed_attention(
@@ -221,11 +248,12 @@ class CpuKernels:
         return self._ops.add_layer_norm(x, residual, weight, bias, norm.eps)
 
 
-def operation_paths(lora: bool, attention: bool, linears: bool) -> dict[str, str]:
-    """Which path each operation of the CPU forward runs: lora_delta, packed_attention and add_layer_norm
-    a fused kernel or PyTorch's ops, linear oneDNN-prepacked weights or plain F.linear."""
+def operation_paths(lora: str, attention: bool, linears: bool) -> dict[str, str]:
+    """Which path each operation of the CPU forward runs: lora_delta the kernel `lora` names (or PYTORCH),
+    packed_attention and add_layer_norm the bf16 kernels or PyTorch's ops, linear oneDNN-prepacked weights
+    or plain F.linear."""
     return {
-        "lora_delta": FUSED if lora else PYTORCH,
+        "lora_delta": lora,
         "packed_attention": FUSED if attention else PYTORCH,
         "add_layer_norm": FUSED if attention else PYTORCH,
         "linear": PREPACKED if linears else PYTORCH,

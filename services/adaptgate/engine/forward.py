@@ -44,20 +44,22 @@ class BatchForward:
         gpu_lora_kernel: bool = False,
         prepack: bool = True,
     ) -> None:
-        """cpu_kernels: on CPU in bf16, the fused kernels (engine.cpu_kernels) where this CPU runs them;
+        """cpu_kernels: on CPU, the fused kernels (engine.cpu_kernels) where this CPU runs them (bf16: LoRA,
+        attention and add+LayerNorm; fp32: LoRA);
         prepack: on CPU in bf16, linears on oneDNN-prepacked weights (engine.prepacked) where this CPU runs them;
         gpu_lora_kernel: on CUDA, LoRA layers run engine.lora.triton_gemm's fused GEMM (not yet measured on a
         GPU, so only bench/multi_adapter.py asks for it) instead of the gathered bmm."""
         self.base = base
-        on_cpu_bf16 = base.device.type == "cpu" and base.dtype == torch.bfloat16
-        kernels = CpuKernels.try_load() if cpu_kernels and on_cpu_bf16 else None
+        on_cpu = base.device.type == "cpu" and base.dtype in (torch.bfloat16, torch.float32)
+        kernels = CpuKernels.try_load() if cpu_kernels and on_cpu else None
+        attention = kernels if kernels is not None and kernels.runs_bf16 and base.dtype == torch.bfloat16 else None
         prepacked = prepack_linears(base.model, base.dtype, base.device) if prepack else 0
-        self.encoder_path = encoder_path(base.model, kernels, padding_free)  # the family registry (engine.packed)
+        self.encoder_path = encoder_path(base.model, attention, padding_free)  # the family registry (engine.packed)
         self.packed = self.encoder_path.encoder
         fused_gpu = _fused_gpu() if gpu_lora_kernel and base.device.type == "cuda" else None
         self.lora = LoraLayers(base.model, n_slots, max_rank, kernels, fused_gpu)
         self.kernel_paths = operation_paths(  # which path each operation runs: the metric and the startup line
-            lora=kernels is not None and kernels.supports_lora(base.dtype, base.device, max_rank),
+            lora=self.lora.backend.kernel,
             attention=self.packed is not None and self.packed.kernels is not None, linears=prepacked > 0,
         )
         self.heads = HeadPool(n_slots, base.spec.hidden_size, max_labels, base.device)

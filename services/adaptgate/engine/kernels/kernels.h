@@ -1,4 +1,5 @@
-/* The fused CPU kernels (lora.c, attention.c, add_norm.c, compiled for AVX512-BF16) as module.c calls them.
+/* The fused CPU kernels (lora.c, attention.c, add_norm.c, compiled for AVX512-BF16; lora_f32.c, for AVX2 and
+ * FMA) as module.c calls them.
  * They trust their arguments: module.c checks every index and size first. bf16 is stored as uint16_t. */
 #ifndef ADAPTGATE_KERNELS_H
 #define ADAPTGATE_KERNELS_H
@@ -6,10 +7,16 @@
 #include <stdint.h>
 
 #define LORA_MAX_RANK 64     /* lora.c keeps a token's rank-sized intermediate in registers */
+/* The instruction sets module.c's `enable` lets run: a kernel runs only once its set is enabled. */
+#define ISA_AVX512_BF16 1 /* lora.c, attention.c, add_norm.c */
+#define ISA_AVX2_FMA 2    /* lora_f32.c */
 #define ADD_NORM_MAX_H 8192  /* add_norm.c's per-thread scratch row: 32 KB of stack */
 
 void lora_delta_bf16(const uint16_t *x, uint16_t *y, const uint16_t *a, const uint16_t *bv, const int64_t *tokens,
                      const int64_t *slots, int64_t n, int64_t fin, int64_t fout, int64_t rank);
+
+void lora_delta_f32(const float *x, float *y, const float *a, const float *b, const int64_t *tokens, const int64_t *slots,
+                    int64_t n, int64_t fin, int64_t fout, int64_t rank);
 
 int packed_attention_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *out, const int64_t *starts,
                           const int64_t *lengths, int64_t rows, int64_t heads, int64_t d, int64_t max_len);

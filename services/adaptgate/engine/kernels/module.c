@@ -1,10 +1,10 @@
 /* adaptgate.engine._cpu_kernels: the Python face of the fused CPU kernels (engine/cpu_kernels.py calls it).
  *
- * Built by setup.py without the AVX512 flags, unlike the kernels it calls, so importing it and checking
+ * Built by setup.py without the kernels' ISA flags, unlike the kernels it calls, so importing it and checking
  * arguments runs on any x86-64 CPU: the import resolves every symbol (the kernels and libgomp) up front,
- * and a CPU without AVX512-BF16 can load it and validate against it but never reaches a kernel.
- * engine/cpu_features.py decides whether this CPU may run the kernels and says so through `enable`;
- * until then a call that passes every check raises RuntimeError instead of an illegal instruction.
+ * and a CPU without an instruction set can load it and validate against it but never reaches its kernels.
+ * engine/cpu_features.py decides which instruction sets this CPU runs and says so through `enable`; until
+ * then a call that passes every check raises RuntimeError instead of an illegal instruction.
  *
  * Each function takes tensors as addresses (torch's data_ptr()) with their sizes, checked by the
  * caller (dtype, shape, contiguity). Here every index the kernels follow is checked against those
@@ -48,9 +48,10 @@ static int parse(const char *name, PyObject *const *args, Py_ssize_t nargs, Py_s
     return 0;
 }
 
-static int ready(void) {
-    if (enabled) return 0;
-    PyErr_SetString(PyExc_RuntimeError, "the fused CPU kernels are not enabled on this CPU (engine.cpu_features decides)");
+/* Whether the instruction set `isa` (kernels.h's ISA_*) was enabled, else a RuntimeError. */
+static int ready(int isa) {
+    if (enabled & isa) return 0;
+    PyErr_SetString(PyExc_RuntimeError, "this fused CPU kernel is not enabled on this CPU (engine.cpu_features decides)");
     return -1;
 }
 
@@ -64,30 +65,54 @@ static int64_t out_of_range(const int64_t *index, int64_t n, int64_t bound) {
     return -1;
 }
 
-/* lora_delta(x, y, a, bv, tokens, slots, n, fin, fout, rank, total_tokens, n_slots) */
+/* The arguments both LoRA kernels take, checked: p = x, y, a, b, tokens, slots; v = n, fin, fout, rank,
+   total_tokens, n_slots. 0 when the kernel may run, else -1 with the exception set. */
+static int lora_checked(const char *name, PyObject *const *args, Py_ssize_t nargs, int isa, void **p, int64_t *v) {
+    if (parse(name, args, nargs, 6, p, 6, v) < 0) return -1;
+    int64_t n = v[0], fin = v[1], fout = v[2], rank = v[3], total = v[4], slots = v[5];
+    const int64_t *token_index = p[4], *slot_index = p[5];
+    if (n < 0 || fin <= 0 || fout <= 0 || total < 0 || slots <= 0) {
+        PyErr_Format(PyExc_ValueError, "%s: sizes must be positive (fin %lld, fout %lld, slots %lld)", name, (long long)fin,
+                     (long long)fout, (long long)slots);
+        return -1;
+    }
+    if (rank <= 0 || rank % 8 || rank > LORA_MAX_RANK) {
+        PyErr_Format(PyExc_ValueError, "%s: rank %lld must be a multiple of 8 up to %d", name, (long long)rank, LORA_MAX_RANK);
+        return -1;
+    }
+    int64_t bad = out_of_range(token_index, n, total);
+    if (bad >= 0) {
+        PyErr_Format(PyExc_ValueError, "%s: tokens[%lld] = %lld is outside x's %lld rows", name, (long long)bad,
+                     (long long)token_index[bad], (long long)total);
+        return -1;
+    }
+    bad = out_of_range(slot_index, n, slots);
+    if (bad >= 0) {
+        PyErr_Format(PyExc_ValueError, "%s: slots[%lld] = %lld is outside the %lld slots", name, (long long)bad,
+                     (long long)slot_index[bad], (long long)slots);
+        return -1;
+    }
+    return ready(isa);
+}
+
+/* lora_delta(x, y, a, bv, tokens, slots, n, fin, fout, rank, total_tokens, n_slots): bf16, B rank-pair interleaved */
 static PyObject *lora_delta(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     void *p[6];
     int64_t v[6];
-    if (parse("lora_delta", args, nargs, 6, p, 6, v) < 0) return NULL;
-    int64_t n = v[0], fin = v[1], fout = v[2], rank = v[3], total = v[4], slots = v[5];
-    const int64_t *token_index = p[4], *slot_index = p[5];
-    if (n < 0 || fin <= 0 || fout <= 0 || total < 0 || slots <= 0)
-        return PyErr_Format(PyExc_ValueError, "lora_delta: sizes must be positive (fin %lld, fout %lld, slots %lld)",
-                            (long long)fin, (long long)fout, (long long)slots);
-    if (rank <= 0 || rank % 8 || rank > LORA_MAX_RANK)
-        return PyErr_Format(PyExc_ValueError, "lora_delta: rank %lld must be a multiple of 8 up to %d", (long long)rank,
-                            LORA_MAX_RANK);
-    int64_t bad = out_of_range(token_index, n, total);
-    if (bad >= 0)
-        return PyErr_Format(PyExc_ValueError, "lora_delta: tokens[%lld] = %lld is outside x's %lld rows", (long long)bad,
-                            (long long)token_index[bad], (long long)total);
-    bad = out_of_range(slot_index, n, slots);
-    if (bad >= 0)
-        return PyErr_Format(PyExc_ValueError, "lora_delta: slots[%lld] = %lld is outside the %lld slots", (long long)bad,
-                            (long long)slot_index[bad], (long long)slots);
-    if (ready() < 0) return NULL;
+    if (lora_checked("lora_delta", args, nargs, ISA_AVX512_BF16, p, v) < 0) return NULL;
     Py_BEGIN_ALLOW_THREADS
-    lora_delta_bf16(p[0], p[1], p[2], p[3], token_index, slot_index, n, fin, fout, rank);
+    lora_delta_bf16(p[0], p[1], p[2], p[3], p[4], p[5], v[0], v[1], v[2], v[3]);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+/* lora_delta_f32(x, y, a, b, tokens, slots, n, fin, fout, rank, total_tokens, n_slots): fp32, B [slots, rank, fout] */
+static PyObject *lora_delta_f32_call(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    void *p[6];
+    int64_t v[6];
+    if (lora_checked("lora_delta_f32", args, nargs, ISA_AVX2_FMA, p, v) < 0) return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    lora_delta_f32(p[0], p[1], p[2], p[3], p[4], p[5], v[0], v[1], v[2], v[3]);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -118,7 +143,7 @@ static PyObject *packed_attention(PyObject *self, PyObject *const *args, Py_ssiz
     if (end > total)
         return PyErr_Format(PyExc_ValueError, "packed_attention: the rows hold %lld tokens, q only %lld", (long long)end,
                             (long long)total);
-    if (ready() < 0) return NULL;
+    if (ready(ISA_AVX512_BF16) < 0) return NULL;
     int failed;
     Py_BEGIN_ALLOW_THREADS
     failed = packed_attention_bf16(p[0], p[1], p[2], p[3], starts, lengths, rows, heads, d, max_len);
@@ -139,7 +164,7 @@ static PyObject *add_layer_norm(PyObject *self, PyObject *const *args, Py_ssize_
     int64_t rows = v[0], h = v[1];
     if (rows < 0 || h <= 0 || h > ADD_NORM_MAX_H)
         return PyErr_Format(PyExc_ValueError, "add_layer_norm: hidden size %lld is outside 1..%d", (long long)h, ADD_NORM_MAX_H);
-    if (ready() < 0) return NULL;
+    if (ready(ISA_AVX512_BF16) < 0) return NULL;
     Py_BEGIN_ALLOW_THREADS
     add_layer_norm_bf16(p[0], p[1], p[2], p[3], p[4], rows, h, (float)eps);
     Py_END_ALLOW_THREADS
@@ -148,8 +173,10 @@ static PyObject *add_layer_norm(PyObject *self, PyObject *const *args, Py_ssize_
 
 static PyObject *threads(PyObject *self, PyObject *unused) { return PyLong_FromLong(omp_get_max_threads()); }
 
-static PyObject *enable(PyObject *self, PyObject *unused) {
-    enabled = 1;
+static PyObject *enable(PyObject *self, PyObject *isa) {
+    long bits = PyLong_AsLong(isa);
+    if (bits == -1 && PyErr_Occurred()) return NULL;
+    enabled |= (int)bits & (ISA_AVX512_BF16 | ISA_AVX2_FMA);
     Py_RETURN_NONE;
 }
 
@@ -158,7 +185,8 @@ static PyMethodDef methods[] = {
     {"packed_attention", (PyCFunction)(void (*)(void))packed_attention, METH_FASTCALL, "Attention within each packed row."},
     {"add_layer_norm", (PyCFunction)(void (*)(void))add_layer_norm, METH_FASTCALL, "LayerNorm(x + residual)."},
     {"threads", threads, METH_NOARGS, "The OpenMP threads a kernel called from this thread would use."},
-    {"enable", enable, METH_NOARGS, "Let the kernels run: the caller has checked this CPU has their instruction set."},
+    {"lora_delta_f32", (PyCFunction)(void (*)(void))lora_delta_f32_call, METH_FASTCALL, "y[t] += (x[t]·A[s]ᵀ)·B[s] in place, fp32."},
+    {"enable", enable, METH_O, "Let the kernels of these ISA_* bits run: the caller has checked this CPU has them."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -167,7 +195,8 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, .m_name = "_cpu_kerne
 PyMODINIT_FUNC PyInit__cpu_kernels(void) {
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;
-    if (PyModule_AddIntConstant(m, "MAX_RANK", LORA_MAX_RANK) < 0 || PyModule_AddIntConstant(m, "MAX_HIDDEN", ADD_NORM_MAX_H) < 0) {
+    if (PyModule_AddIntConstant(m, "MAX_RANK", LORA_MAX_RANK) < 0 || PyModule_AddIntConstant(m, "MAX_HIDDEN", ADD_NORM_MAX_H) < 0 ||
+        PyModule_AddIntConstant(m, "ISA_AVX512_BF16", ISA_AVX512_BF16) < 0 || PyModule_AddIntConstant(m, "ISA_AVX2_FMA", ISA_AVX2_FMA) < 0) {
         Py_DECREF(m);
         return NULL;
     }

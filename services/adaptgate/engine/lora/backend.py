@@ -23,7 +23,8 @@ class LoraBackend(ABC):
     """Default layout: A as [slots, r, in] (PEFT's own), B as [slots, r, out] with the adapter's scaling folded in."""
 
     name: ClassVar[str]
-    layout: ClassVar[str] = "a [slots, r, in], b [slots, r, out]"
+    layout: str = "a [slots, r, in], b [slots, r, out]"
+    kernel: str = "pytorch"  # the adaptgate_engine_kernel_info path of lora_delta (engine.cpu_kernels' names)
 
     def __init__(self) -> None:
         self.mapping: LoraMapping | None = None

@@ -1,7 +1,8 @@
-"""The CPU-kernel backend: one fused AVX512-BF16 call per layer adds every LoRA token's delta (engine.cpu_kernels).
+"""The CPU-kernel backend: one fused kernel call per layer adds every LoRA token's delta (engine.cpu_kernels).
 
-Its layout: ranks padded to a multiple of 8 (`kernel_rank`) and B stored with rank pairs interleaved,
-[slots, r/2, out, 2], the order the kernel's bf16 dot-product instructions read.
+The AVX512-BF16 kernel for bf16 models, the AVX2 one for fp32 models. Its layout: ranks padded to a multiple
+of 8 (`kernel_rank`); in bf16, B stored with rank pairs interleaved, [slots, r/2, out, 2], the order the
+kernel's bf16 dot-product instructions read; in fp32, B as it is, [slots, r, out].
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from adaptgate.engine.cpu_kernels import CpuKernels, kernel_rank
+from adaptgate.engine.cpu_kernels import PYTORCH, CpuKernels, kernel_rank
 from adaptgate.engine.lora.backend import LoraBackend
 from adaptgate.engine.lora.mapping import LoraMapping
 
@@ -24,9 +25,16 @@ class CpuKernel(LoraBackend):
     name = "fused CPU kernel"
     layout = "a [slots, r8, in], b [slots, r8/2, out, 2]"
 
-    def __init__(self, kernels: CpuKernels) -> None:
+    def __init__(self, kernels: CpuKernels, dtype: torch.dtype = torch.bfloat16) -> None:
+        """dtype: the model's, which picks the kernel and the layout of B."""
         super().__init__()
         self.kernels = kernels
+        self.kernel = kernels.lora_path(dtype, torch.device("cpu"), 8)
+        if self.kernel == PYTORCH:
+            raise ValueError(f"no fused LoRA kernel runs {dtype} on this CPU")
+        self.interleaved = dtype == torch.bfloat16
+        if not self.interleaved:
+            self.layout = "a [slots, r8, in], b [slots, r8, out]"
         self._token_slots: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def rank(self, max_rank: int) -> int:
@@ -35,13 +43,15 @@ class CpuKernel(LoraBackend):
     def buffers(
         self, n_slots: int, max_rank: int, fan_in: int, fan_out: int, dtype: torch.dtype, device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.interleaved:
+            return super().buffers(n_slots, max_rank, fan_in, fan_out, dtype, device)
         rank = self.rank(max_rank)
         a = torch.zeros(n_slots, rank, fan_in, dtype=dtype, device=device)
         return a, torch.zeros(n_slots, rank // 2, fan_out, 2, dtype=dtype, device=device)
 
     def lay_out_b(self, scaled_b: torch.Tensor) -> torch.Tensor:
-        """[r, out] -> [r/2, out, 2]: rank pairs interleaved."""
-        return scaled_b.view(-1, 2, scaled_b.shape[1]).transpose(1, 2)
+        """[r, out] -> [r/2, out, 2] in bf16: rank pairs interleaved."""
+        return scaled_b.view(-1, 2, scaled_b.shape[1]).transpose(1, 2) if self.interleaved else scaled_b
 
     def prepare(self, mapping: LoraMapping | None) -> None:
         super().prepare(mapping)

@@ -92,8 +92,9 @@ def select_backend(
     weight it reads), else the gathered bmm."""
     targets = [m for m in model.modules() if linear_in_out(m) is not None]  # a wrapped linear's base is a submodule
     kinds = [compute_dtype_device(m) for m in targets]
-    if kernels is not None and targets and all(kernels.supports_lora(dtype, device, max_rank) for dtype, device in kinds):
-        return CpuKernel(kernels)
+    dtypes = {dtype for dtype, _ in kinds}
+    if kernels is not None and len(dtypes) == 1 and all(kernels.supports_lora(dtype, device, max_rank) for dtype, device in kinds):
+        return CpuKernel(kernels, dtypes.pop())
     half = (torch.bfloat16, torch.float16)
     if fused_gpu is not None and targets and all(type(m) is nn.Linear and m.weight.dtype in half for m in targets):
         from adaptgate.engine.lora.triton_gemm import TritonGemm

@@ -149,6 +149,7 @@ class TritonGemm(LoraBackend):
     """
 
     name = "fused Triton GEMM"
+    kernel = "triton"
 
     def __init__(self, gemm: TritonLoraLinear | None = None) -> None:
         super().__init__()
