@@ -32,7 +32,7 @@ KERNEL_SOURCES = {
     str(KERNELS / "add_norm.c"): "avx512_bf16",
     str(KERNELS / "lora_f32.c"): "avx2_fma",
 }
-GLUE_SOURCES = [str(KERNELS / "module.c")]
+GLUE_SOURCES = [str(KERNELS / "module.c"), str(KERNELS / "lora_tokens.c")]  # no ISA flags: run on any x86-64
 # -fopenmp links libgomp.so.1 by soname: the one torch loaded (torch is imported first) serves both.
 COMMON_FLAGS = ["-O3", "-fopenmp", "-fvisibility=hidden"]
 

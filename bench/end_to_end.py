@@ -58,6 +58,7 @@ SERVER_FLAGS = ("--max-inflight-per-tenant", "0", "--max-leased-adapters-per-ten
 AWAITING_STAGES = ("tokenize", "lease", "queue_wait", "forward")
 CPU_SERIES = re.compile(r"^process_cpu_seconds_total (\S+)$", re.M)
 STAGE_SERIES = re.compile(r'^adaptgate_request_stage_seconds_(sum|count)\{method="(\w+)",stage="(\w+)"\} (\S+)$', re.M)
+BATCH_SERIES = re.compile(r"^adaptgate_batch_(size|duration_seconds)_(sum|count) (\S+)$", re.M)
 
 
 @dataclass
@@ -135,6 +136,13 @@ class Workload:
     codes: Counter = field(default_factory=Counter)
     stage_sum: dict[tuple[str, str], float] = field(default_factory=lambda: defaultdict(float))
     stage_count: dict[tuple[str, str], float] = field(default_factory=lambda: defaultdict(float))
+    batches: dict[tuple[str, str], float] = field(default_factory=lambda: defaultdict(float))  # adaptgate_batch_* deltas
+
+    def batch_line(self) -> str:
+        """Rows per forward pass and engine ms per row, over the timed passes."""
+        passes = self.batches[("batch_size", "count")] or 1
+        rows = self.batches[("batch_size", "sum")] or 1
+        return f"{rows / passes:9.1f} {self.batches[('batch_duration_seconds', 'sum')] / rows * 1000:9.3f}"
 
     @property
     def label(self) -> str:
@@ -181,6 +189,7 @@ def stage_totals(metrics_url: str) -> dict[tuple[str, str, str], float]:
     text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
     totals = {(m, s, kind): float(v) for kind, m, s, v in STAGE_SERIES.findall(text)}
     totals[("", "", "cpu")] = float(CPU_SERIES.search(text)[1])
+    totals.update({("", f"batch_{series}", kind): float(v) for series, kind, v in BATCH_SERIES.findall(text)})
     return totals
 
 
@@ -193,6 +202,10 @@ def run_pass(workload: Workload, calls: list[tuple[str, object]], in_flight: int
     workload.rates.append(rate)
     workload.codes.update(codes)
     workload.cpu_ms.append((after.pop(("", "", "cpu")) - before[("", "", "cpu")]) / len(calls) * 1000)
+    for series in ("batch_size", "batch_duration_seconds"):
+        for kind in ("sum", "count"):
+            key = ("", series, kind)
+            workload.batches[(series, kind)] += after.pop(key, 0.0) - before.get(key, 0.0)
     for (method, stage, kind), value in after.items():
         delta = value - before.get((method, stage, kind), 0.0)
         if delta > 0:
@@ -202,14 +215,15 @@ def run_pass(workload: Workload, calls: list[tuple[str, object]], in_flight: int
 def print_rates(workloads: list[Workload]) -> None:
     bases = {w.gateway.label: float(np.median(w.rates)) for w in workloads if w.name == "base"}
     base_cpu = {w.gateway.label: float(np.median(w.cpu_ms)) for w in workloads if w.name == "base"}
-    print(f"{'workload':<24} {'req/s (median)':>14} {'passes':>24} {'vs base':>8} {'CPU ms/req':>11} {'vs base':>8}  codes")
+    print(f"{'workload':<24} {'req/s (median)':>14} {'passes':>24} {'vs base':>8} {'CPU ms/req':>11} {'vs base':>8} "
+          f"{'rows/pass':>9} {'ms/row':>9}  codes")
     for w in workloads:
         median, cpu = float(np.median(w.rates)), float(np.median(w.cpu_ms))
         passes = " ".join(f"{r:.0f}" for r in w.rates)
         print(f"{w.label:<24} {median:14.1f} {passes:>24} {median / bases[w.gateway.label]:7.2f}x {cpu:11.3f} "
-              f"{base_cpu[w.gateway.label] / cpu:7.2f}x  {dict(w.codes)}")
+              f"{base_cpu[w.gateway.label] / cpu:7.2f}x {w.batch_line()}  {dict(w.codes)}")
     print("(CPU ms/req: the gateway process's CPU time per request, all threads; its 'vs base' is base's over this one's,"
-          " so both ratios read as speed)")
+          " so both ratios read as speed; rows/pass and ms/row: the engine's forward passes, wall time)")
 
 
 def print_stages(workloads: list[Workload]) -> None:

@@ -204,6 +204,23 @@ async def test_a_failed_call_names_its_adapter_and_status(served: Served) -> Non
     assert http_malformed["request_id"] == malformed.headers["x-request-id"]
 
 
+async def test_grpc_malformed_bytes_are_observed_invalid_argument_and_an_unknown_method_is_left_alone(served: Served) -> None:
+    """Both handler-rewriting interceptors on the real server: the malformed request is observed (its request
+    id echoed, its access line written) and answered INVALID_ARGUMENT; a method with no handler stays UNIMPLEMENTED."""
+    raw = {"request_serializer": lambda b: b, "response_deserializer": lambda b: b}
+    async with grpc.aio.insecure_channel(served.target) as channel:
+        malformed = channel.unary_unary("/adaptgate.v1.Embeddings/Embed", **raw)(b"\xff\xff\xff", metadata=AUTH, timeout=30)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await malformed
+        echoed = dict(await malformed.initial_metadata())["x-request-id"]
+        with pytest.raises(grpc.aio.AioRpcError) as unknown:
+            await channel.unary_unary("/adaptgate.v1.Embeddings/Nope", **raw)(b"", metadata=AUTH, timeout=30)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "not a valid protobuf" in refused.value.details()
+    assert unknown.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    [access] = await served.access(1)
+    assert (access["method"], access["code"], access["request_id"]) == ("Embed", "INVALID_ARGUMENT", echoed)
+
+
 async def test_every_line_of_a_request_carries_its_id(served: Served) -> None:
     """An unreadable adapter record makes listing log a warning (in a worker thread, for gRPC) before the
     access line: both lines of each call carry that call's id, the id the client got back."""

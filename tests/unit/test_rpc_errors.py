@@ -91,6 +91,30 @@ def test_unhandled_exception_is_internal_with_a_request_id_and_no_trace() -> Non
     assert "request id" in aborted.value.details and "secret" not in aborted.value.details
 
 
+def test_a_stream_the_client_closes_early_is_counted_once_and_not_failed() -> None:
+    """A closed stream (GeneratorExit at its yield) passes through the wrapper: no abort, no INTERNAL."""
+    servicer = Servicer(None)
+
+    async def first_only() -> str:
+        stream = servicer.Stream(None, FakeContext())
+        first = await anext(stream)
+        await stream.aclose()
+        return first
+
+    assert asyncio.run(first_only()) == "acme"
+    counted = servicer.runtime.metrics.requests.labels
+    assert (counted("Stream", "OK", "grpc")._value.get(), counted("Stream", "INTERNAL", "grpc")._value.get()) == (1, 0)
+
+
+@pytest.mark.parametrize("method", ["Unary", "Stream"])
+def test_a_cancelled_call_stays_cancelled_and_is_counted_as_cancelled(method: str) -> None:
+    servicer = Servicer(asyncio.CancelledError())
+    call = servicer.Unary(None, FakeContext()) if method == "Unary" else call_stream(servicer, FakeContext())
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(call)
+    assert servicer.runtime.metrics.requests.labels(method, "CANCELLED", "grpc")._value.get() == 1
+
+
 @pytest.mark.parametrize("token", [None, "wrong", ""])
 def test_missing_or_wrong_token_is_unauthenticated(token: str | None) -> None:
     with pytest.raises(Aborted) as aborted:

@@ -217,3 +217,22 @@ def test_a_dataset_upload_is_parsed_from_disk_and_stored_normalized(tmp_path: Pa
         asyncio.run(rig.datasets.UploadDataset(stream(too_big), Context("acme")))
     assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "(max_upload_bytes = 1048576 bytes)" in refused.value.details
     assert rig.leftovers() == []
+
+
+@pytest.mark.parametrize("rpc", ["adapters", "datasets"])
+def test_an_upload_without_its_header_is_invalid_argument_and_leaves_nothing(tmp_path: Path, base, rpc: str) -> None:
+    """Both upload RPCs read their stream the same way (Uploads.receive_chunks): an empty stream, or one whose
+    first message names nothing, is INVALID_ARGUMENT with the RPC's own sentence and leaves nothing behind."""
+    rig = Rig(tmp_path, base, UploadLimits(), max_adapter_bytes=MiB)
+    if rpc == "adapters":
+        upload, nameless = rig.adapters.UploadAdapter, pb.UploadAdapterChunk(filename="adapter_config.json", data=b"{}")
+        sentence = "the first UploadAdapter chunk must carry the adapter name"
+    else:
+        upload, nameless = rig.datasets.UploadDataset, datasets_pb2.UploadDatasetChunk(name="  ", data=b"{}")
+        sentence = "the first UploadDataset chunk must carry the dataset name and format"
+    for chunks in ([], [nameless]):
+        with pytest.raises(Aborted) as refused:
+            asyncio.run(upload(stream(chunks), Context("acme")))
+        assert (refused.value.code, refused.value.details) == (grpc.StatusCode.INVALID_ARGUMENT, sentence)
+        assert rig.leftovers() == []
+    assert rig.uploads.admission.in_flight() == (0, 0)

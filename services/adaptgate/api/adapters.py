@@ -14,7 +14,7 @@ from adaptgate.adapters.store import AdapterRecord, AdapterStore
 from adaptgate.adapters.validation import check_filenames
 from adaptgate.api.auth import Principal
 from adaptgate.api.rpc import RpcRuntime, unary
-from adaptgate.api.uploads import SizeLimit, Upload, Uploads, quota_guard
+from adaptgate.api.uploads import ChunkFormat, SizeLimit, Upload, Uploads
 from adaptgate.errors import InvalidArgument
 from adaptgate.quotas import Usage
 from adaptgate.v1 import adapters_pb2 as pb
@@ -46,6 +46,9 @@ async def write_chunk(upload: Upload, chunk: pb.UploadAdapterChunk) -> None:
     if chunk.filename not in upload.filenames():
         check_filenames([chunk.filename, CONFIG_FILE, WEIGHTS_FILE])
     await upload.write(chunk.filename, chunk.data)
+
+
+ADAPTER_CHUNKS = ChunkFormat(pb.UploadAdapterChunk, upload_header, write_chunk, Usage(adapter_versions=1))
 
 
 class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
@@ -98,15 +101,9 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
     ) -> pb.Adapter:
         """Streamed to a temporary directory, then validated (header first) and moved into the store."""
         tenant = principal.tenant
-        async with self.uploads.receive(tenant, self.upload_limit) as upload:
-            chunks = aiter(request)
-            first = await anext(chunks, pb.UploadAdapterChunk())
-            name, alias = upload_header(first)
-            upload.extra_check = await quota_guard(self.store.quotas, tenant, Usage(adapter_versions=1))
-            await write_chunk(upload, first)
-            async for chunk in chunks:
-                await write_chunk(upload, chunk)
-            upload.close()
+        async with self.uploads.receive_chunks(
+            tenant, self.upload_limit, request, ADAPTER_CHUNKS, self.store.quotas
+        ) as (upload, _, (name, alias)):
             record = await asyncio.to_thread(self.store.publish_dir, tenant, name, upload.directory, alias, "upload")
         return await self._describe(record)
 

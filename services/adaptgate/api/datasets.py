@@ -9,7 +9,7 @@ import grpc
 
 from adaptgate.api.auth import Principal
 from adaptgate.api.rpc import RpcRuntime, unary
-from adaptgate.api.uploads import SizeLimit, Uploads, quota_guard
+from adaptgate.api.uploads import ChunkFormat, SizeLimit, Upload, Uploads
 from adaptgate.errors import InvalidArgument
 from adaptgate.quotas import Usage
 from adaptgate.training.data.datasets import DatasetRecord, DatasetStore, check_name
@@ -27,6 +27,22 @@ def to_proto(record: DatasetRecord) -> pb.Dataset:
     )
 
 
+def upload_header(first: pb.UploadDatasetChunk) -> str:
+    """The dataset's name, checked before any byte is accepted."""
+    name = first.name.strip()
+    if not name:
+        raise InvalidArgument("the first UploadDataset chunk must carry the dataset name and format")
+    check_name(name)
+    return name
+
+
+async def write_chunk(upload: Upload, chunk: pb.UploadDatasetChunk) -> None:
+    await upload.write(UPLOAD_FILE, chunk.data)
+
+
+DATASET_CHUNKS = ChunkFormat(pb.UploadDatasetChunk, upload_header, write_chunk, Usage(datasets=1))
+
+
 class DatasetsServicer(datasets_pb2_grpc.DatasetsServicer):
     def __init__(self, runtime: RpcRuntime, datasets: DatasetStore, uploads: Uploads, upload_limit: SizeLimit) -> None:
         self.runtime = runtime
@@ -40,19 +56,11 @@ class DatasetsServicer(datasets_pb2_grpc.DatasetsServicer):
     ) -> pb.Dataset:
         """Streamed to a temporary file, then parsed row by row into the normalized JSONL."""
         tenant = principal.tenant
-        async with self.uploads.receive(tenant, self.upload_limit) as upload:
-            chunks = aiter(request)
-            first = await anext(chunks, pb.UploadDatasetChunk())
-            if not first.name.strip():
-                raise InvalidArgument("the first UploadDataset chunk must carry the dataset name and format")
-            check_name(first.name.strip())
-            upload.extra_check = await quota_guard(self.datasets.quotas, tenant, Usage(datasets=1))
-            await upload.write(UPLOAD_FILE, first.data)
-            async for chunk in chunks:
-                await upload.write(UPLOAD_FILE, chunk.data)
-            upload.close()
+        async with self.uploads.receive_chunks(
+            tenant, self.upload_limit, request, DATASET_CHUNKS, self.datasets.quotas
+        ) as (upload, first, name):
             record = await asyncio.to_thread(
-                self.datasets.create_from_file, tenant, first.name.strip(), first.format.strip().lower() or "jsonl",
+                self.datasets.create_from_file, tenant, name, first.format.strip().lower() or "jsonl",
                 upload.path(UPLOAD_FILE), first.text_field or "text", first.label_field or "label",
             )
         return to_proto(record)

@@ -7,11 +7,13 @@ marker to the handler instead, and the RPC wrapper (`api/rpc.py`) turns it into 
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
+
+from adaptgate.grpc_interceptors import HandlerInterceptor
 
 
 @dataclass(frozen=True)
@@ -29,13 +31,8 @@ def tolerant(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     return parse
 
 
-class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.request_deserializer is None:
+class MalformedRequestInterceptor(HandlerInterceptor):
+    def rewrite(self, handler: grpc.RpcMethodHandler, path: str) -> grpc.RpcMethodHandler:
+        if handler.request_deserializer is None:
             return handler
         return handler._replace(request_deserializer=tolerant(handler.request_deserializer))  # type: ignore[attr-defined]

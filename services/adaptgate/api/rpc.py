@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from types import TracebackType
 from typing import Any, TypeVar
 
 import grpc
@@ -32,6 +33,8 @@ log = logging.getLogger("adaptgate.rpc")
 RETRY_AFTER_KEY = "retry-after-ms"
 RETRY_AFTER_MS = 250
 T = TypeVar("T")
+# Exceptions a call's body raises that pass through as they are, not through `_Call.fail`.
+PASS_THROUGH = (grpc.aio.AbortError, GeneratorExit)
 
 
 @dataclass
@@ -81,6 +84,18 @@ class _Call:
         self.runtime.metrics.requests.labels(self.method, code, "grpc").inc()
         self.runtime.metrics.request_seconds.labels(self.method, code, "grpc").observe(time.perf_counter() - self.started)
 
+    async def __aenter__(self) -> _Call:
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        """The call's body ended: a failure becomes its status (`fail`), and the call is counted however it
+        ended. An abort already carries its status; a closed stream (GeneratorExit) must not await."""
+        try:
+            if exc is not None and not isinstance(exc, PASS_THROUGH):
+                await self.fail(exc)
+        finally:
+            self.finish()
+
 
 def _check(item: Any, method: str) -> Any:
     if isinstance(item, Malformed):
@@ -101,17 +116,9 @@ def checked(request: Any, method: str) -> Any:
 def unary(fn: Callable[[Any, Any, grpc.aio.ServicerContext, Principal], Awaitable[T]]) -> Callable[..., Awaitable[T]]:
     @functools.wraps(fn)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> T:
-        call = _Call(self, fn.__name__, context)
-        try:
+        async with _Call(self, fn.__name__, context) as call:
             principal = call.principal()
             return await fn(self, checked(request, call.method), context, principal)
-        except grpc.aio.AbortError:
-            raise
-        except BaseException as exc:
-            await call.fail(exc)
-            raise
-        finally:
-            call.finish()
 
     return wrapper
 
@@ -121,18 +128,10 @@ def server_stream(
 ) -> Callable[..., AsyncIterator[T]]:
     @functools.wraps(fn)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[T]:
-        call = _Call(self, fn.__name__, context)
-        try:
+        async with _Call(self, fn.__name__, context) as call:
             principal = call.principal()
             async for item in fn(self, checked(request, call.method), context, principal):
                 yield item
-        except (grpc.aio.AbortError, GeneratorExit):
-            raise
-        except BaseException as exc:
-            await call.fail(exc)
-            raise
-        finally:
-            call.finish()
 
     return wrapper
 

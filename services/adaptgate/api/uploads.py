@@ -15,11 +15,11 @@ import shutil
 import tempfile
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Generic, TypeVar
 
 from adaptgate.errors import InvalidArgument, UploadsBusy, UploadTooLarge
 from adaptgate.metrics import Metrics
@@ -184,6 +184,20 @@ class Upload:
             handle.close()
 
 
+C = TypeVar("C")  # an upload RPC's request message
+H = TypeVar("H")  # what its first message's header says
+
+
+@dataclass(frozen=True)
+class ChunkFormat(Generic[C, H]):
+    """How one upload RPC's messages read: the first carries the header, and any may carry file bytes."""
+
+    message: Callable[[], C]  # the message type; a stream without any message reads as an empty one
+    header: Callable[[C], H]  # the first message's header, checked (raising) before any byte is accepted
+    write: Callable[[Upload, C], Awaitable[None]]  # one message's bytes into the upload
+    adding: Usage  # what one such upload adds to the tenant's usage, besides its bytes
+
+
 class Uploads:
     """Where uploads land while they stream in (`<data_dir>/uploads`), and who may upload now."""
 
@@ -223,6 +237,24 @@ class Uploads:
             finally:
                 upload.close()
                 shutil.rmtree(directory, ignore_errors=True)  # synchronous: runs even when the call is cancelled
+
+    @asynccontextmanager
+    async def receive_chunks(
+        self, tenant: str, limit: SizeLimit, request: AsyncIterator[C], chunk_format: ChunkFormat[C, H], quotas: StorageQuotas
+    ) -> AsyncIterator[tuple[Upload, C, H]]:
+        """An upload RPC's stream, spooled: the header and the tenant's quotas are checked before the
+        first byte, then every message's bytes are written. Yields the complete upload (with its first
+        message and header) to publish from; its files are removed when the block ends."""
+        async with self.receive(tenant, limit) as upload:
+            chunks = aiter(request)
+            first = await anext(chunks, chunk_format.message())
+            header = chunk_format.header(first)
+            upload.extra_check = await quota_guard(quotas, tenant, chunk_format.adding)
+            await chunk_format.write(upload, first)
+            async for chunk in chunks:
+                await chunk_format.write(upload, chunk)
+            upload.close()
+            yield upload, first, header
 
 
 async def quota_guard(quotas: StorageQuotas, tenant: str, adding: Usage) -> Callable[[int], None]:

@@ -97,14 +97,11 @@ def _lora_delta(ext: ModuleType, x: torch.Tensor, y: torch.Tensor, a: torch.Tens
     if dtype == torch.float32:
         if a_in != fan_in or b_size != (n_slots, rank, fan_out):
             raise _bad(f"a must be [slots, rank, {fan_in}] and b [slots, rank, {fan_out}], got {tuple(a.size())} and {tuple(b_size)}")
-        kernel = ext.lora_delta_f32
     elif a_in != fan_in or b_size != (n_slots, rank // 2, fan_out, 2):
         raise _bad(f"a must be [slots, rank, {fan_in}] and bv [slots, rank/2, {fan_out}, 2], got {tuple(a.size())} and {tuple(b_size)}")
-    else:
-        kernel = ext.lora_delta
-    kernel(
+    ext.lora_delta(
         x.data_ptr(), y.data_ptr(), a.data_ptr(), bv.data_ptr(), tokens.data_ptr(), slots.data_ptr(),
-        n, fan_in, fan_out, rank, rows, n_slots,
+        n, fan_in, fan_out, rank, rows, n_slots, int(dtype == torch.float32),
     )  # fmt: skip
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import grpc
 
+from adaptgate.grpc_interceptors import HandlerInterceptor
 from adaptgate.observability import stages
 from adaptgate.observability.requests import REQUEST_ID_KEY, ObservedRequest, RequestObserver
 from adaptgate.observability.stages import Timed
@@ -22,18 +23,12 @@ from adaptgate.observability.stages import Timed
 SERVED_PREFIX = "/adaptgate."  # health and reflection are not requests worth a line or a trace
 
 
-class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
+class ObservabilityInterceptor(HandlerInterceptor):
     def __init__(self, observer: RequestObserver) -> None:
         self.observer = observer
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        path = handler_call_details.method
-        if handler is None or not path.startswith(SERVED_PREFIX):
+    def rewrite(self, handler: grpc.RpcMethodHandler, path: str) -> grpc.RpcMethodHandler:
+        if not path.startswith(SERVED_PREFIX):
             return handler
         service, _, method = path[1:].rpartition("/")
         if handler.unary_unary is not None:

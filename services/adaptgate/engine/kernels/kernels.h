@@ -4,6 +4,7 @@
 #ifndef ADAPTGATE_KERNELS_H
 #define ADAPTGATE_KERNELS_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #define LORA_MAX_RANK 64     /* lora.c keeps a token's rank-sized intermediate in registers */
@@ -11,6 +12,26 @@
 #define ISA_AVX512_BF16 1 /* lora.c, attention.c, add_norm.c */
 #define ISA_AVX2_FMA 2    /* lora_f32.c */
 #define ADD_NORM_MAX_H 8192  /* add_norm.c's per-thread scratch row: 32 KB of stack */
+
+/* One LoRA kernel's step: y[t] += (x[t]·Aᵀ)·B for nt (1 or 2) tokens of one slot, whose rows of x and y are
+ * xs[t], ys[t] and whose slot's A and B are `as`, `bs`. */
+typedef void (*lora_step)(int nt, const void *const *xs, void *const *ys, const void *as, const void *bs, int64_t fin,
+                          int64_t fout, int64_t rank);
+
+/* A lora_step that calls a kernel's inline `through(nt, ...)` with nt a constant, so each of the two is specialised. */
+#define LORA_STEP(name, through)                                                                                    \
+    static void name(int nt, const void *const *xs, void *const *ys, const void *as, const void *bs, int64_t fin,  \
+                     int64_t fout, int64_t rank) {                                                                  \
+        if (nt == 2)                                                                                                \
+            through(2, xs, ys, as, bs, fin, fout, rank);                                                            \
+        else                                                                                                        \
+            through(1, xs, ys, as, bs, fin, fout, rank);                                                            \
+    }
+
+/* Every listed token through `step`, split across the calling thread's OpenMP team (lora_tokens.c); `element`
+ * is the size of one value of x, y, A and B, from which each token's rows and each slot's A and B are found. */
+void lora_over_tokens(lora_step step, const void *x, void *y, const void *a, const void *b, size_t element,
+                      const int64_t *tokens, const int64_t *slots, int64_t n, int64_t fin, int64_t fout, int64_t rank);
 
 void lora_delta_bf16(const uint16_t *x, uint16_t *y, const uint16_t *a, const uint16_t *bv, const int64_t *tokens,
                      const int64_t *slots, int64_t n, int64_t fin, int64_t fout, int64_t rank);

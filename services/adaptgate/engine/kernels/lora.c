@@ -4,7 +4,7 @@
  * low-rank path stays in registers: its rank-sized intermediate never goes to memory, and y is read
  * and written once. PyTorch's gathered bmm does the same arithmetic in four passes with a fixed cost
  * per batch entry, which at small ranks is most of the time. Built ahead of time by setup.py with
- * explicit ISA flags; its OpenMP is the libgomp torch already loaded (same soname, and torch is imported
+ * explicit ISA flags; its OpenMP (lora_tokens.c) is the libgomp torch already loaded (same soname, and torch is imported
  * before this library), so the calling thread's torch thread count applies and no second thread pool exists.
  *
  * Two neighbouring tokens of one slot (a row's tokens are contiguous) go through together, so each
@@ -15,7 +15,6 @@
  * rank is a multiple of 8 and at most LORA_MAX_RANK; module.c checks tokens and slots are in range.
  */
 #include <immintrin.h>
-#include <omp.h>
 #include <stdint.h>
 
 #include "kernels.h"
@@ -89,35 +88,18 @@ INLINE void expand(int nt, const float (*h)[MAX_RANK], const uint16_t *bv, int64
     }
 }
 
-INLINE void tokens_through(int nt, const uint16_t *x, uint16_t *y, const uint16_t *as, const uint16_t *bs,
-                           const int64_t *tokens, int64_t fin, int64_t fout, int64_t rank) {
-    const uint16_t *xs[2];
-    uint16_t *ys[2];
-    for (int t = 0; t < nt; t++) {
-        xs[t] = x + tokens[t] * fin;
-        ys[t] = y + tokens[t] * fout;
-    }
+/* The step lora_tokens.c calls: xs, ys the nt tokens' rows of x and y. */
+INLINE void tokens_through(int nt, const void *const *xs, void *const *ys, const void *as, const void *bs, int64_t fin,
+                           int64_t fout, int64_t rank) {
     float h[2][MAX_RANK];
-    shrink(nt, xs, as, fin, rank, h);
-    expand(nt, (const float (*)[MAX_RANK])h, bs, fout, rank, ys);
+    shrink(nt, (const uint16_t *const *)xs, as, fin, rank, h);
+    expand(nt, (const float (*)[MAX_RANK])h, bs, fout, rank, (uint16_t *const *)ys);
 }
+
+LORA_STEP(step, tokens_through)
 
 void lora_delta_bf16(const uint16_t *x, uint16_t *y, const uint16_t *a, const uint16_t *bv,
                      const int64_t *tokens, const int64_t *slots, int64_t n, int64_t fin, int64_t fout,
                      int64_t rank) {
-#pragma omp parallel
-    {
-        int64_t threads = omp_get_num_threads(), me = omp_get_thread_num();
-        int64_t end = n * (me + 1) / threads;
-        for (int64_t j = n * me / threads; j < end;) {
-            const uint16_t *as = a + slots[j] * rank * fin, *bs = bv + slots[j] * rank * fout;
-            if (j + 1 < end && slots[j + 1] == slots[j]) {
-                tokens_through(2, x, y, as, bs, tokens + j, fin, fout, rank);
-                j += 2;
-            } else {
-                tokens_through(1, x, y, as, bs, tokens + j, fin, fout, rank);
-                j += 1;
-            }
-        }
-    }
+    lora_over_tokens(step, x, y, a, bv, sizeof(uint16_t), tokens, slots, n, fin, fout, rank);
 }

@@ -6,13 +6,12 @@
  * adapter's tokens cost the same as one adapter's, and a token's rank-sized intermediate stays in registers.
  *
  * Two neighbouring tokens of one slot (a row's tokens are contiguous) go through together, so each load of A
- * or B serves both. Built ahead of time by setup.py with -mavx2 -mfma; OpenMP as in lora.c (torch's libgomp).
+ * or B serves both. Built ahead of time by setup.py with -mavx2 -mfma; lora_tokens.c splits the tokens across threads.
  *
  * Layouts (fp32, row-major): x [T, fin], y [T, fout], a [S, rank, fin], b [S, rank, fout]. rank is a
  * multiple of 8 and at most LORA_MAX_RANK; module.c checks tokens and slots are in range.
  */
 #include <immintrin.h>
-#include <omp.h>
 #include <stdint.h>
 
 #include "kernels.h"
@@ -102,33 +101,17 @@ INLINE void expand(int nt, const float (*h)[MAX_RANK], const float *b, int64_t f
     if (full < fout) expand_block(nt, h, b, fout, rank, y, full, 1, tail8(fout - full), tail8(fout - full - 8));
 }
 
-INLINE void tokens_through(int nt, const float *x, float *y, const float *as, const float *bs, const int64_t *tokens,
-                           int64_t fin, int64_t fout, int64_t rank) {
-    const float *xs[2];
-    float *ys[2];
-    for (int t = 0; t < nt; t++) {
-        xs[t] = x + tokens[t] * fin;
-        ys[t] = y + tokens[t] * fout;
-    }
+/* The step lora_tokens.c calls: xs, ys the nt tokens' rows of x and y. */
+INLINE void tokens_through(int nt, const void *const *xs, void *const *ys, const void *as, const void *bs, int64_t fin,
+                           int64_t fout, int64_t rank) {
     float h[2][MAX_RANK];
-    shrink(nt, xs, as, fin, rank, h);
-    expand(nt, (const float (*)[MAX_RANK])h, bs, fout, rank, ys);
+    shrink(nt, (const float *const *)xs, as, fin, rank, h);
+    expand(nt, (const float (*)[MAX_RANK])h, bs, fout, rank, (float *const *)ys);
 }
+
+LORA_STEP(step, tokens_through)
 
 void lora_delta_f32(const float *x, float *y, const float *a, const float *b, const int64_t *tokens, const int64_t *slots,
                     int64_t n, int64_t fin, int64_t fout, int64_t rank) {
-#pragma omp parallel
-    {
-        int64_t threads = omp_get_num_threads(), me = omp_get_thread_num();
-        int64_t end = n * (me + 1) / threads;
-        for (int64_t j = n * me / threads; j < end;) {
-            const float *as = a + slots[j] * rank * fin, *bs = b + slots[j] * rank * fout;
-            int nt = j + 1 < end && slots[j + 1] == slots[j] ? 2 : 1;
-            if (nt == 2)
-                tokens_through(2, x, y, as, bs, tokens + j, fin, fout, rank);
-            else
-                tokens_through(1, x, y, as, bs, tokens + j, fin, fout, rank);
-            j += nt;
-        }
-    }
+    lora_over_tokens(step, x, y, a, b, sizeof(float), tokens, slots, n, fin, fout, rank);
 }

@@ -65,54 +65,34 @@ static int64_t out_of_range(const int64_t *index, int64_t n, int64_t bound) {
     return -1;
 }
 
-/* The arguments both LoRA kernels take, checked: p = x, y, a, b, tokens, slots; v = n, fin, fout, rank,
-   total_tokens, n_slots. 0 when the kernel may run, else -1 with the exception set. */
-static int lora_checked(const char *name, PyObject *const *args, Py_ssize_t nargs, int isa, void **p, int64_t *v) {
-    if (parse(name, args, nargs, 6, p, 6, v) < 0) return -1;
-    int64_t n = v[0], fin = v[1], fout = v[2], rank = v[3], total = v[4], slots = v[5];
-    const int64_t *token_index = p[4], *slot_index = p[5];
-    if (n < 0 || fin <= 0 || fout <= 0 || total < 0 || slots <= 0) {
-        PyErr_Format(PyExc_ValueError, "%s: sizes must be positive (fin %lld, fout %lld, slots %lld)", name, (long long)fin,
-                     (long long)fout, (long long)slots);
-        return -1;
-    }
-    if (rank <= 0 || rank % 8 || rank > LORA_MAX_RANK) {
-        PyErr_Format(PyExc_ValueError, "%s: rank %lld must be a multiple of 8 up to %d", name, (long long)rank, LORA_MAX_RANK);
-        return -1;
-    }
-    int64_t bad = out_of_range(token_index, n, total);
-    if (bad >= 0) {
-        PyErr_Format(PyExc_ValueError, "%s: tokens[%lld] = %lld is outside x's %lld rows", name, (long long)bad,
-                     (long long)token_index[bad], (long long)total);
-        return -1;
-    }
-    bad = out_of_range(slot_index, n, slots);
-    if (bad >= 0) {
-        PyErr_Format(PyExc_ValueError, "%s: slots[%lld] = %lld is outside the %lld slots", name, (long long)bad,
-                     (long long)slot_index[bad], (long long)slots);
-        return -1;
-    }
-    return ready(isa);
-}
-
-/* lora_delta(x, y, a, bv, tokens, slots, n, fin, fout, rank, total_tokens, n_slots): bf16, B rank-pair interleaved */
+/* lora_delta(x, y, a, b, tokens, slots, n, fin, fout, rank, total_tokens, n_slots, fp32): in bf16 (fp32 = 0) b is
+   B with rank pairs interleaved, [slots, rank/2, fout, 2]; in fp32, B itself, [slots, rank, fout]. */
 static PyObject *lora_delta(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     void *p[6];
-    int64_t v[6];
-    if (lora_checked("lora_delta", args, nargs, ISA_AVX512_BF16, p, v) < 0) return NULL;
+    int64_t v[7];
+    if (parse("lora_delta", args, nargs, 6, p, 7, v) < 0) return NULL;
+    int64_t n = v[0], fin = v[1], fout = v[2], rank = v[3], total = v[4], slots = v[5], fp32 = v[6];
+    const int64_t *token_index = p[4], *slot_index = p[5];
+    if (n < 0 || fin <= 0 || fout <= 0 || total < 0 || slots <= 0)
+        return PyErr_Format(PyExc_ValueError, "lora_delta: sizes must be positive (fin %lld, fout %lld, slots %lld)",
+                            (long long)fin, (long long)fout, (long long)slots);
+    if (rank <= 0 || rank % 8 || rank > LORA_MAX_RANK)
+        return PyErr_Format(PyExc_ValueError, "lora_delta: rank %lld must be a multiple of 8 up to %d", (long long)rank,
+                            LORA_MAX_RANK);
+    int64_t bad = out_of_range(token_index, n, total);
+    if (bad >= 0)
+        return PyErr_Format(PyExc_ValueError, "lora_delta: tokens[%lld] = %lld is outside x's %lld rows", (long long)bad,
+                            (long long)token_index[bad], (long long)total);
+    bad = out_of_range(slot_index, n, slots);
+    if (bad >= 0)
+        return PyErr_Format(PyExc_ValueError, "lora_delta: slots[%lld] = %lld is outside the %lld slots", (long long)bad,
+                            (long long)slot_index[bad], (long long)slots);
+    if (ready(fp32 ? ISA_AVX2_FMA : ISA_AVX512_BF16) < 0) return NULL;
     Py_BEGIN_ALLOW_THREADS
-    lora_delta_bf16(p[0], p[1], p[2], p[3], p[4], p[5], v[0], v[1], v[2], v[3]);
-    Py_END_ALLOW_THREADS
-    Py_RETURN_NONE;
-}
-
-/* lora_delta_f32(x, y, a, b, tokens, slots, n, fin, fout, rank, total_tokens, n_slots): fp32, B [slots, rank, fout] */
-static PyObject *lora_delta_f32_call(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    void *p[6];
-    int64_t v[6];
-    if (lora_checked("lora_delta_f32", args, nargs, ISA_AVX2_FMA, p, v) < 0) return NULL;
-    Py_BEGIN_ALLOW_THREADS
-    lora_delta_f32(p[0], p[1], p[2], p[3], p[4], p[5], v[0], v[1], v[2], v[3]);
+    if (fp32)
+        lora_delta_f32(p[0], p[1], p[2], p[3], token_index, slot_index, n, fin, fout, rank);
+    else
+        lora_delta_bf16(p[0], p[1], p[2], p[3], token_index, slot_index, n, fin, fout, rank);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -185,7 +165,6 @@ static PyMethodDef methods[] = {
     {"packed_attention", (PyCFunction)(void (*)(void))packed_attention, METH_FASTCALL, "Attention within each packed row."},
     {"add_layer_norm", (PyCFunction)(void (*)(void))add_layer_norm, METH_FASTCALL, "LayerNorm(x + residual)."},
     {"threads", threads, METH_NOARGS, "The OpenMP threads a kernel called from this thread would use."},
-    {"lora_delta_f32", (PyCFunction)(void (*)(void))lora_delta_f32_call, METH_FASTCALL, "y[t] += (x[t]·A[s]ᵀ)·B[s] in place, fp32."},
     {"enable", enable, METH_O, "Let the kernels of these ISA_* bits run: the caller has checked this CPU has them."},
     {NULL, NULL, 0, NULL},
 };

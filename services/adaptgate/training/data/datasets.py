@@ -14,10 +14,10 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 
@@ -33,6 +33,9 @@ __all__ = ["DatasetRecord", "DatasetStore", "ParsedDataset", "parse_dataset"]
 
 MAX_NAME_CHARS = 128
 TENANT_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # whole string (fullmatch): '$' would let a trailing newline through
+S = TypeVar("S")
+# parse_dataset (bytes) or parse_dataset_file (a path): (source, fmt, text_field, label_field, max_labels, max_conflict_fraction).
+Parser = Callable[[S, str, str, str, int | None, float], ParsedDataset]
 
 
 @dataclass
@@ -109,19 +112,23 @@ class DatasetStore:
     def create(
         self, tenant: str, name: str, fmt: str, data: bytes, text_field: str = "text", label_field: str = "label"
     ) -> DatasetRecord:
-        check_tenant(tenant)
-        check_name(name)
-        parsed = parse_dataset(data, fmt, text_field, label_field, self.max_labels, self.max_conflict_fraction)
+        parsed = self._parse(tenant, name, parse_dataset, data, fmt, text_field, label_field)
         return self._store(tenant, name, parsed, len(data))
 
     def create_from_file(
         self, tenant: str, name: str, fmt: str, path: Path, text_field: str = "text", label_field: str = "label"
     ) -> DatasetRecord:
         """An upload spooled to disk, parsed row by row: it is never one big bytes or str in memory."""
+        parsed = self._parse(tenant, name, parse_dataset_file, path, fmt, text_field, label_field)
+        return self._store(tenant, name, parsed, path.stat().st_size)
+
+    def _parse(
+        self, tenant: str, name: str, parse: Parser[S], source: S, fmt: str, text_field: str, label_field: str
+    ) -> ParsedDataset:
+        """The names are checked before a row is read; the rows within this store's label and conflict limits."""
         check_tenant(tenant)
         check_name(name)
-        parsed = parse_dataset_file(path, fmt, text_field, label_field, self.max_labels, self.max_conflict_fraction)
-        return self._store(tenant, name, parsed, path.stat().st_size)
+        return parse(source, fmt, text_field, label_field, self.max_labels, self.max_conflict_fraction)
 
     def _store(self, tenant: str, name: str, parsed: ParsedDataset, size_bytes: int) -> DatasetRecord:
         """The file first, then the quota check and the row (the commit) with no other write of this

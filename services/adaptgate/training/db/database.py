@@ -32,6 +32,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -79,46 +80,46 @@ class DatabaseUnavailable(Unavailable):
 Failure = Callable[["Database"], AdaptgateError]
 
 
-def _full(db: Database) -> AdaptgateError:
-    return DatabaseFull(
-        "the job database cannot be written because the disk is full; free space on the data volume and try again"
-    )
+@dataclass(frozen=True)
+class FailureSentence:
+    """One environmental failure: its error type and the sentence callers see, which may name the
+    database (`{db.address}`, `{db.busy_timeout_s}`), filled in when it happens."""
+
+    error: type[AdaptgateError]
+    message: str
+
+    def __call__(self, db: Database) -> AdaptgateError:
+        return self.error(self.message.format(db=db))
 
 
-def _locked(db: Database) -> AdaptgateError:
-    return DatabaseBusy(
-        f"the job database is locked by another process (waited {db.busy_timeout_s:g} s); try again shortly"
-    )
-
-
-def _conflict(db: Database) -> AdaptgateError:
-    return DatabaseBusy("the job database refused a write that conflicted with a concurrent one; try again shortly")
-
-
-def _io_error(db: Database) -> AdaptgateError:
-    return DatabaseIOError(
-        "the job database cannot be written (an I/O error on the data volume); check the volume and try again"
-    )
-
-
-def _read_only(db: Database) -> AdaptgateError:
-    return DatabaseIOError(
-        "the job database cannot be written (the data volume is read-only); check the volume and try again"
-    )
-
-
-def _server_read_only(db: Database) -> AdaptgateError:
-    return DatabaseIOError(
-        f"the job database at {db.address} is read-only (a standby, or a read-only transaction); "
-        "point the database URL at the primary server"
-    )
-
-
-def _unreachable(db: Database) -> AdaptgateError:
-    return DatabaseUnavailable(
-        f"the job database at {db.address} cannot be reached; check that PostgreSQL is running there, "
-        "that this replica can connect to it, and the user, password and database name in the database URL"
-    )
+_full = FailureSentence(
+    DatabaseFull,
+    "the job database cannot be written because the disk is full; free space on the data volume and try again",
+)
+_locked = FailureSentence(
+    DatabaseBusy, "the job database is locked by another process (waited {db.busy_timeout_s:g} s); try again shortly"
+)
+_conflict = FailureSentence(
+    DatabaseBusy, "the job database refused a write that conflicted with a concurrent one; try again shortly"
+)
+_io_error = FailureSentence(
+    DatabaseIOError,
+    "the job database cannot be written (an I/O error on the data volume); check the volume and try again",
+)
+_read_only = FailureSentence(
+    DatabaseIOError,
+    "the job database cannot be written (the data volume is read-only); check the volume and try again",
+)
+_server_read_only = FailureSentence(
+    DatabaseIOError,
+    "the job database at {db.address} is read-only (a standby, or a read-only transaction); "
+    "point the database URL at the primary server",
+)
+_unreachable = FailureSentence(
+    DatabaseUnavailable,
+    "the job database at {db.address} cannot be reached; check that PostgreSQL is running there, "
+    "that this replica can connect to it, and the user, password and database name in the database URL",
+)
 
 
 # SQLite's primary result code (the low byte of an extended one) -> the error callers see.

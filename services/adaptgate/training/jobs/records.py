@@ -6,7 +6,7 @@ import enum
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from adaptgate.training.methods.auto import AUTO
@@ -27,10 +27,11 @@ class JobState(enum.Enum):
 ACTIVE_STATES = (JobState.QUEUED, JobState.RUNNING)
 
 
-@dataclass(frozen=True)
+@dataclass
 class JobSpec:
     """What a tenant asked for. Zero means "the method's default" for epochs and learning_rate; the
-    method is a registered one's name (methods/registry.py) or `auto`, the default."""
+    method is a registered one's name (methods/registry.py) or `auto`, the default. Not frozen only so
+    that JobRecord can extend it (dataclasses refuse a mutable subclass of a frozen one): treat it as a value."""
 
     dataset_id: str
     adapter_name: str
@@ -58,28 +59,12 @@ class JobSpec:
 OPTION_FIELDS = ("lora_rank", "batch_size", "max_tokens", "max_steps", "auto", "max_seconds", "validation_dataset_id", "out_of_scope_label")
 
 
-@dataclass
-class JobRecord:
-    """A job as stored and as the API shows it; the spec's fields are flattened in."""
+@dataclass(kw_only=True)
+class JobRecord(JobSpec):
+    """A job as stored and as the API shows it: its spec's fields, then its own (keyword-only)."""
 
     id: str
     tenant: str
-    dataset_id: str
-    adapter_name: str
-    method: str
-    alias: str
-    validation_fraction: float
-    epochs: int
-    learning_rate: float
-    seed: int
-    lora_rank: int = 0
-    batch_size: int = 0
-    max_tokens: int = 0
-    max_steps: int = 0
-    auto: bool = False
-    max_seconds: int = 0
-    validation_dataset_id: str = ""
-    out_of_scope_label: str = ""
     state: JobState = JobState.QUEUED
     error: str = ""
     adapter_ref: str = ""
@@ -93,28 +78,20 @@ class JobRecord:
     @classmethod
     def new(cls, tenant: str, spec: JobSpec) -> JobRecord:
         now = time.time()
-        return cls(
-            id="job-" + secrets.token_hex(6), tenant=tenant, dataset_id=spec.dataset_id,
-            adapter_name=spec.adapter_name, method=spec.method, alias=spec.alias,
-            validation_fraction=spec.validation_fraction, epochs=spec.epochs,
-            learning_rate=spec.learning_rate, seed=spec.seed, lora_rank=spec.lora_rank, batch_size=spec.batch_size,
-            max_tokens=spec.max_tokens, max_steps=spec.max_steps, auto=spec.auto, max_seconds=spec.max_seconds,
-            validation_dataset_id=spec.validation_dataset_id, out_of_scope_label=spec.out_of_scope_label, created_at=now, updated_at=now,
-        )
+        return cls(id="job-" + secrets.token_hex(6), tenant=tenant, **spec_fields(spec), created_at=now, updated_at=now)
 
     @property
     def spec(self) -> JobSpec:
-        return JobSpec(
-            dataset_id=self.dataset_id, adapter_name=self.adapter_name, method=self.method, alias=self.alias,
-            validation_fraction=self.validation_fraction, epochs=self.epochs,
-            learning_rate=self.learning_rate, seed=self.seed, lora_rank=self.lora_rank, batch_size=self.batch_size,
-            max_tokens=self.max_tokens, max_steps=self.max_steps, auto=self.auto, max_seconds=self.max_seconds,
-            validation_dataset_id=self.validation_dataset_id, out_of_scope_label=self.out_of_scope_label,
-        )
+        return JobSpec(**spec_fields(self))
 
     @property
     def options(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in OPTION_FIELDS}
+
+
+def spec_fields(source: JobSpec) -> dict[str, Any]:
+    """Every JobSpec field by name, read from a spec or from a record (a spec with more fields)."""
+    return {f.name: getattr(source, f.name) for f in fields(JobSpec)}
 
 
 EVENT_KINDS = ("state", "progress", "eval", "log")

@@ -85,13 +85,7 @@ class _EmbedTrainer(_Trainer):
         same.fill_diagonal_(False)  # the partner itself is the positive
         logits = (anchors @ positives.t() / TEMPERATURE).masked_fill(same, float("-inf"))
         target = torch.arange(len(rows), device=vectors.device)
-        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
-        value = float(loss.detach())
-        self._check(value)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        return value
+        return self._descend((F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2)
 
     @torch.inference_mode()
     def _embed(self, rows: list[int]) -> tuple[list[int], torch.Tensor]:

@@ -20,7 +20,7 @@ from adaptgate.training.methods.abstain import Abstention, calibrate_head
 from adaptgate.training.methods.evaluation import confusion_matrix
 from adaptgate.training.methods.head_embed import embed_texts
 from adaptgate.training.methods.head_fit import Evaluation, FitConfig, FittedHead, TrainingDiverged, fit_linear_head
-from adaptgate.training.methods.method import Context, Method
+from adaptgate.training.methods.method import Context, Method, SpecParams
 from adaptgate.training.runners.updates import Report, make_update
 from adaptgate.training.runners.worker_base import load_training_base
 from adaptgate.training.tracking import TrackingSpec
@@ -33,13 +33,9 @@ LOADED, EMBEDDED, FITTED = 0.02, 0.85, 0.99  # progress milestones
 
 
 @dataclass(frozen=True)
-class HeadParams:
+class HeadParams(SpecParams):
     """`epochs` counts full-batch optimisation steps over the cached embeddings (0 = 500)."""
 
-    validation_fraction: float = 0.1
-    epochs: int = 0
-    learning_rate: float = 0.0
-    seed: int = 0
     batch_size: int = 64
     weight_decay: float = 1e-5
     eval_every: int = 25

@@ -41,7 +41,7 @@ from adaptgate.training.methods.head_fit import TrainingDiverged
 from adaptgate.training.methods.htsr import BlockRate, describe, hill_alpha, multipliers
 from adaptgate.training.methods.lora_data import epoch_batches, eval_batches, pad, steps_per_epoch, tokenize
 from adaptgate.training.methods.lora_model import LoraClassifier, block_count, block_of, default_first_block, select_targets
-from adaptgate.training.methods.method import Context, Method
+from adaptgate.training.methods.method import Context, Method, SpecParams
 from adaptgate.training.runners.checkpoints import CheckpointDir, load_optimizer, optimizer_tensors, signature
 from adaptgate.training.runners.updates import Report, make_update
 from adaptgate.training.runners.worker_base import load_training_base
@@ -69,13 +69,9 @@ LOADED, TRAINED = 0.03, 0.97  # progress milestones
 
 
 @dataclass(frozen=True)
-class LoraParams:
+class LoraParams(SpecParams):
     """Zero / empty means "the default" everywhere, so a bare SubmitJob gets the measured recipe."""
 
-    validation_fraction: float = 0.1
-    epochs: int = 0
-    learning_rate: float = 0.0
-    seed: int = 0
     batch_size: int = 0
     rank: int = 0
     alpha: float = 0.0  # LoRA alpha; 0 = 2 x rank
@@ -306,7 +302,10 @@ class _Trainer:
     def _train_step(self, rows: list[int]) -> float:
         ids, mask = pad([self.ids[i] for i in rows], self.model.pad_id, self.base.device)
         logits = self.model(ids, mask)
-        loss = F.cross_entropy(logits, self.y[rows].to(logits.device))
+        return self._descend(F.cross_entropy(logits, self.y[rows].to(logits.device)))
+
+    def _descend(self, loss: torch.Tensor) -> float:
+        """One optimizer step on `loss`, checked first: a diverged loss stops the job before it touches the weights."""
         value = float(loss.detach())
         self._check(value)
         self.optimizer.zero_grad(set_to_none=True)

@@ -34,6 +34,17 @@ class TrainParams(Protocol):
     tracking: TrackingSpec | None
 
 
+@dataclass(frozen=True)
+class SpecParams:
+    """The leading fields every method's parameters take from the job spec as the tenant set them
+    (0 = the method's own default for `epochs` and `learning_rate`); a method's parameters extend it."""
+
+    validation_fraction: float = 0.1
+    epochs: int = 0
+    learning_rate: float = 0.0
+    seed: int = 0
+
+
 class TrainResult(Protocol):
     """What every method's result carries back to the gateway."""
 
