@@ -208,7 +208,7 @@ async def build(settings: Settings, tracer_provider: trace.TracerProvider | None
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     owned_provider = None if tracer_provider is not None else otlp_tracer_provider(settings.otlp_endpoint, settings.replica_name)
     provider = tracer_provider or owned_provider
-    thread = EngineThread(settings.torch_threads)  # before any other torch work (engine.thread says why)
+    thread = EngineThread(settings.torch_threads, settings.gil_switch_interval_ms)  # before any other torch work (engine.thread)
     metrics = Metrics(max_adapter_labels=settings.metrics_max_adapter_labels)
     observer = RequestObserver(provider.get_tracer("adaptgate") if provider is not None else None, metrics.request_stages.observe)
     rate = RowRate()  # the engine measures it, admission reads it (deadline-aware refusals)

@@ -44,6 +44,11 @@ class Settings(BaseSettings):
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the base model runs.")
     torch_threads: int = Field(0, description="Intra-op threads for the engine thread (0 = OMP_NUM_THREADS, else every core).")
+    gil_switch_interval_ms: float = Field(
+        0.5, ge=0.0,
+        description="Longest time a Python thread keeps the GIL while another waits for it (0 = Python's 5 ms): the "
+        "engine thread needs it back after every op while the event loop answers requests.",
+    )
     max_batch_tokens: int = Field(2048, description="Tokens per forward pass: real ones where the encoder packs rows, padded ones otherwise.")
     max_batch_wait_ms: float = Field(2.0, description="How long a batch waits for company.")
     max_batch_ms: float = Field(

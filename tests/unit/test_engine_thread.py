@@ -26,3 +26,20 @@ def test_engine_thread_keeps_its_threads_and_side_threads_get_one() -> None:
         assert thread.call(torch.get_num_threads) == 2
     finally:
         thread.shutdown()
+
+
+def test_serving_shortens_the_gil_switch_interval_and_gives_it_back() -> None:
+    """The engine thread needs the GIL after every op: while it serves, the loop may keep it 0.5 ms, not 5."""
+    import sys
+
+    from adaptgate.settings import Settings
+
+    before = sys.getswitchinterval()
+    thread = EngineThread(threads=1, switch_interval_ms=Settings().gil_switch_interval_ms)
+    try:
+        assert sys.getswitchinterval() == 0.0005
+    finally:
+        thread.shutdown()
+    assert sys.getswitchinterval() == before
+    EngineThread(threads=1, switch_interval_ms=0).shutdown()  # 0: Python's own, untouched
+    assert sys.getswitchinterval() == before

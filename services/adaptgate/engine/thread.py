@@ -7,11 +7,17 @@ them to wake: a model loaded on another thread (or a side thread validating an a
 to slow every forward (docs/performance.md). So the model is loaded, and every batch run, on this
 one thread, and the rest of the process is made single-threaded for torch: a side thread's small
 tensor work then runs inline, no new team.
+
+The engine thread also shares the GIL with the event loop. Each torch op releases it, and between ops
+the engine thread must take it back; while the loop runs Python (answering requests), CPython lets it
+keep the GIL for up to the switch interval (5 ms by default) before handing it over, and the forward
+waits that long. `switch_interval_ms` shortens that wait for the whole process.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -34,8 +40,12 @@ def _claim_threads(threads: int) -> int:
 
 
 class EngineThread:
-    def __init__(self, threads: int = 0) -> None:
+    def __init__(self, threads: int = 0, switch_interval_ms: float = 0.0) -> None:
+        """switch_interval_ms: the process's GIL switch interval while this thread serves (0: Python's own)."""
         self.threads = threads or default_threads()
+        self._switch_interval = sys.getswitchinterval()  # restored at shutdown
+        if switch_interval_ms > 0:
+            sys.setswitchinterval(switch_interval_ms / 1000)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         claimed = self.call(_claim_threads, self.threads)
         torch.set_num_threads(1)  # threads that first touch torch from now on get one thread (and no team)
@@ -48,3 +58,4 @@ class EngineThread:
 
     def shutdown(self) -> None:
         self.executor.shutdown(wait=True)
+        sys.setswitchinterval(self._switch_interval)
