@@ -125,6 +125,7 @@ def _engine(settings: Settings, base: BaseModel, metrics: Metrics, thread: Engin
         max_batch_seconds=settings.max_batch_ms / 1000,
         max_queue_rows=settings.max_queue_texts, max_input_tokens=settings.max_input_tokens,
         cpu_kernels=settings.cpu_kernels == "auto", prepack_linears=settings.prepack_linears == "auto",
+        merge_hot_adapter=settings.merge_hot_adapter == "auto",
     )
     def on_batch(stats: BatchStats) -> None:
         metrics.observe_batch(stats)

@@ -124,6 +124,12 @@ class Settings(BaseSettings):
         description="auto: on CPU in bf16, the encoder's linears run on oneDNN-prepacked weights, where this CPU runs "
         "oneDNN's bf16 matmuls natively (AVX512BW/VL/DQ or AVX-NE-CONVERT); off: plain F.linear.",
     )
+    merge_hot_adapter: Literal["auto", "off"] = Field(
+        "auto",
+        description="auto: in fp32, the adapter that carries every row of several batches in a row is merged into one "
+        "copy of the targeted linears' weights, and batches of that adapter alone run at base speed (other batches "
+        "are unchanged); off: every batch computes its LoRA deltas.",
+    )
     max_lora_rank: int = Field(16, description="Largest LoRA rank an adapter may have (slots are padded to it).")
     max_labels: int = Field(1024, description="Largest label count of a task head (heads are stored by size class, so small heads do not pay for it).")
     ray_address: str | None = Field(

@@ -36,6 +36,7 @@ class EngineConfig:
     max_input_tokens: int = 0  # 0 = the model's own limit
     cpu_kernels: bool = True  # on CPU in bf16: the fused kernels where this CPU runs them (engine.cpu_kernels)
     prepack_linears: bool = True  # on CPU in bf16: oneDNN-prepacked linears where this CPU runs them (engine.prepacked)
+    merge_hot_adapter: bool = True  # in fp32: single-adapter batches on that adapter's merged weights (engine.lora.merged)
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,10 @@ class Engine:
         self._thread = thread or EngineThread()
         self._executor = self._thread.executor
         self._forward = self._thread.call(
-            functools.partial(BatchForward, cpu_kernels=config.cpu_kernels, prepack=config.prepack_linears),
+            functools.partial(
+                BatchForward, cpu_kernels=config.cpu_kernels, prepack=config.prepack_linears,
+                merge_hot_adapter=config.merge_hot_adapter,
+            ),
             base, config.n_slots, config.max_rank, config.max_labels,
         )  # fmt: skip
         padding_free = self._forward.packed is not None

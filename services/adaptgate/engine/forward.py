@@ -43,12 +43,14 @@ class BatchForward:
         cpu_kernels: bool = True,
         gpu_lora_kernel: bool = False,
         prepack: bool = True,
+        merge_hot_adapter: bool = True,
     ) -> None:
         """cpu_kernels: on CPU, the fused kernels (engine.cpu_kernels) where this CPU runs them (bf16: LoRA,
         attention and add+LayerNorm; fp32: LoRA);
         prepack: on CPU in bf16, linears on oneDNN-prepacked weights (engine.prepacked) where this CPU runs them;
         gpu_lora_kernel: on CUDA, LoRA layers run engine.lora.triton_gemm's fused GEMM (not yet measured on a
-        GPU, so only bench/multi_adapter.py asks for it) instead of the gathered bmm."""
+        GPU, so only bench/multi_adapter.py asks for it) instead of the gathered bmm;
+        merge_hot_adapter: in fp32, batches whose rows all use one adapter may run on its merged weights (lora.merged)."""
         self.base = base
         on_cpu = base.device.type == "cpu" and base.dtype in (torch.bfloat16, torch.float32)
         kernels = CpuKernels.try_load() if cpu_kernels and on_cpu else None
@@ -57,7 +59,7 @@ class BatchForward:
         self.encoder_path = encoder_path(base.model, attention, padding_free)  # the family registry (engine.packed)
         self.packed = self.encoder_path.encoder
         fused_gpu = _fused_gpu() if gpu_lora_kernel and base.device.type == "cuda" else None
-        self.lora = LoraLayers(base.model, n_slots, max_rank, kernels, fused_gpu)
+        self.lora = LoraLayers(base.model, n_slots, max_rank, kernels, fused_gpu, merge=merge_hot_adapter)
         self.kernel_paths = operation_paths(  # which path each operation runs: the metric and the startup line
             lora=self.lora.backend.kernel,
             attention=self.packed is not None and self.packed.kernels is not None, linears=prepacked > 0,

@@ -4,8 +4,8 @@
 packed layout, built once per batch. `backend`: the seam, one backend per engine, which owns the
 weight layout, the per-forward preparation of the mapping and the per-layer op. Backends:
 `reference` (gathered bmm, padded and packed; the tests' reference), `cpu_kernel` (engine.cpu_kernels'
-fused AVX512-BF16 call), `triton_gemm` (base and deltas in one Triton GEMM; imports Triton, so only
-on request).
+fused AVX512-BF16 and AVX2 calls), `triton_gemm` (base and deltas in one Triton GEMM; imports Triton, so only
+on request). `merged`: the one hot adapter merged into copies of the base weights, for batches of it alone.
 """
 
 from adaptgate.engine.lora.backend import LoraBackend

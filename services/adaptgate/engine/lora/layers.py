@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from transformers.pytorch_utils import Conv1D
 
 from adaptgate.engine.cpu_kernels import CpuKernels
@@ -21,6 +22,7 @@ from adaptgate.engine.int8 import Int8Linear
 from adaptgate.engine.lora.backend import LoraBackend
 from adaptgate.engine.lora.cpu_kernel import CpuKernel
 from adaptgate.engine.lora.mapping import LoraMapping
+from adaptgate.engine.lora.merged import MergedAdapter
 from adaptgate.engine.lora.reference import GatheredBmm
 from adaptgate.engine.packed import Packing
 from adaptgate.engine.prepacked import PrepackedLinear
@@ -64,6 +66,7 @@ class BatchedLoraLinear(nn.Module):
         lora_a, lora_b = backend.buffers(n_slots, max_rank, *shape, dtype, device)
         self.register_buffer("lora_a", lora_a, persistent=False)
         self.register_buffer("lora_b", lora_b, persistent=False)
+        self.merged: torch.Tensor | None = None  # this forward's merged weight [out, in] (lora.merged), if any
 
     def set_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
         """a: [r, in] and b: [out, r] as PEFT stores them; the backend pads them to r_max and lays them out."""
@@ -76,6 +79,8 @@ class BatchedLoraLinear(nn.Module):
         self.lora_b[slot].zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged is not None:
+            return F.linear(x, self.merged, self.base.bias)
         return self.backend.linear(self, x)
 
     @property
@@ -114,15 +119,22 @@ class LoraLayers:
         kernel: CpuKernels | None = None,
         fused_gpu: TritonLoraLinear | None = None,
         backend: LoraBackend | None = None,
+        merge: bool = True,
     ) -> None:
         """`kernel` and `fused_gpu` are what this engine could run: `select_backend` picks one, once, unless
-        `backend` names it."""
+        `backend` names it. `merge`: single-adapter batches may run on that adapter's merged weights (lora.merged)."""
         self.model = model
         self.n_slots = n_slots
         self.max_rank = max_rank
         self.kernel = kernel
         self.backend = backend or select_backend(model, max_rank, kernel, fused_gpu)
         self.layers: dict[str, BatchedLoraLinear] = {}
+        self._merged = MergedAdapter() if merge else None
+
+    @property
+    def merged_slot(self) -> int | None:
+        """The slot whose adapter is merged into copies of the base weights, if any."""
+        return None if self._merged is None else self._merged.slot
 
     @property
     def path(self) -> str:
@@ -156,12 +168,20 @@ class LoraLayers:
             layer.set_slot(slot, a, b, scaling)
 
     def clear(self, slot: int) -> None:
+        if self._merged is not None:
+            self._merged.forget(slot)
         for layer in self.layers.values():
             layer.clear_slot(slot)
 
     def prepare(self, row_slots: list[int], device: torch.device, packing: Packing | None = None) -> LoraMapping | None:
         """Once per forward: this batch's rows and slots (-1: no LoRA), and its packed layout when the encoder
-        packs, handed to the backend before any layer runs. `prepare([], ...)` after the forward drops them."""
+        packs, handed to the backend before any layer runs; for a batch that runs on the merged adapter's
+        weights (lora.merged), those weights go to the layers instead and no mapping to the backend.
+        `prepare([], ...)` after the forward drops them."""
         mapping = LoraMapping.build(row_slots, device, packing) if self.layers else None
-        self.backend.prepare(mapping)
+        routed = self._merged is not None and bool(row_slots) and self._merged.route(mapping, self.layers)
+        merged = self._merged if routed else None
+        for name, layer in self.layers.items():
+            layer.merged = None if merged is None else merged.weight(name)
+        self.backend.prepare(None if merged is not None else mapping)
         return mapping
