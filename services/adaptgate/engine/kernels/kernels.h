@@ -8,13 +8,14 @@
 #include <stdint.h>
 
 #define LORA_MAX_RANK 64     /* lora.c keeps a token's rank-sized intermediate in registers */
+#define LORA_MAX_RUN 32      /* the most neighbouring tokens of one slot lora_over_runs hands a step at once */
 /* The instruction sets module.c's `enable` lets run: a kernel runs only once its set is enabled. */
 #define ISA_AVX512_BF16 1 /* lora.c, attention.c, add_norm.c */
 #define ISA_AVX2_FMA 2    /* lora_f32.c */
 #define ADD_NORM_MAX_H 8192  /* add_norm.c's per-thread scratch row: 32 KB of stack */
 
-/* One LoRA kernel's step: y[t] += (x[t]·Aᵀ)·B for nt (1 or 2) tokens of one slot, whose rows of x and y are
- * xs[t], ys[t] and whose slot's A and B are `as`, `bs`. */
+/* One LoRA kernel's step: y[t] += (x[t]·Aᵀ)·B for nt tokens of one slot (1 or 2 from lora_over_tokens, up to
+ * max_run from lora_over_runs), whose rows of x and y are xs[t], ys[t] and whose slot's A and B are `as`, `bs`. */
 typedef void (*lora_step)(int nt, const void *const *xs, void *const *ys, const void *as, const void *bs, int64_t fin,
                           int64_t fout, int64_t rank);
 
@@ -32,6 +33,9 @@ typedef void (*lora_step)(int nt, const void *const *xs, void *const *ys, const 
  * is the size of one value of x, y, A and B, from which each token's rows and each slot's A and B are found. */
 void lora_over_tokens(lora_step step, const void *x, void *y, const void *a, const void *b, size_t element,
                       const int64_t *tokens, const int64_t *slots, int64_t n, int64_t fin, int64_t fout, int64_t rank);
+/* The same with runs of up to max_run (at most LORA_MAX_RUN) tokens; lora_over_tokens is max_run 2. */
+void lora_over_runs(lora_step step, int max_run, const void *x, void *y, const void *a, const void *b, size_t element,
+                    const int64_t *tokens, const int64_t *slots, int64_t n, int64_t fin, int64_t fout, int64_t rank);
 
 void lora_delta_bf16(const uint16_t *x, uint16_t *y, const uint16_t *a, const uint16_t *bv, const int64_t *tokens,
                      const int64_t *slots, int64_t n, int64_t fin, int64_t fout, int64_t rank);
