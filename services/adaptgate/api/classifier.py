@@ -18,6 +18,8 @@ from adaptgate.v1 import classifier_pb2_grpc
 
 
 DEFAULT_ABSTAIN_LABEL = "out_of_scope"
+# Heads up to this many labels are ordered by Python's sort (to_classifications).
+PYTHON_SORT_LABELS = 64
 
 
 @dataclass(frozen=True)
@@ -45,19 +47,28 @@ def to_classification(probs: np.ndarray, labels: list[str], top_k: int, abstain:
 def to_classifications(
     probs: np.ndarray, labels: list[str], top_k: int, abstain: Abstain = Abstain()
 ) -> list[pb.Classification]:
-    """Every row's answer (probs [rows, labels]) from one stable argsort over the whole batch, the order and
-    the scores turned into Python lists at once: the per-row work left is building the messages."""
-    order = np.argsort(-probs, axis=1, kind="stable")
-    if top_k:
-        order = order[:, :top_k]
+    """Every row's answer (probs [rows, labels]): the order and the scores turned into Python lists at once,
+    so the per-row work left is building the messages."""
+    rows = probs.tolist()
     threshold, learnt = abstain.threshold, abstain.learnt
     out = []
-    for row_order, row_probs in zip(order.tolist(), probs.tolist()):
+    for row_order, row_probs in zip(_orders(probs, rows, top_k), rows):
         top, best = labels[row_order[0]], row_probs[row_order[0]]
         abstained = (threshold is not None and best < threshold) or (bool(learnt) and top == learnt)
         scored = [pb.LabelScore(label=labels[i], score=row_probs[i]) for i in row_order]
         out.append(pb.Classification(label=abstain.label if abstained else top, score=best, scores=scored, abstained=abstained))
     return out
+
+
+def _orders(probs: np.ndarray, rows: list[list[float]], top_k: int) -> list[list[int]]:
+    """Each row's labels by falling score, ties in label order. Small heads sort in Python: numpy's argsort
+    lets go of the GIL, and on a busy event loop each release may hand it to the engine thread for a whole
+    switch interval; NaN scores (which Python cannot order) and large heads take one stable argsort."""
+    if probs.shape[1] <= PYTHON_SORT_LABELS and not np.isnan(probs).any():
+        orders = [sorted(range(len(row)), key=row.__getitem__, reverse=True) for row in rows]  # stable, as argsort
+        return [order[:top_k] for order in orders] if top_k else orders
+    order = np.argsort(-probs, axis=1, kind="stable")
+    return (order[:, :top_k] if top_k else order).tolist()
 
 
 async def classify(
