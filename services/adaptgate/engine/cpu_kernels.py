@@ -219,8 +219,10 @@ class CpuKernels:
     ) -> None:
         """y[t] += (x[t]·A[s]ᵀ)·B[s] in place. x [T, in], y [T, out], a [S, r, in] (r a multiple of 8), and in
         bf16 bv [S, r/2, out, 2], in fp32 B itself [S, r, out], all contiguous on the CPU; tokens, slots [n]
-        int64 within range (checked)."""
-        self._ops.lora_delta(x, y, a, bv, tokens, slots)
+        int64 within range (checked). The engine calls this once per LoRA layer, so it calls the op's
+        implementation itself, with the same checks: through the dispatcher each call would also let go of
+        the GIL and wait to take it back from the event loop."""
+        _lora_delta(self._ext, x, y, a, bv, tokens, slots)
 
     def packed_attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: tuple[torch.Tensor, torch.Tensor, int], heads: int

@@ -58,10 +58,17 @@ class CpuKernel(LoraBackend):
         self._token_slots.clear()
 
     def add_delta(self, layer: BatchedLoraLinear, x: torch.Tensor, y: torch.Tensor, mapping: LoraMapping) -> torch.Tensor:
-        """One kernel call adds every LoRA token's delta to y in place (the op checks dtypes, shapes and indices)."""
-        flat_x = x.reshape(-1, x.shape[-1]).contiguous()
-        tokens, slots = self.token_slots(mapping, x, len(flat_x) // len(x))
-        self.kernels.lora_delta(flat_x, y.view(-1, y.shape[-1]), layer.lora_a, layer.lora_b, tokens, slots)
+        """One kernel call adds every LoRA token's delta to y in place (the op checks dtypes, shapes and indices).
+
+        Packed tokens arrive as [tokens, features] already: no reshape, since every torch call lets go of the
+        GIL and may wait for the event loop to hand it back."""
+        if x.dim() == 2 and x.is_contiguous():
+            flat_x, flat_y, per_row = x, y, 1
+        else:
+            flat_x, flat_y = x.reshape(-1, x.shape[-1]).contiguous(), y.view(-1, y.shape[-1])
+            per_row = len(flat_x) // len(x)
+        tokens, slots = self.token_slots(mapping, x, per_row)
+        self.kernels.lora_delta(flat_x, flat_y, layer.lora_a, layer.lora_b, tokens, slots)
         return y
 
     def token_slots(self, mapping: LoraMapping, x: torch.Tensor, per_row: int) -> tuple[torch.Tensor, torch.Tensor]:
