@@ -14,7 +14,9 @@ types against the schema, and the implementations here check dtypes, shapes and 
 the extension checks every index the kernel will follow, so a wrong argument is a ValueError in
 every mode rather than memory corruption. The ops are defined with torch.library.Library and a
 plain Python implementation, the lightest registration (torch.library.custom_op adds its own
-per-call layers on top of the dispatcher's).
+per-call layers on top of the dispatcher's). The engine's LoRA layers call the LoRA implementation
+directly, with the same checks: it runs once per layer, and each pass through the dispatcher lets go of
+the GIL, which the engine thread may then wait for while the event loop holds it.
 """
 
 from __future__ import annotations
