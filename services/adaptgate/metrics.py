@@ -6,10 +6,11 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from adaptgate.engine.batcher import BatchStats
+from adaptgate.engine.lora.merged import MergeStats
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -63,6 +64,28 @@ class _JobsCollector(Collector):
         for state, count in sorted(self._counts().items()):
             family.add_metric([state], count)
         yield family
+
+
+class _MergeCollector(Collector):
+    """The hot adapter merged into the base weights' copy, read from the engine at scrape time."""
+
+    def __init__(self, stats: Callable[[], MergeStats]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        stats = self._stats()
+        yield GaugeMetricFamily(
+            "adaptgate_adapters_merged", "Adapters merged into a copy of the base weights (0 or 1): passes of only that "
+            "adapter's rows run at base-model cost.", value=stats.merged,
+        )
+        yield CounterMetricFamily(
+            "adaptgate_adapter_merges", "Adapters merged into the base weights' copy, each a pass over the targeted weights.",
+            value=stats.merges,
+        )
+        yield CounterMetricFamily(
+            "adaptgate_merged_batches", "Forward passes that ran on the merged adapter's weights, computing no LoRA delta.",
+            value=stats.batches,
+        )
 
 
 class Metrics:
@@ -147,6 +170,9 @@ class Metrics:
 
     def track_jobs(self, counts: Callable[[], dict[str, int]]) -> None:
         self.registry.register(_JobsCollector(counts))
+
+    def track_merges(self, stats: Callable[[], MergeStats]) -> None:
+        self.registry.register(_MergeCollector(stats))
 
     def track_queue(self, depth: Callable[[], int]) -> None:
         self.queue_depth.set_function(depth)

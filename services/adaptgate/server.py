@@ -133,6 +133,7 @@ def _engine(settings: Settings, base: BaseModel, metrics: Metrics, thread: Engin
 
     engine = Engine(base, config, on_batch, thread)
     metrics.track_queue(lambda: engine.queued_rows)
+    metrics.track_merges(lambda: engine.merge_stats)
     metrics.engine_kernels(engine.kernel_paths)
     return engine
 

@@ -250,11 +250,13 @@ def exported_offline() -> Exported:
     """A fresh adaptgate Metrics registry (every family the server registers, with the jobs collector)."""
     from prometheus_client import generate_latest
 
+    from adaptgate.engine.lora.merged import MergeStats
     from adaptgate.metrics import Metrics
 
     metrics = Metrics()
     metrics.track_jobs(lambda: {"FAILED": 0})
     metrics.track_queue(lambda: 0)
+    metrics.track_merges(MergeStats)
     return parse_exposition(generate_latest(metrics.registry).decode(), metrics)
 
 

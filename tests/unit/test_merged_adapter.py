@@ -11,9 +11,10 @@ from torch import nn
 
 from adaptgate.engine.forward import BatchForward
 from adaptgate.engine.lora import GatheredBmm, LoraBackend, LoraLayers
-from adaptgate.engine.lora.merged import KEEP_FOR, MERGE_AFTER
+from adaptgate.engine.lora.merged import KEEP_FOR, MERGE_AFTER, MergeStats
 from adaptgate.engine.model import load_base_model
 from adaptgate.engine.rows import Row
+from adaptgate.metrics import Metrics
 
 FAN_IN, FAN_OUT, RANK, SCALING = 24, 40, 4, 2.0
 CPU = torch.device("cpu")
@@ -118,6 +119,27 @@ def test_adapters_taking_turns_do_not_steal_the_merge_until_it_goes_unused() -> 
     for _ in range(KEEP_FOR):
         _run(layers, x, [1, 1, 1])
     assert layers.merged_slot == 1
+
+
+def test_operators_see_the_merge_and_the_passes_it_served_on_metrics() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+    from prometheus_client import generate_latest
+
+    layers, x = _layers(GatheredBmm()), _x()
+    metrics = Metrics()
+    metrics.track_merges(lambda: layers.merge_stats)
+
+    def scrape() -> dict[str, float]:
+        text = generate_latest(metrics.registry).decode()
+        return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples if "merge" in s.name}
+
+    assert scrape() == {"adaptgate_adapters_merged": 0, "adaptgate_adapter_merges_total": 0, "adaptgate_merged_batches_total": 0}
+    for _ in range(MERGE_AFTER + 2):  # merged at the MERGE_AFTER-th pass, which runs merged, and two more
+        _run(layers, x, [1, 1, 1])
+    _run(layers, x, [1, 0, 1])  # a mixed pass computes deltas
+    assert scrape() == {"adaptgate_adapters_merged": 1, "adaptgate_adapter_merges_total": 1, "adaptgate_merged_batches_total": 3}
+    layers.install(1, {"proj": _adapter(9)}, SCALING)
+    assert layers.merge_stats == MergeStats(merged=0, merges=1, batches=3)
 
 
 def test_bf16_layers_and_merging_off_always_compute_deltas() -> None:

@@ -11,6 +11,7 @@ import torch
 
 from adaptgate.engine.batcher import Batcher, BatcherLimits, BatchStats
 from adaptgate.engine.forward import BatchForward
+from adaptgate.engine.lora.merged import MergeStats
 from adaptgate.engine.model import BaseModel, ModelSpec
 from adaptgate.engine.rows import Row, RowResult
 from adaptgate.engine.thread import EngineThread
@@ -114,6 +115,11 @@ class Engine:
     @property
     def queued_rows(self) -> int:
         return self._batcher.queued_rows
+
+    @property
+    def merge_stats(self) -> MergeStats:
+        """The hot adapter merged into the base weights' copy (engine.lora.merged): now, and how often."""
+        return self._forward.lora.merge_stats
 
     def _measure(self, text: str) -> Prompt:
         """sentence-transformers' prompt length: the prompt tokenized alone (cut at the token limit), less a

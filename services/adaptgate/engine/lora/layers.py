@@ -22,7 +22,7 @@ from adaptgate.engine.int8 import Int8Linear
 from adaptgate.engine.lora.backend import LoraBackend
 from adaptgate.engine.lora.cpu_kernel import CpuKernel
 from adaptgate.engine.lora.mapping import LoraMapping
-from adaptgate.engine.lora.merged import MergedAdapter
+from adaptgate.engine.lora.merged import MergedAdapter, MergeStats
 from adaptgate.engine.lora.reference import GatheredBmm
 from adaptgate.engine.packed import Packing
 from adaptgate.engine.prepacked import PrepackedLinear
@@ -130,11 +130,16 @@ class LoraLayers:
         self.backend = backend or select_backend(model, max_rank, kernel, fused_gpu)
         self.layers: dict[str, BatchedLoraLinear] = {}
         self._merged = MergedAdapter() if merge else None
+        self._routed = False  # whether the layers hold merged weights now
 
     @property
     def merged_slot(self) -> int | None:
         """The slot whose adapter is merged into copies of the base weights, if any."""
         return None if self._merged is None else self._merged.slot
+
+    @property
+    def merge_stats(self) -> MergeStats:
+        return MergeStats() if self._merged is None else self._merged.stats
 
     @property
     def path(self) -> str:
@@ -180,8 +185,10 @@ class LoraLayers:
         `prepare([], ...)` after the forward drops them."""
         mapping = LoraMapping.build(row_slots, device, packing) if self.layers else None
         routed = self._merged is not None and bool(row_slots) and self._merged.route(mapping, self.layers)
-        merged = self._merged if routed else None
-        for name, layer in self.layers.items():
-            layer.merged = None if merged is None else merged.weight(name)
-        self.backend.prepare(None if merged is not None else mapping)
+        if routed or self._routed:  # base and delta batches leave every layer's merged weight None
+            merged = self._merged if routed else None
+            for name, layer in self.layers.items():
+                layer.merged = None if merged is None else merged.weight(name)
+            self._routed = routed
+        self.backend.prepare(None if routed else mapping)
         return mapping

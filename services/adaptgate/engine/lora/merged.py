@@ -19,6 +19,7 @@ Everything here runs on the engine's one thread, between forwards.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -43,6 +44,15 @@ def can_merge(layers: dict[str, BatchedLoraLinear]) -> bool:
     )
 
 
+@dataclass(frozen=True)
+class MergeStats:
+    """What operators see of merging (the adaptgate_adapters_merged gauge and its two counters)."""
+
+    merged: int = 0  # adapters merged now: 0 or 1
+    merges: int = 0  # times an adapter was merged, each a pass over the targeted weights
+    batches: int = 0  # forward passes that ran on merged weights, computing no delta
+
+
 class MergedAdapter:
     """The merged slot (None: none yet), its weights per layer, and the streak that picks the next one."""
 
@@ -50,12 +60,18 @@ class MergedAdapter:
         self.slot: int | None = None
         self._weights: dict[str, torch.Tensor] = {}
         self._streak_slot, self._streak, self._idle = -1, 0, 0
+        self._merges, self._batches = 0, 0
+
+    @property
+    def stats(self) -> MergeStats:
+        """Plain ints, so a scrape on another thread reads them without a lock."""
+        return MergeStats(int(self.slot is not None), self._merges, self._batches)
 
     def route(self, mapping: LoraMapping | None, layers: dict[str, BatchedLoraLinear]) -> bool:
         """Whether this batch runs on the merged weights (merging its slot first, when the traffic says so)."""
         single = mapping.single_slot if mapping is not None and mapping.every_row else None
         if single is not None and single == self.slot:
-            self._idle = 0
+            self._idle, self._batches = 0, self._batches + 1
             return True
         self._idle += 1
         self._streak = self._streak + 1 if single is not None and single == self._streak_slot else int(single is not None)
@@ -65,6 +81,7 @@ class MergedAdapter:
         if not can_merge(layers):
             return False
         self._merge(single, layers)
+        self._batches += 1
         return True
 
     @torch.no_grad()
@@ -75,7 +92,7 @@ class MergedAdapter:
                 merged = self._weights[name] = torch.empty_like(layer.base.weight)
             # [r, in]ᵀ·[r, out] is the delta of xᵀ as [in, out]; nn.Linear holds [out, in].
             torch.addmm(layer.base.weight, layer.lora_b[slot].t(), layer.lora_a[slot], out=merged)
-        self.slot, self._idle = slot, 0
+        self.slot, self._idle, self._merges = slot, 0, self._merges + 1
 
     def weight(self, name: str) -> torch.Tensor | None:
         """The merged weight of layer `name`, or None where the merged adapter has none (a layer wrapped since)."""
