@@ -11,7 +11,9 @@ Starts a loopback gateway (packaged all-MiniLM-L6-v2), uploads `--adapters` PEFT
 workloads over the same texts: `base` (Embed, no adapter), `one` (Classify, one adapter for every
 request) and `many` (Classify, the adapters in turn). Each pass sends `--requests` requests with
 `--in-flight` of them outstanding at once; the workloads take turns within each round (a shared VM's
-noise hits all alike) and the medians of `--rounds` rounds are printed, with each one's ratio to base.
+noise hits all alike; each round starts one workload later than the last, so none always runs first) and
+the medians of `--rounds` rounds are printed, with each one's ratio to base and the median and range of
+its ratios round by round.
 With `--mixed`, `one` and `many` alternate Embed and Classify requests (the ratio is still to all-Embed).
 With several `--tree`s, a gateway runs from each tree (its `services/` first on PYTHONPATH) and every
 workload of every tree takes its turn in each round: a before/after comparison in one run.
@@ -212,18 +214,27 @@ def run_pass(workload: Workload, calls: list[tuple[str, object]], in_flight: int
             (workload.stage_sum if kind == "sum" else workload.stage_count)[(method, stage)] += delta
 
 
+def round_ratios(workload: Workload, base: Workload) -> str:
+    """The median and range of the workload's rate over base's, round by round: passes of one round ran
+    minutes apart at most, so a VM's slow spell weighs on both sides of each ratio."""
+    ratios = [rate / base_rate for rate, base_rate in zip(workload.rates, base.rates)]
+    return f"{np.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
+
+
 def print_rates(workloads: list[Workload]) -> None:
-    bases = {w.gateway.label: float(np.median(w.rates)) for w in workloads if w.name == "base"}
-    base_cpu = {w.gateway.label: float(np.median(w.cpu_ms)) for w in workloads if w.name == "base"}
-    print(f"{'workload':<24} {'req/s (median)':>14} {'passes':>24} {'vs base':>8} {'CPU ms/req':>11} {'vs base':>8} "
-          f"{'rows/pass':>9} {'ms/row':>9}  codes")
+    bases = {w.gateway.label: w for w in workloads if w.name == "base"}
+    print(f"{'workload':<24} {'req/s (median)':>14} {'passes':>24} {'vs base':>8} {'by round (range)':>19} "
+          f"{'CPU ms/req':>11} {'vs base':>8} {'rows/pass':>9} {'ms/row':>9}  codes")
     for w in workloads:
+        base = bases[w.gateway.label]
         median, cpu = float(np.median(w.rates)), float(np.median(w.cpu_ms))
         passes = " ".join(f"{r:.0f}" for r in w.rates)
-        print(f"{w.label:<24} {median:14.1f} {passes:>24} {median / bases[w.gateway.label]:7.2f}x {cpu:11.3f} "
-              f"{base_cpu[w.gateway.label] / cpu:7.2f}x {w.batch_line()}  {dict(w.codes)}")
-    print("(CPU ms/req: the gateway process's CPU time per request, all threads; its 'vs base' is base's over this one's,"
-          " so both ratios read as speed; rows/pass and ms/row: the engine's forward passes, wall time)")
+        print(f"{w.label:<24} {median:14.1f} {passes:>24} {median / float(np.median(base.rates)):7.2f}x "
+              f"{round_ratios(w, base):>19} {cpu:11.3f} {float(np.median(base.cpu_ms)) / cpu:7.2f}x {w.batch_line()}  "
+              f"{dict(w.codes)}")
+    print("(by round: the median of each round's ratio to that round's base pass, and their range; CPU ms/req: the "
+          "gateway process's CPU time per request, all threads; its 'vs base' is base's over this one's, so both ratios "
+          "read as speed; rows/pass and ms/row: the engine's forward passes, wall time)")
 
 
 def print_stages(workloads: list[Workload]) -> None:
@@ -316,8 +327,8 @@ def main() -> None:
             for w, calls in workloads:  # warm-up: one untimed pass each (oneDNN kernels, caches)
                 run_pass(w, calls, args.in_flight, timed=False)
             spy = start_profile(gateways[-1], args.profile) if args.profile else None
-            for _ in range(args.rounds):
-                for w, calls in workloads:
+            for k in range(args.rounds):
+                for w, calls in workloads[k % len(workloads):] + workloads[: k % len(workloads)]:
                     run_pass(w, calls, args.in_flight, timed=True)
             if spy is not None:
                 print_profile(spy, args.profile)
