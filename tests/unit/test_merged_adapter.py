@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 from torch import nn
 
 from adaptgate.engine.forward import BatchForward
@@ -122,9 +124,6 @@ def test_adapters_taking_turns_do_not_steal_the_merge_until_it_goes_unused() -> 
 
 
 def test_operators_see_the_merge_and_the_passes_it_served_on_metrics() -> None:
-    from prometheus_client.parser import text_string_to_metric_families
-    from prometheus_client import generate_latest
-
     layers, x = _layers(GatheredBmm()), _x()
     metrics = Metrics()
     metrics.track_merges(lambda: layers.merge_stats)
